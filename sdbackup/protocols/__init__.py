@@ -1,0 +1,1 @@
+"""Wire protocols: frames in, typed messages out. No disk, no catalog here."""

@@ -1,0 +1,481 @@
+"""Typed messages and their codec.
+
+A frame is ``type code (2 bytes) | header length (4 bytes) | header | payload``.
+The header is the message's fields as compact JSON; the payload, when a
+message carries chunk bytes, travels raw after it (no base64, no JSON around
+data). Decoding checks every field through the attrs validators, so a
+malformed frame is rejected before any service sees it.
+"""
+
+import json
+from struct import Struct
+from typing import Any, ClassVar
+
+import attrs
+from attrs import field, frozen
+from attrs.validators import deep_iterable, ge, in_, instance_of, le
+
+from sdbackup.hashing import is_hex_digest
+
+PROTOCOL_VERSION = 1
+
+#: The largest chunk a client may send; with CDC this is the maximum chunk size.
+MAX_CHUNK_SIZE = 8 * 1024 * 1024
+#: The largest header (JSON) a frame may carry: file lists and inventories are paged below it.
+MAX_HEADER_SIZE = 8 * 1024 * 1024
+_HEAD = Struct("!HI")
+#: The largest legal frame; anything longer closes the connection.
+MAX_FRAME_SIZE = _HEAD.size + MAX_HEADER_SIZE + MAX_CHUNK_SIZE
+
+
+class DecodeError(Exception):
+    """A frame that is not a valid message."""
+
+
+def _hex_digest(instance, attribute, value):
+    if not is_hex_digest(value):
+        raise ValueError(f"{attribute.name} is not a hex digest: {value!r}")
+
+
+def _hex_digests(instance, attribute, value):
+    if not isinstance(value, list) or not all(is_hex_digest(v) for v in value):
+        raise ValueError(f"{attribute.name} must be a list of hex digests")
+
+
+_int = instance_of(int)
+_non_negative = [_int, ge(0)]
+_str = instance_of(str)
+_bool = instance_of(bool)
+_strings = deep_iterable(_str, instance_of(list))
+
+
+def _records(cls):
+    """A converter that turns wire lists/dicts into ``cls`` records."""
+
+    def convert(values):
+        if not isinstance(values, list):
+            raise ValueError(f"expected a list of {cls.__name__}")
+        return [v if isinstance(v, cls) else cls.from_wire(v) for v in values]
+
+    return convert
+
+
+def _record(cls):
+    """A converter that turns a wire dict into a ``cls`` record."""
+    return lambda value: value if isinstance(value, cls) else cls.from_wire(value)
+
+
+def _holders_map(value):
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of chunk id to addresses")
+    for key, addresses in value.items():
+        if not is_hex_digest(key) or not isinstance(addresses, list):
+            raise ValueError("bad chunk location entry")
+        if not all(isinstance(a, str) for a in addresses):
+            raise ValueError("bad chunk location entry")
+    return value
+
+
+class Record:
+    """A nested record: encoded as a dict of its fields."""
+
+    def to_wire(self):
+        return {a.name: _to_wire(getattr(self, a.name)) for a in attrs.fields(type(self))}
+
+    @classmethod
+    def from_wire(cls, value):
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a {cls.__name__} object")
+        try:
+            return cls(**value)
+        except TypeError as e:
+            raise ValueError(f"bad {cls.__name__}: {e}") from None
+
+
+@frozen
+class ChunkRef(Record):
+    """One chunk of a file, in order."""
+
+    chunk_id: str = field(validator=_hex_digest)
+    size: int = field(validator=[_int, ge(0), le(MAX_CHUNK_SIZE)])
+    checksum: str = field(validator=_hex_digest)
+
+    def to_wire(self):
+        return [self.chunk_id, self.size, self.checksum]
+
+    @classmethod
+    def from_wire(cls, value):
+        if not isinstance(value, list) or len(value) != 3:
+            raise ValueError("a chunk reference is [chunk_id, size, checksum]")
+        return cls(*value)
+
+
+@frozen
+class StoredChunk(Record):
+    """A chunk the client has seen confirmed by every server in ``holders``."""
+
+    chunk_id: str = field(validator=_hex_digest)
+    size: int = field(validator=[_int, ge(0), le(MAX_CHUNK_SIZE)])
+    checksum: str = field(validator=_hex_digest)
+    holders: list = field(validator=_strings)
+
+
+FILE_KINDS = ("file", "dir", "symlink")
+
+
+@frozen
+class FileEntry(Record):
+    """A file, folder or symbolic link of a snapshot, with what restores it."""
+
+    path: str = field(validator=_str)
+    kind: str = field(validator=in_(FILE_KINDS))
+    mode: int = field(validator=_non_negative)
+    mtime_ns: int = field(validator=_int)
+    size: int = field(default=0, validator=_non_negative)
+    file_hash: str = field(default="", validator=_str)
+    link_target: str = field(default="", validator=_str)
+    chunks: list = field(factory=list, converter=_records(ChunkRef))
+
+
+@frozen
+class SnapshotSummary(Record):
+    snapshot_id: str = field(validator=_str)
+    time: float = field(validator=instance_of((int, float)))
+    host: str = field(validator=_str)
+    paths: list = field(validator=_strings)
+    files: int = field(validator=_non_negative)
+    bytes: int = field(validator=_non_negative)
+
+
+@frozen
+class ServerState(Record):
+    address: str = field(validator=_str)
+    alive: bool = field(validator=_bool)
+    free_bytes: int = field(validator=_non_negative)
+    chunks: int = field(validator=_non_negative)
+    last_seen: float = field(validator=instance_of((int, float)))
+
+
+@frozen
+class ChunkNeed(Record):
+    chunk_id: str = field(validator=_hex_digest)
+    size: int = field(validator=[_int, ge(0), le(MAX_CHUNK_SIZE)])
+
+    def to_wire(self):
+        return [self.chunk_id, self.size]
+
+    @classmethod
+    def from_wire(cls, value):
+        if not isinstance(value, list) or len(value) != 2:
+            raise ValueError("a chunk need is [chunk_id, size]")
+        return cls(*value)
+
+
+# --- messages ---------------------------------------------------------------
+
+MESSAGE_TYPES: dict[int, type] = {}
+
+
+def message(code: int):
+    """Register a message class under its wire type code."""
+
+    def register(cls):
+        if code in MESSAGE_TYPES:
+            raise ValueError(f"type code {code} is taken by {MESSAGE_TYPES[code].__name__}")
+        cls.TYPE_CODE = code
+        MESSAGE_TYPES[code] = cls
+        return cls
+
+    return register
+
+
+class Message:
+    """Base of all messages. ``IS_REPLY`` marks answers that resolve a request."""
+
+    TYPE_CODE: ClassVar[int]
+    IS_REPLY: ClassVar[bool] = False
+
+
+_request_id = field(default=0, validator=_non_negative)
+_payload = field(default=b"", repr=lambda p: f"<{len(p)} bytes>", validator=instance_of(bytes))
+
+
+@message(1)
+@frozen
+class Hello(Message):
+    """Sent first by both ends; a version mismatch closes the connection."""
+
+    version: int = field(validator=_int)
+    role: str = field(validator=in_(("client", "server", "manager")))
+
+
+@message(2)
+@frozen
+class ErrorReply(Message):
+    """The answer to a request that failed, with a reason a user can read."""
+
+    IS_REPLY = True
+    request_id: int = _request_id
+    code: str = field(default="error", validator=_str)
+    reason: str = field(default="", validator=_str)
+
+
+@message(3)
+@frozen
+class Ack(Message):
+    IS_REPLY = True
+    request_id: int = _request_id
+
+
+@message(10)
+@frozen
+class StoreChunk(Message):
+    """Store a chunk durably, then forward it along ``forward_to`` before answering."""
+
+    request_id: int = _request_id
+    chunk_id: str = field(default="", validator=_hex_digest)
+    checksum: str = field(default="", validator=_hex_digest)
+    forward_to: list = field(factory=list, validator=_strings)
+    payload: bytes = _payload
+
+
+@message(11)
+@frozen
+class ChunkStored(Message):
+    """Every server in ``holders`` has the chunk on disk with this checksum."""
+
+    IS_REPLY = True
+    request_id: int = _request_id
+    chunk_id: str = field(default="", validator=_hex_digest)
+    checksum: str = field(default="", validator=_hex_digest)
+    holders: list = field(factory=list, validator=_strings)
+
+
+@message(12)
+@frozen
+class FetchChunk(Message):
+    request_id: int = _request_id
+    chunk_id: str = field(default="", validator=_hex_digest)
+
+
+@message(13)
+@frozen
+class ChunkData(Message):
+    IS_REPLY = True
+    request_id: int = _request_id
+    chunk_id: str = field(default="", validator=_hex_digest)
+    checksum: str = field(default="", validator=_hex_digest)
+    payload: bytes = _payload
+
+
+@message(20)
+@frozen
+class RegisterServer(Message):
+    """A storage server announces itself to the manager."""
+
+    request_id: int = _request_id
+    address: str = field(default="", validator=_str)
+    free_bytes: int = field(default=0, validator=_non_negative)
+    chunk_count: int = field(default=0, validator=_non_negative)
+
+
+@message(21)
+@frozen
+class ChunkInventory(Message):
+    """A page of the chunks a server holds; ``final`` closes the report."""
+
+    request_id: int = _request_id
+    chunk_ids: list = field(factory=list, validator=_hex_digests)
+    final: bool = field(default=True, validator=_bool)
+
+
+@message(22)
+@frozen
+class Heartbeat(Message):
+    request_id: int = _request_id
+    free_bytes: int = field(default=0, validator=_non_negative)
+    chunk_count: int = field(default=0, validator=_non_negative)
+
+
+@message(30)
+@frozen
+class PlacementRequest(Message):
+    """Which of these chunks must be sent, and to which servers."""
+
+    request_id: int = _request_id
+    chunks: list = field(factory=list, converter=_records(ChunkNeed))
+
+
+@message(31)
+@frozen
+class Placement(Message):
+    """``known`` chunks are held already; each other one gets its servers, primary first."""
+
+    IS_REPLY = True
+    request_id: int = _request_id
+    known: list = field(factory=list, validator=_hex_digests)
+    assignments: dict = field(factory=dict, converter=_holders_map)
+
+
+@message(32)
+@frozen
+class BeginSnapshot(Message):
+    request_id: int = _request_id
+    host: str = field(default="", validator=_str)
+    paths: list = field(factory=list, validator=_strings)
+
+
+@message(33)
+@frozen
+class SnapshotBegun(Message):
+    IS_REPLY = True
+    request_id: int = _request_id
+    snapshot_id: str = field(default="", validator=_str)
+
+
+@message(34)
+@frozen
+class CommitFiles(Message):
+    """Record confirmed chunks and the files they complete, in one transaction."""
+
+    request_id: int = _request_id
+    snapshot_id: str = field(default="", validator=_str)
+    chunks: list = field(factory=list, converter=_records(StoredChunk))
+    files: list = field(factory=list, converter=_records(FileEntry))
+
+
+@message(35)
+@frozen
+class FinishSnapshot(Message):
+    request_id: int = _request_id
+    snapshot_id: str = field(default="", validator=_str)
+
+
+@message(36)
+@frozen
+class SnapshotFinished(Message):
+    IS_REPLY = True
+    request_id: int = _request_id
+    snapshot: SnapshotSummary = field(default=None, converter=_record(SnapshotSummary))
+
+
+@message(37)
+@frozen
+class ListSnapshots(Message):
+    request_id: int = _request_id
+
+
+@message(38)
+@frozen
+class SnapshotList(Message):
+    IS_REPLY = True
+    request_id: int = _request_id
+    snapshots: list = field(factory=list, converter=_records(SnapshotSummary))
+
+
+@message(39)
+@frozen
+class ListFiles(Message):
+    """A page of a snapshot's files, after ``after`` in path order."""
+
+    request_id: int = _request_id
+    snapshot: str = field(default="latest", validator=_str)
+    after: str = field(default="", validator=_str)
+    limit: int = field(default=1000, validator=[_int, ge(1), le(100_000)])
+
+
+@message(40)
+@frozen
+class FileList(Message):
+    """Files with every chunk's current holders, so a restore needs no other lookup."""
+
+    IS_REPLY = True
+    request_id: int = _request_id
+    snapshot_id: str = field(default="", validator=_str)
+    files: list = field(factory=list, converter=_records(FileEntry))
+    holders: dict = field(factory=dict, converter=_holders_map)
+    more: bool = field(default=False, validator=_bool)
+
+
+@message(41)
+@frozen
+class StatusRequest(Message):
+    request_id: int = _request_id
+
+
+@message(42)
+@frozen
+class ClusterStatus(Message):
+    IS_REPLY = True
+    request_id: int = _request_id
+    replicas: int = field(default=2, validator=_non_negative)
+    servers: list = field(factory=list, converter=_records(ServerState))
+    chunks: int = field(default=0, validator=_non_negative)
+    under_replicated: int = field(default=0, validator=_non_negative)
+
+
+# --- codec ------------------------------------------------------------------
+
+
+def _to_wire(value: Any):
+    if isinstance(value, Record):
+        return value.to_wire()
+    if isinstance(value, list):
+        return [_to_wire(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_wire(v) for k, v in value.items()}
+    return value
+
+
+def encode(msg: Message) -> list[bytes]:
+    """The parts of ``msg``'s frame (without the length prefix)."""
+    fields = {}
+    payload = b""
+    for a in attrs.fields(type(msg)):
+        value = getattr(msg, a.name)
+        if a.name == "payload":
+            payload = value
+        else:
+            fields[a.name] = _to_wire(value)
+    header = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(header) > MAX_HEADER_SIZE:
+        raise ValueError(f"{type(msg).__name__} header of {len(header)} bytes is too large")
+    if payload:
+        return [_HEAD.pack(msg.TYPE_CODE, len(header)), header, payload]
+    return [_HEAD.pack(msg.TYPE_CODE, len(header)), header]
+
+
+def encode_frame(msg: Message) -> bytes:
+    return b"".join(encode(msg))
+
+
+def decode(frame: bytes) -> Message:
+    """The message in ``frame``; ``DecodeError`` says why it is not one."""
+    if len(frame) < _HEAD.size:
+        raise DecodeError(f"frame of {len(frame)} bytes is shorter than a message head")
+    code, header_length = _HEAD.unpack_from(frame)
+    cls = MESSAGE_TYPES.get(code)
+    if cls is None:
+        raise DecodeError(f"unknown message type {code}")
+    header_end = _HEAD.size + header_length
+    if header_end > len(frame):
+        raise DecodeError(f"{cls.__name__}: header runs past the end of the frame")
+    try:
+        fields = json.loads(bytes(frame[_HEAD.size : header_end]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DecodeError(f"{cls.__name__}: header is not JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise DecodeError(f"{cls.__name__}: header is not an object")
+    names = {a.name for a in attrs.fields(cls)}
+    payload = frame[header_end:]
+    if "payload" in names:
+        fields["payload"] = bytes(payload)
+    elif payload:
+        raise DecodeError(f"{cls.__name__} carries no payload but {len(payload)} bytes follow")
+    unknown = set(fields) - names
+    if unknown:
+        raise DecodeError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise DecodeError(f"{cls.__name__}: {e}") from None

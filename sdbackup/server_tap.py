@@ -1,0 +1,44 @@
+"""``twistd sdbackup-server``: options and the service they build."""
+
+from twisted.python import usage
+
+from sdbackup.services.server import StorageService
+
+
+class Options(usage.Options):
+    synopsis = "[--listen ENDPOINT] [--data FOLDER] [--manager ENDPOINT]"
+    longdesc = (
+        "An sdbackup storage server: holds verified chunk files in its data folder, "
+        "replicates them to the servers the manager names, and serves restores."
+    )
+    optParameters = [
+        ["listen", "l", "tcp:5001", "Endpoint to listen on (Twisted endpoint string)."],
+        ["data", "d", None, "Data folder (default: data_<port>)."],
+        ["manager", "m", "tcp:localhost:5000", "Client endpoint of the manager."],
+        ["advertise", "a", None,
+         "Client endpoint others use to reach this server (default: tcp:localhost:<port>)."],
+        ["heartbeat", None, 5.0, "Seconds between heartbeats to the manager.", float],
+    ]
+
+    def postOptions(self):
+        if self["data"] is None:
+            self["data"] = f"data_{_port_of(self['listen'])}"
+        if self["heartbeat"] <= 0:
+            raise usage.UsageError("--heartbeat must be positive")
+
+
+def _port_of(listen: str) -> str:
+    """The port named in a ``tcp:PORT`` style endpoint, for the default data folder."""
+    for part in listen.split(":")[1:]:
+        if part.isdigit():
+            return part
+        if part.startswith("port="):
+            return part[len("port="):]
+    raise usage.UsageError(f"give --data: no port in {listen!r} to name data_<port>")
+
+
+def makeService(options, reactor=None):
+    return StorageService(
+        listen=options["listen"], data=options["data"], manager=options["manager"],
+        advertise=options["advertise"], heartbeat=options["heartbeat"], reactor=reactor,
+    )

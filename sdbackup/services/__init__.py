@@ -1,0 +1,1 @@
+"""Long-lived services: the manager, the storage server and their parts."""

@@ -1,0 +1,237 @@
+"""The manager: places chunks, keeps the catalog, knows which servers are alive.
+
+``Manager`` holds the logic and answers messages; ``ManagerService`` wires it
+to a listening endpoint, the catalog file and the catalog's thread.
+"""
+
+import os
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from sdbackup.placement import ServerLoad, place_chunks
+from sdbackup.protocols.messages import (
+    Ack,
+    ClusterStatus,
+    FileList,
+    Placement,
+    ServerState,
+    SnapshotBegun,
+    SnapshotFinished,
+    SnapshotList,
+)
+from sdbackup.protocols.peer import MessageProtocol, RemoteError
+from sdbackup.services.catalog import Catalog
+
+
+@attrs.define
+class LiveServer:
+    """A storage server connected to the manager now."""
+
+    address: str
+    connection: MessageProtocol
+    free_bytes: int
+    chunk_count: int
+    last_seen: float
+    inventory: set = attrs.Factory(set)
+
+
+class Manager:
+    """Answers servers and clients. Every catalog call goes through ``self.db``."""
+
+    log = Logger()
+
+    def __init__(self, catalog: Catalog, run_in_db, clock, replicas: int = 2):
+        self.catalog = catalog
+        self.db = run_in_db
+        self.replicas = replicas
+        self.clock = clock
+        self.live: dict[str, LiveServer] = {}
+
+    def _now(self) -> float:
+        return self.clock.seconds()
+
+    def _server_of(self, connection) -> LiveServer:
+        for server in self.live.values():
+            if server.connection is connection:
+                return server
+        raise RemoteError("this connection has not registered as a server", "not-registered")
+
+    # --- storage servers ---------------------------------------------------
+
+    async def handle_RegisterServer(self, msg, connection):
+        if not msg.address:
+            raise RemoteError("a server must give the address clients reach it at", "bad-request")
+        old = self.live.get(msg.address)
+        if old is not None and old.connection is not connection:
+            self.log.warn("server {address} registered again; dropping its old link",
+                          address=msg.address)
+            old.connection.transport.loseConnection()
+        self.live[msg.address] = LiveServer(
+            msg.address, connection, msg.free_bytes, msg.chunk_count, self._now()
+        )
+        await self.db(self.catalog.record_server, msg.address, msg.free_bytes, msg.chunk_count,
+                      self._now())
+        self.log.info("server {address} registered: {chunks} chunks, {free} bytes free",
+                      address=msg.address, chunks=msg.chunk_count, free=msg.free_bytes)
+        return Ack(request_id=msg.request_id)
+
+    async def handle_ChunkInventory(self, msg, connection):
+        server = self._server_of(connection)
+        server.inventory.update(msg.chunk_ids)
+        if msg.final:
+            reported, server.inventory = server.inventory, set()
+            await self.db(self.catalog.replace_locations, server.address, reported)
+            self.log.info("server {address} reported {count} chunks",
+                          address=server.address, count=len(reported))
+        return Ack(request_id=msg.request_id)
+
+    def handle_Heartbeat(self, msg, connection):
+        server = self._server_of(connection)
+        server.free_bytes = msg.free_bytes
+        server.chunk_count = msg.chunk_count
+        server.last_seen = self._now()
+        return self.db(self.catalog.record_server, server.address, msg.free_bytes,
+                       msg.chunk_count, server.last_seen)
+
+    def connection_lost(self, connection):
+        for address, server in list(self.live.items()):
+            if server.connection is connection:
+                del self.live[address]
+                self.log.warn("server {address} disconnected", address=address)
+
+    # --- backups -------------------------------------------------------------
+
+    async def handle_PlacementRequest(self, msg, connection):
+        ids = [c.chunk_id for c in msg.chunks]
+        holders = await self.db(self.catalog.holders, ids)
+        known = [i for i in ids if any(h in self.live for h in holders.get(i, ()))]
+        known_set = set(known)
+        wanted = {c.chunk_id: c.size for c in msg.chunks if c.chunk_id not in known_set}
+        if wanted and not self.live:
+            raise RemoteError("no storage server is alive", "not-enough-servers")
+        loads = [ServerLoad(s.address, s.free_bytes) for s in self.live.values()]
+        count = min(self.replicas, len(loads))
+        assignments = place_chunks(loads, list(wanted.items()), count) if wanted else {}
+        return Placement(request_id=msg.request_id, known=known, assignments=assignments)
+
+    async def handle_BeginSnapshot(self, msg, connection):
+        snapshot_id = await self.db(self.catalog.begin_snapshot, msg.host, msg.paths, self._now())
+        self.log.info("snapshot {snapshot} begun by {host}", snapshot=snapshot_id, host=msg.host)
+        return SnapshotBegun(request_id=msg.request_id, snapshot_id=snapshot_id)
+
+    async def handle_CommitFiles(self, msg, connection):
+        await self.db(self.catalog.commit_files, msg.snapshot_id, msg.chunks, msg.files)
+        return Ack(request_id=msg.request_id)
+
+    async def handle_FinishSnapshot(self, msg, connection):
+        summary = await self.db(self.catalog.finish_snapshot, msg.snapshot_id)
+        self.log.info("snapshot {snapshot} finished: {files} files, {size} bytes",
+                      snapshot=summary.snapshot_id, files=summary.files, size=summary.bytes)
+        return SnapshotFinished(request_id=msg.request_id, snapshot=summary)
+
+    # --- reading ---------------------------------------------------------------
+
+    async def handle_ListSnapshots(self, msg, connection):
+        snapshots = await self.db(self.catalog.snapshots)
+        return SnapshotList(request_id=msg.request_id, snapshots=snapshots)
+
+    async def handle_ListFiles(self, msg, connection):
+        def page():
+            snapshot_id = self.catalog.resolve_snapshot(msg.snapshot)
+            files, more = self.catalog.list_files(snapshot_id, msg.after, msg.limit)
+            holders = self.catalog.holders({c.chunk_id for f in files for c in f.chunks})
+            return snapshot_id, files, more, holders
+
+        snapshot_id, files, more, holders = await self.db(page)
+        # Live holders first, so a restore tries the copies most likely to answer.
+        ordered = {
+            chunk_id: sorted(servers, key=lambda s: (s not in self.live, s))
+            for chunk_id, servers in holders.items()
+        }
+        return FileList(request_id=msg.request_id, snapshot_id=snapshot_id, files=files,
+                        holders=ordered, more=more)
+
+    async def handle_StatusRequest(self, msg, connection):
+        alive = set(self.live)
+        known = await self.db(self.catalog.servers)
+        chunks, under = await self.db(self.catalog.chunk_stats, alive, self.replicas)
+        states = []
+        for address, last_seen, free_bytes, chunk_count in known:
+            live = self.live.get(address)
+            if live is not None:
+                free_bytes, chunk_count, last_seen = (live.free_bytes, live.chunk_count,
+                                                      live.last_seen)
+            states.append(ServerState(address, live is not None, free_bytes, chunk_count,
+                                      last_seen))
+        return ClusterStatus(request_id=msg.request_id, replicas=self.replicas, servers=states,
+                             chunks=chunks, under_replicated=under)
+
+
+class ManagerService(service.MultiService):
+    """The manager process: a listener, the catalog and its thread."""
+
+    log = Logger()
+
+    def __init__(self, listen: str, data: str, replicas: int = 2, reactor=None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.listen_description = listen
+        self.data = data
+        self.replicas = replicas
+        self.port = None
+        self.manager: Manager | None = None
+        self._db_pool = ThreadPool(minthreads=1, maxthreads=1, name="sdbackup-catalog")
+
+    def run_in_db(self, f, *args, **kwargs) -> defer.Deferred:
+        return deferToThreadPool(self.reactor, self._db_pool, f, *args, **kwargs)
+
+    def startService(self):
+        super().startService()
+        catalog = Catalog(os.path.join(self.data, "catalog.sqlite"))
+        self.manager = Manager(catalog, self.run_in_db, self.reactor, self.replicas)
+        self._db_pool.start()
+        factory = Factory.forProtocol(lambda: MessageProtocol(self.manager, "manager"))
+        endpoint = serverFromString(self.reactor, self.listen_description)
+        self._listening = endpoint.listen(factory)
+        self._listening.addCallback(self._listened)
+        self._listening.addErrback(self._listen_failed)
+
+    def _listened(self, port):
+        self.port = port
+        self.log.info("sdbackup-manager listening on port {port}, catalog in {data}, "
+                      "replication factor {replicas}",
+                      port=port.getHost().port, data=self.data, replicas=self.replicas)
+        return port
+
+    def _listen_failed(self, failure):
+        self.log.failure("sdbackup-manager cannot listen on {listen}", failure,
+                         listen=self.listen_description)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def when_listening(self) -> defer.Deferred:
+        """Fires with the listening port (tests read the ephemeral port number from it)."""
+        d = defer.Deferred()
+        self._listening.addCallback(lambda port: (d.callback(port), port)[1])
+        return d
+
+    async def _stop(self):
+        if self.port is not None:
+            await self.port.stopListening()
+        for server in list(self.manager.live.values()):
+            server.connection.transport.loseConnection()
+        self._db_pool.stop()
+        self.manager.catalog.close()
+
+    def stopService(self):
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
