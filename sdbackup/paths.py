@@ -47,7 +47,7 @@ def target_path(target: str, path: str) -> str:
     root = os.path.realpath(target)
     destination = os.path.join(root, *path.split("/"))
     parent = os.path.realpath(os.path.dirname(destination))
-    if parent != root and not parent.startswith(root + os.sep):
+    if parent != root and not parent.startswith(root.rstrip(os.sep) + os.sep):
         raise UnsafePath(f"{path!r} would be written outside {target} (through a link)")
     return destination
 

@@ -30,6 +30,12 @@ DEFAULT_MANAGER = "tcp:localhost:5000"
 EXIT_INCOMPLETE = 3
 
 
+def display_address(address: str) -> str:
+    """``host:port`` for a ``tcp:host:port`` endpoint, the endpoint itself otherwise."""
+    kind, _, rest = address.partition(":")
+    return rest if kind == "tcp" and rest.count(":") == 1 else address
+
+
 def _timestamp(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -68,7 +74,8 @@ async def cmd_ls(session: Session, args) -> int:
         for f in page.files:
             where = ""
             if args.long and f.chunks:
-                servers = sorted({h for c in f.chunks for h in page.holders.get(c.chunk_id, [])})
+                servers = sorted({display_address(h) for c in f.chunks
+                                  for h in page.holders.get(c.chunk_id, [])})
                 where = "  [" + " ".join(servers) + "]"
             suffix = "/" if f.kind == "dir" else f" -> {f.link_target}" if f.link_target else ""
             if args.long:
@@ -96,7 +103,7 @@ async def cmd_status(session: Session, args) -> int:
     print(f"{'SERVER':<28} {'STATE':<6} {'FREE':>11} {'CHUNKS':>8}  LAST SEEN")
     for s in status.servers:
         state = "alive" if s.alive else "down"
-        print(f"{s.address:<28} {state:<6} {human_bytes(s.free_bytes):>11} {s.chunks:>8}  "
+        print(f"{display_address(s.address):<28} {state:<6} {human_bytes(s.free_bytes):>11} {s.chunks:>8}  "
               f"{_timestamp(s.last_seen)}")
     alive = sum(s.alive for s in status.servers)
     print(f"{alive} of {len(status.servers)} servers alive; replication factor "
@@ -159,6 +166,10 @@ def main(argv=None):
             status.append(1)
         except KeyboardInterrupt:
             status.append(130)
+        except BrokenPipeError:
+            # The reader (``| head``) went away: stop quietly, as ls and cat do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            status.append(0)
 
     try:
         task.react(lambda reactor: defer.ensureDeferred(go(reactor)))

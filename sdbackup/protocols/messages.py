@@ -462,7 +462,7 @@ def decode(frame: bytes) -> Message:
         raise DecodeError(f"{cls.__name__}: header runs past the end of the frame")
     try:
         fields = json.loads(bytes(frame[_HEAD.size : header_end]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, absurd numbers or nesting
         raise DecodeError(f"{cls.__name__}: header is not JSON: {e}") from None
     if not isinstance(fields, dict):
         raise DecodeError(f"{cls.__name__}: header is not an object")

@@ -77,6 +77,8 @@ class MessageProtocol(FrameReceiver):
             d.errback(failure)
         if not self.ready.called:
             self.ready.errback(failure)
+            # Those waiting got the failure; a server-side connection has no one waiting.
+            self.ready.addErrback(lambda _: None)
         lost = getattr(self.handler, "connection_lost", None)
         if lost is not None:
             lost(self)
@@ -136,13 +138,17 @@ class MessageProtocol(FrameReceiver):
             return
         d = defer.maybeDeferred(method, msg, self)
         if hasattr(msg, "request_id") and msg.request_id:
-            d.addCallbacks(self._reply, self._reply_error, errbackArgs=(msg,))
+            d.addCallbacks(self._reply, self._reply_error, callbackArgs=(msg,), errbackArgs=(msg,))
         else:
             d.addErrback(self._log_failure, msg)
 
-    def _reply(self, answer: Message | None):
-        if answer is not None and not self._closed:
+    def _reply(self, answer: Message | None, msg: Message):
+        if answer is None or self._closed:
+            return
+        try:
             self.send(answer)
+        except Exception:
+            self._reply_error(Failure(), msg)
 
     def _reply_error(self, failure: Failure, msg: Message):
         code = getattr(failure.value, "code", None)
@@ -156,6 +162,10 @@ class MessageProtocol(FrameReceiver):
             self.send(ErrorReply(request_id=msg.request_id, code=code, reason=reason))
 
     def _log_failure(self, failure: Failure, msg: Message):
+        if isinstance(getattr(failure.value, "code", None), str):
+            self.log.warn("refused {message} from {peer}: {reason}", message=type(msg).__name__,
+                          peer=self.describe_peer(), reason=str(failure.value))
+            return
         self.log.failure(
             "handling {message} from {peer}", failure, message=type(msg).__name__,
             peer=self.describe_peer(),

@@ -201,6 +201,11 @@ class Catalog:
                     f"{len(missing)} chunks have no confirmed copy, "
                     f"for example {sorted(missing)[0][:16]}"
                 )
+            # A path committed again (overlapping backup paths) is replaced whole.
+            self.db.executemany(
+                "DELETE FROM file_chunks WHERE snapshot_id = ? AND path = ?",
+                ((snapshot_id, f.path) for f in files),
+            )
             self.db.executemany(
                 "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -257,8 +262,9 @@ class Catalog:
                 raise UnknownSnapshot("there are no snapshots yet")
             return row[0]
         rows = self.db.execute(
-            "SELECT snapshot_id FROM snapshots WHERE finished AND snapshot_id LIKE ? || '%'",
-            (ref.replace("%", "").replace("_", ""),),
+            "SELECT snapshot_id FROM snapshots WHERE finished"
+            " AND substr(snapshot_id, 1, length(?1)) = ?1 AND length(?1) > 0",
+            (ref,),
         ).fetchall()
         if len(rows) != 1:
             raise UnknownSnapshot(
@@ -266,15 +272,29 @@ class Catalog:
             )
         return rows[0][0]
 
-    def list_files(self, snapshot_id: str, after: str, limit: int) -> tuple[list[FileEntry], bool]:
-        """A page of a snapshot's files in path order, and whether more follow."""
+    def list_files(self, snapshot_id: str, after: str, limit: int,
+                   max_chunks: int = 16_384) -> tuple[list[FileEntry], bool]:
+        """A page of a snapshot's files in path order, and whether more follow.
+
+        A page holds at most ``limit`` files and, unless its first file alone
+        has more, ``max_chunks`` chunks, so its answer fits in a frame.
+        """
         rows = self.db.execute(
-            "SELECT path, kind, mode, mtime_ns, size, file_hash, link_target FROM files"
-            " WHERE snapshot_id = ? AND path > ? ORDER BY path LIMIT ?",
+            "SELECT path, kind, mode, mtime_ns, size, file_hash, link_target,"
+            " (SELECT COUNT(*) FROM file_chunks c"
+            "  WHERE c.snapshot_id = f.snapshot_id AND c.path = f.path)"
+            " FROM files f WHERE snapshot_id = ? AND path > ? ORDER BY path LIMIT ?",
             (snapshot_id, after, limit + 1),
         ).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
+        total = 0
+        for index, row in enumerate(rows):
+            total += row[-1]
+            if total > max_chunks and index > 0:
+                rows, more = rows[:index], True
+                break
+        rows = [row[:-1] for row in rows]
         chunks: dict[str, list[ChunkRef]] = {}
         if rows:
             for path, chunk_id, size, checksum in self.db.execute(

@@ -15,6 +15,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from sdbackup.paths import check_snapshot_path
 from sdbackup.placement import ServerLoad, place_chunks
 from sdbackup.protocols.messages import (
     Ack,
@@ -127,6 +128,8 @@ class Manager:
         return SnapshotBegun(request_id=msg.request_id, snapshot_id=snapshot_id)
 
     async def handle_CommitFiles(self, msg, connection):
+        for entry in msg.files:
+            check_snapshot_path(entry.path)
         await self.db(self.catalog.commit_files, msg.snapshot_id, msg.chunks, msg.files)
         return Ack(request_id=msg.request_id)
 
@@ -215,8 +218,8 @@ class ManagerService(service.MultiService):
     def _listen_failed(self, failure):
         self.log.failure("sdbackup-manager cannot listen on {listen}", failure,
                          listen=self.listen_description)
-        if self.reactor.running:
-            self.reactor.stop()
+        # Under twistd this runs before the reactor starts: stop it once it has.
+        self.reactor.callWhenRunning(self.reactor.stop)
 
     def when_listening(self) -> defer.Deferred:
         """Fires with the listening port (tests read the ephemeral port number from it)."""
@@ -226,7 +229,7 @@ class ManagerService(service.MultiService):
 
     async def _stop(self):
         if self.port is not None:
-            await self.port.stopListening()
+            await defer.maybeDeferred(self.port.stopListening)
         for server in list(self.manager.live.values()):
             server.connection.transport.loseConnection()
         self._db_pool.stop()

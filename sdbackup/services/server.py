@@ -62,8 +62,8 @@ class StorageServer:
             connection.pauseProducing()
 
     def _finished(self, connection):
-        count = self._stores_in_flight.pop(connection) - 1
-        if count:
+        count = self._stores_in_flight.pop(connection, 0) - 1
+        if count > 0:
             self._stores_in_flight[connection] = count
         if count == MAX_STORES_PER_CONNECTION - 1 and connection.connected:
             connection.resumeProducing()
@@ -200,14 +200,14 @@ class StorageService(service.MultiService):
 
     def _failed(self, failure, what):
         self.log.failure("sdbackup-server: {what}", failure, what=what)
-        if self.reactor.running:
-            self.reactor.stop()
+        # Under twistd this runs before the reactor starts: stop it once it has.
+        self.reactor.callWhenRunning(self.reactor.stop)
 
     async def _stop(self):
         if getattr(self, "_heartbeat", None) is not None and self._heartbeat.running:
             self._heartbeat.stop()
         if self.port is not None:
-            await self.port.stopListening()
+            await defer.maybeDeferred(self.port.stopListening)
         await self.peers.close()
         self._disk_pool.stop()
 

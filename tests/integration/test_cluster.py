@@ -1,0 +1,154 @@
+"""A manager and three servers in one process: backup, restore, replication, repair on read."""
+
+import os
+
+import pytest_twisted
+
+from sdbackup.client.backup import Backup
+from sdbackup.client.restore import Restore
+
+
+def write(path, data: bytes):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+async def backup(cluster, *paths):
+    session = await cluster.session()
+    try:
+        return await Backup(session, [str(p) for p in paths]).run()
+    finally:
+        await session.close()
+
+
+async def restore(cluster, target, snapshot="latest", includes=()):
+    session = await cluster.session()
+    try:
+        return await Restore(session, snapshot, str(target), includes).run()
+    finally:
+        await session.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_backup_then_restore_small_files(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for i in range(300):
+        write(f"src/d{i % 7}/file {i}.txt", f"contents {i}\n".encode() * (i % 5))
+    result = await backup(cluster, "src")
+    restored = await restore(cluster, tmp_path / "out")
+    assert restored.errors == []
+    for i in range(300):
+        with open(tmp_path / f"out/src/d{i % 7}/file {i}.txt", "rb") as f:
+            assert f.read() == f"contents {i}\n".encode() * (i % 5)
+    assert result.files == 308
+
+
+def chunk_files(server) -> list[str]:
+    return sorted(server.store.chunk_ids())
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_file_is_on_exactly_two_servers_and_restores(cluster, tmp_path):
+    data = os.urandom(24 * 1024 * 1024 + 12345)
+    write(tmp_path / "big.bin", data)
+    result = await backup(cluster, tmp_path / "big.bin")
+    assert result.bytes == len(data)
+    holders = {}
+    for server in cluster.servers:
+        for chunk_id in chunk_files(server):
+            holders.setdefault(chunk_id, []).append(server.server.address)
+    assert len(holders) == 25  # 24 full chunks and a short one
+    assert all(len(servers) == 2 for servers in holders.values())
+    # Placement spreads the copies: every server holds some of them.
+    assert all(chunk_files(server) for server in cluster.servers)
+    await restore(cluster, tmp_path / "out")
+    restored = tmp_path / "out" / str(tmp_path / "big.bin").lstrip("/")
+    assert restored.read_bytes() == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_file_and_empty_folder(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write("src/empty", b"")
+    os.makedirs("src/nothing/here")
+    os.chmod("src/empty", 0o640)
+    os.utime("src/empty", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    await backup(cluster, "src")
+    await restore(cluster, tmp_path / "out")
+    st = os.stat(tmp_path / "out/src/empty")
+    assert st.st_size == 0
+    assert st.st_mode & 0o777 == 0o640
+    assert st.st_mtime_ns == 1_600_000_000_123_456_789
+    assert os.path.isdir(tmp_path / "out/src/nothing/here")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_corrupt_copy_is_restored_from_the_other(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = os.urandom(3 * 1024 * 1024)
+    write("src/file", data)
+    await backup(cluster, "src")
+    # Damage every copy held by one server: flip a byte in each chunk's payload.
+    damaged = cluster.servers[0] if chunk_files(cluster.servers[0]) else cluster.servers[1]
+    for chunk_id in chunk_files(damaged):
+        path = damaged.store.path_for(chunk_id)
+        with open(path, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 0xFF]))
+    result = await restore(cluster, tmp_path / "out")
+    assert result.errors == []
+    assert (tmp_path / "out/src/file").read_bytes() == data
+    # The bad copies were moved aside, not served and not deleted.
+    assert os.listdir(damaged.store.quarantine)
+
+
+@pytest_twisted.ensureDeferred
+async def test_restore_while_one_server_is_down(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files = {f"src/f{i}": os.urandom(200_000 + i) for i in range(20)}
+    for name, data in files.items():
+        write(name, data)
+    await backup(cluster, "src")
+    await cluster.servers[1].stopService()
+    result = await restore(cluster, tmp_path / "out")
+    assert result.errors == []
+    for name, data in files.items():
+        assert (tmp_path / "out" / name).read_bytes() == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_backup_is_a_new_snapshot_and_old_ones_stay(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write("src/a", b"first version")
+    first = await backup(cluster, "src")
+    write("src/a", b"second version, longer")
+    second = await backup(cluster, "src")
+    assert first.snapshot_id != second.snapshot_id
+    await restore(cluster, tmp_path / "old", snapshot=first.snapshot_id)
+    await restore(cluster, tmp_path / "new")
+    assert (tmp_path / "old/src/a").read_bytes() == b"first version"
+    assert (tmp_path / "new/src/a").read_bytes() == b"second version, longer"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unchanged_data_is_not_sent_again(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write("src/a", os.urandom(2 * 1024 * 1024))
+    first = await backup(cluster, "src")
+    second = await backup(cluster, "src")
+    assert first.new_bytes == 2 * 1024 * 1024
+    assert second.new_bytes == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_restore_include_restores_only_that_part(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write("src/keep/one", b"1")
+    write("src/skip/two", b"2")
+    await backup(cluster, "src")
+    await restore(cluster, tmp_path / "out", includes=["src/keep"])
+    assert (tmp_path / "out/src/keep/one").read_bytes() == b"1"
+    assert not os.path.exists(tmp_path / "out/src/skip")

@@ -1,0 +1,152 @@
+"""FrameReceiver: the linear-buffer ``Int32StringReceiver`` under every protocol."""
+
+from struct import pack
+
+import pytest
+from twisted.internet.testing import StringTransport
+
+from sdbackup.protocols.framing import FrameReceiver
+
+
+class Recorder(FrameReceiver):
+    """Keeps every frame it receives."""
+
+    MAX_LENGTH = 1000
+
+    def __init__(self):
+        self.frames = []
+
+    def stringReceived(self, frame):
+        self.frames.append(frame)
+
+
+class PausingRecorder(Recorder):
+    """Pauses itself after every frame, as a consumer with a full buffer would."""
+
+    def stringReceived(self, frame):
+        super().stringReceived(frame)
+        self.pauseProducing()
+
+
+def framed(*frames: bytes) -> bytes:
+    return b"".join(pack("!I", len(f)) + f for f in frames)
+
+
+def connected(cls=Recorder):
+    proto = cls()
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def pieces(data: bytes, size: int):
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+FRAMES = [b"", b"x", bytes(range(256)) * 3, b"hello world", b"\x00\x00\x00\x05", b"y" * 1000]
+
+
+def test_frames_split_across_reads(subtests):
+    for read_size in (1, 2, 3, 5, 7, 64, 1000, 4096):
+        with subtests.test(read_size=read_size):
+            proto, transport = connected()
+            for piece in pieces(framed(*FRAMES), read_size):
+                proto.dataReceived(piece)
+            assert proto.frames == FRAMES
+            assert not transport.disconnecting
+
+
+def test_several_frames_in_one_read():
+    proto, _ = connected()
+    proto.dataReceived(framed(*FRAMES))
+    assert proto.frames == FRAMES
+
+
+def test_partial_frame_waits_for_the_rest():
+    proto, _ = connected()
+    data = framed(b"first", b"second")
+    proto.dataReceived(data[:-3])
+    assert proto.frames == [b"first"]
+    proto.dataReceived(data[-3:])
+    assert proto.frames == [b"first", b"second"]
+
+
+def test_frames_are_bytes():
+    proto, _ = connected()
+    data = framed(b"abcdef", b"ghij")
+    for piece in pieces(data, 3):
+        proto.dataReceived(piece)
+    assert [type(f) for f in proto.frames] == [bytes, bytes]
+
+
+def test_frame_of_exactly_max_length_is_accepted():
+    proto, transport = connected()
+    big = bytes(range(250)) * 4
+    assert len(big) == Recorder.MAX_LENGTH
+    proto.dataReceived(framed(big, b"after"))
+    assert proto.frames == [big, b"after"]
+    assert not transport.disconnecting
+
+
+def test_oversize_length_prefix_aborts_the_connection():
+    proto, transport = connected()
+    proto.dataReceived(framed(b"ok") + pack("!I", Recorder.MAX_LENGTH + 1) + b"z" * 10)
+    assert proto.frames == [b"ok"]
+    assert transport.disconnected  # StringTransport's mark of abortConnection
+
+
+def test_huge_length_prefix_aborts_before_any_body_arrives():
+    proto, transport = connected()
+    proto.dataReceived(pack("!I", 0xFFFFFFFF))
+    assert transport.disconnected
+    assert proto.frames == []
+
+
+def test_frames_after_an_oversize_prefix_are_not_delivered():
+    proto, transport = connected()
+    proto.dataReceived(pack("!I", Recorder.MAX_LENGTH + 1) + framed(b"smuggled"))
+    assert transport.disconnected
+    assert proto.frames == []
+
+
+def test_pause_holds_frames_back_and_resume_delivers_them():
+    proto, transport = connected(PausingRecorder)
+    proto.dataReceived(framed(b"one", b"two", b"three"))
+    assert proto.frames == [b"one"]
+    assert transport.producerState == "paused"
+    proto.dataReceived(framed(b"four"))
+    assert proto.frames == [b"one"]
+    proto.resumeProducing()
+    assert proto.frames == [b"one", b"two"]
+    proto.resumeProducing()
+    proto.resumeProducing()
+    assert proto.frames == [b"one", b"two", b"three", b"four"]
+    proto.resumeProducing()
+    assert proto.frames == [b"one", b"two", b"three", b"four"]
+
+
+def test_paused_receiver_delivers_nothing_until_resumed():
+    proto, transport = connected()
+    proto.pauseProducing()
+    for piece in pieces(framed(b"a", b"bb", b"ccc"), 2):
+        proto.dataReceived(piece)
+    assert proto.frames == []
+    proto.resumeProducing()
+    assert transport.producerState == "producing"
+    assert proto.frames == [b"a", b"bb", b"ccc"]
+
+
+def test_send_frame_writes_a_length_prefix_and_the_parts():
+    proto, transport = connected()
+    proto.sendFrame(b"head", b"", b"payload")
+    assert transport.value() == pack("!I", 11) + b"headpayload"
+    receiver, _ = connected()
+    receiver.dataReceived(transport.value())
+    assert receiver.frames == [b"headpayload"]
+
+
+def test_send_frame_refuses_an_oversize_frame():
+    proto, transport = connected()
+    with pytest.raises(ValueError):
+        proto.sendFrame(b"a" * 600, b"b" * 401)
+    assert transport.value() == b""

@@ -1,0 +1,416 @@
+"""MessageProtocol: handshake, request/answer matching, handler errors, protocol violations."""
+
+from struct import pack, unpack
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.test import iosim
+
+from sdbackup import hashing
+from sdbackup.protocols.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    BeginSnapshot,
+    ChunkData,
+    ErrorReply,
+    FetchChunk,
+    Heartbeat,
+    Hello,
+    ListSnapshots,
+    SnapshotBegun,
+    SnapshotList,
+    StatusRequest,
+    decode,
+    encode_frame,
+)
+from sdbackup.protocols.peer import MessageProtocol, RemoteError
+
+H1 = hashing.chunk_id(b"one")
+H2 = hashing.chunk_id(b"two")
+
+
+class Refused(Exception):
+    """An expected refusal, as services raise them."""
+
+    code = "chunk-missing"
+
+
+class Handler:
+    """A service with a few handlers; remembers what it was asked."""
+
+    def __init__(self):
+        self.received = []
+        self.lost = []
+        self.later: dict[int, defer.Deferred] = {}
+
+    def handle_FetchChunk(self, msg, connection):
+        self.received.append(msg)
+        if msg.chunk_id == H2:
+            raise Refused(f"chunk {msg.chunk_id[:16]} is not held here")
+        return ChunkData(request_id=msg.request_id, chunk_id=msg.chunk_id,
+                         checksum=msg.chunk_id, payload=b"bytes of " + msg.chunk_id.encode())
+
+    def handle_ListSnapshots(self, msg, connection):
+        self.received.append(msg)
+        return 1 / 0
+
+    def handle_Heartbeat(self, msg, connection):
+        self.received.append(msg)
+        if msg.free_bytes == 0:
+            raise ValueError("no space reported")
+        if msg.free_bytes == 1:
+            raise Refused("not registered")
+
+    def handle_Ack(self, msg, connection):  # pragma: no cover - Ack is a reply, never dispatched
+        raise AssertionError("a reply was dispatched to a handler")
+
+    async def handle_BeginSnapshot(self, msg, connection):
+        self.received.append(msg)
+        d = self.later[msg.request_id] = defer.Deferred()
+        return await d
+
+    def connection_lost(self, connection):
+        self.lost.append(connection)
+
+
+def connected(handler=None, role="server"):
+    proto = MessageProtocol(handler if handler is not None else Handler(), role)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def sent(transport) -> list:
+    """The messages written to ``transport`` since the last call."""
+    data = transport.value()
+    transport.clear()
+    messages = []
+    while data:
+        (length,) = unpack("!I", data[:4])
+        messages.append(decode(data[4 : 4 + length]))
+        data = data[4 + length :]
+    return messages
+
+
+def deliver(proto, *messages):
+    proto.dataReceived(b"".join(_framed(encode_frame(m)) for m in messages))
+
+
+def _framed(body: bytes) -> bytes:
+    return pack("!I", len(body)) + body
+
+
+def greeted(handler=None, role="server"):
+    proto, transport = connected(handler, role)
+    deliver(proto, Hello(version=PROTOCOL_VERSION, role="client"))
+    transport.clear()
+    return proto, transport
+
+
+def result_of(d: defer.Deferred):
+    """The result a fired Deferred carries (a Failure for an error), consuming it."""
+    results = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+def success(d: defer.Deferred):
+    result = result_of(d)
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+def failure(d: defer.Deferred) -> Failure:
+    result = result_of(d)
+    assert isinstance(result, Failure), f"expected a failure, got {result!r}"
+    return result
+
+
+# --- handshake -----------------------------------------------------------------
+
+
+def test_hello_is_sent_first():
+    proto, transport = connected(role="manager")
+    assert sent(transport) == [Hello(version=PROTOCOL_VERSION, role="manager")]
+    assert not proto.ready.called
+
+
+def test_peer_hello_makes_the_connection_ready():
+    proto, transport = connected()
+    deliver(proto, Hello(version=PROTOCOL_VERSION, role="client"))
+    assert success(proto.ready) is proto
+    assert proto.peer_role == "client"
+    assert not transport.disconnecting
+
+
+def test_hello_and_a_request_in_one_read():
+    handler = Handler()
+    proto, transport = connected(handler)
+    transport.clear()
+    deliver(proto, Hello(version=PROTOCOL_VERSION, role="client"), FetchChunk(request_id=1, chunk_id=H1))
+    assert [m.chunk_id for m in handler.received] == [H1]
+    assert [type(m) for m in sent(transport)] == [ChunkData]
+
+
+def test_wrong_version_closes_the_connection():
+    handler = Handler()
+    proto, transport = connected(handler)
+    waiting = []
+    proto.ready.addBoth(waiting.append)
+    deliver(proto, Hello(version=PROTOCOL_VERSION + 1, role="client"),
+            FetchChunk(request_id=1, chunk_id=H1))
+    assert transport.disconnected
+    assert handler.received == []
+    assert waiting == []
+    proto.connectionLost(Failure(ConnectionDone()))
+    [outcome] = waiting
+    assert isinstance(outcome, Failure)
+    assert outcome.check(ConnectionDone)
+
+
+def test_first_message_other_than_hello_closes_the_connection():
+    handler = Handler()
+    proto, transport = connected(handler)
+    waiting = []
+    proto.ready.addBoth(waiting.append)
+    transport.clear()
+    deliver(proto, FetchChunk(request_id=1, chunk_id=H1))
+    assert transport.disconnected
+    assert handler.received == []
+    assert sent(transport) == []
+    deliver(proto, Hello(version=PROTOCOL_VERSION, role="client"))
+    assert waiting == []  # a closed connection accepts nothing more
+    proto.connectionLost(Failure(ConnectionDone()))
+    [outcome] = waiting
+    assert isinstance(outcome, Failure)
+    assert outcome.check(ConnectionDone)
+
+
+def test_server_connection_closed_before_the_handshake_logs_no_error():
+    # A server-side protocol (made by a Factory) has nobody waiting on ``ready``: a port scan,
+    # a health check or a client of another version must not log an unhandled error.
+    proto, _ = connected(role="server")
+    proto.connectionLost(Failure(ConnectionDone()))
+    del proto
+
+
+# --- requests and answers --------------------------------------------------------
+
+
+def test_request_fires_with_the_matching_answer():
+    proto, transport = greeted(role="client")
+    d = proto.request(FetchChunk(chunk_id=H1))
+    [request] = sent(transport)
+    assert request.request_id > 0
+    assert request.chunk_id == H1
+    assert not d.called
+    answer = ChunkData(request_id=request.request_id, chunk_id=H1, checksum=H1, payload=b"data")
+    deliver(proto, answer)
+    assert success(d) == answer
+    assert proto.in_flight == 0
+
+
+def test_answers_out_of_order_reach_their_own_requests():
+    proto, transport = greeted(role="client")
+    ids = [H1, H2, hashing.chunk_id(b"three")]
+    waiting = [proto.request(FetchChunk(chunk_id=c)) for c in ids]
+    requests = sent(transport)
+    assert len({r.request_id for r in requests}) == 3
+    assert proto.in_flight == 3
+    for r in reversed(requests):
+        deliver(proto, ChunkData(request_id=r.request_id, chunk_id=r.chunk_id, checksum=r.chunk_id,
+                                 payload=r.chunk_id.encode()))
+    assert [success(d).payload for d in waiting] == [c.encode() for c in ids]
+    assert not transport.disconnecting
+
+
+def test_error_reply_errbacks_with_remote_error():
+    proto, transport = greeted(role="client")
+    d = proto.request(FetchChunk(chunk_id=H1))
+    [request] = sent(transport)
+    deliver(proto, ErrorReply(request_id=request.request_id, code="chunk-missing", reason="not here"))
+    error = failure(d).value
+    assert isinstance(error, RemoteError)
+    assert error.code == "chunk-missing"
+    assert error.reason == "not here"
+    assert not transport.disconnecting
+
+
+def test_reply_answering_no_request_closes_the_connection():
+    proto, transport = greeted(role="client")
+    d = proto.request(FetchChunk(chunk_id=H1))
+    [request] = sent(transport)
+    deliver(proto, Ack(request_id=request.request_id + 100))
+    assert transport.disconnected
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert failure(d).check(ConnectionDone)
+
+
+def test_second_answer_to_one_request_closes_the_connection():
+    proto, transport = greeted(role="client")
+    d = proto.request(ListSnapshots())
+    [request] = sent(transport)
+    deliver(proto, SnapshotList(request_id=request.request_id), Ack(request_id=request.request_id))
+    assert success(d) == SnapshotList(request_id=request.request_id)
+    assert transport.disconnected
+
+
+def test_connection_loss_errbacks_pending_requests():
+    handler = Handler()
+    proto, _ = greeted(handler, role="client")
+    first = proto.request(FetchChunk(chunk_id=H1))
+    second = proto.request(ListSnapshots())
+    proto.connectionLost(Failure(ConnectionLost("gone")))
+    assert failure(first).check(ConnectionLost)
+    assert failure(second).check(ConnectionLost)
+    assert proto.in_flight == 0
+    assert handler.lost == [proto]
+
+
+def test_request_after_the_connection_closed_fails_at_once():
+    proto, transport = greeted(role="client")
+    proto.connectionLost(Failure(ConnectionDone()))
+    transport.clear()
+    assert failure(proto.request(ListSnapshots())).check(ConnectionLost)
+    assert transport.value() == b""
+
+
+# --- handling requests ----------------------------------------------------------
+
+
+def test_handler_answer_is_sent_back():
+    handler = Handler()
+    proto, transport = greeted(handler)
+    deliver(proto, FetchChunk(request_id=41, chunk_id=H1))
+    assert sent(transport) == [ChunkData(request_id=41, chunk_id=H1, checksum=H1,
+                                         payload=b"bytes of " + H1.encode())]
+
+
+def test_handler_exception_with_a_code_becomes_an_error_reply():
+    proto, transport = greeted()
+    deliver(proto, FetchChunk(request_id=5, chunk_id=H2))
+    assert sent(transport) == [ErrorReply(request_id=5, code="chunk-missing",
+                                          reason=f"chunk {H2[:16]} is not held here")]
+    assert not transport.disconnecting
+
+
+def test_unexpected_exception_becomes_internal_and_is_logged(logged_errors):
+    proto, transport = greeted()
+    deliver(proto, ListSnapshots(request_id=6))
+    [reply] = sent(transport)
+    assert isinstance(reply, ErrorReply)
+    assert reply.request_id == 6
+    assert reply.code == "internal"
+    assert "ZeroDivisionError" in reply.reason
+    assert len(logged_errors.flush(ZeroDivisionError)) == 1
+    assert not transport.disconnecting
+
+
+def test_failing_notification_is_logged_without_a_reply(logged_errors):
+    handler = Handler()
+    proto, transport = greeted(handler)
+    deliver(proto, Heartbeat(request_id=0, free_bytes=0))
+    assert sent(transport) == []
+    assert len(logged_errors.flush(ValueError)) == 1
+    deliver(proto, Heartbeat(request_id=0, free_bytes=10))
+    assert len(handler.received) == 2
+    assert not transport.disconnecting
+
+
+def test_refused_notification_is_not_logged_as_an_error():
+    handler = Handler()
+    proto, transport = greeted(handler)
+    deliver(proto, Heartbeat(request_id=0, free_bytes=1))
+    assert sent(transport) == []
+    assert len(handler.received) == 1
+    # the autouse ``logged_errors`` fixture fails this test if a failure was logged
+
+
+def test_asynchronous_handler_answers_when_it_finishes():
+    handler = Handler()
+    proto, transport = greeted(handler)
+    deliver(proto, BeginSnapshot(request_id=3, host="h"), BeginSnapshot(request_id=4, host="h"))
+    assert sent(transport) == []
+    handler.later[4].errback(Refused("no"))
+    handler.later[3].callback(SnapshotBegun(request_id=3, snapshot_id="abcd"))
+    assert sent(transport) == [ErrorReply(request_id=4, code="chunk-missing", reason="no"),
+                               SnapshotBegun(request_id=3, snapshot_id="abcd")]
+
+
+def test_answer_after_the_connection_closed_is_dropped():
+    handler = Handler()
+    proto, transport = greeted(handler)
+    deliver(proto, BeginSnapshot(request_id=3, host="h"))
+    proto.connectionLost(Failure(ConnectionDone()))
+    transport.clear()
+    handler.later[3].callback(SnapshotBegun(request_id=3, snapshot_id="abcd"))
+    assert transport.value() == b""
+
+
+def test_message_without_a_handler_closes_the_connection():
+    proto, transport = greeted(Handler())
+    deliver(proto, StatusRequest(request_id=1))  # Handler has no handle_StatusRequest
+    assert transport.disconnected
+    assert sent(transport) == []
+
+
+def test_garbage_frame_closes_that_connection_only():
+    handler = Handler()
+    bad, bad_transport = greeted(handler)
+    good, good_transport = greeted(handler)
+    bad.dataReceived(_framed(pack("!HI", Ack.TYPE_CODE, 5) + b"junk!"))
+    assert bad_transport.disconnected
+    deliver(bad, FetchChunk(request_id=1, chunk_id=H1))
+    assert handler.received == []
+    deliver(good, FetchChunk(request_id=1, chunk_id=H1))
+    assert not good_transport.disconnecting
+    assert [type(m) for m in sent(good_transport)] == [ChunkData]
+    assert sent(bad_transport) == []
+
+
+def test_oversize_frame_closes_the_connection():
+    proto, transport = greeted()
+    proto.dataReceived(pack("!I", MessageProtocol.MAX_LENGTH + 1))
+    assert transport.disconnected
+
+
+# --- two protocols connected in memory ---------------------------------------------
+
+
+def test_request_between_two_connected_protocols():
+    handler = Handler()
+    client, server, pump = iosim.connectedServerAndClient(
+        lambda: MessageProtocol(handler, "server"), lambda: MessageProtocol(None, "client"))
+    assert success(client.ready) is client
+    assert success(server.ready) is server
+    assert (client.peer_role, server.peer_role) == ("server", "client")
+    found = client.request(FetchChunk(chunk_id=H1))
+    missing = client.request(FetchChunk(chunk_id=H2))
+    pump.flush()
+    assert success(found).payload == b"bytes of " + H1.encode()
+    error = failure(missing).value
+    assert isinstance(error, RemoteError)
+    assert error.code == "chunk-missing"
+
+
+def test_lost_link_errbacks_the_other_side():
+    handler = Handler()
+    client, server, pump = iosim.connectedServerAndClient(
+        lambda: MessageProtocol(handler, "server"), lambda: MessageProtocol(None, "client"))
+    pending = client.request(BeginSnapshot(host="h"))
+    pump.flush()
+    assert len(handler.later) == 1
+    server.transport.loseConnection()
+    pump.flush()
+    assert failure(pending).check(ConnectionDone)
+    assert handler.lost == [server]
+
+
+def test_each_role_announces_itself():
+    for role in ("client", "server", "manager"):
+        _, transport = connected(role=role)
+        assert sent(transport) == [Hello(version=PROTOCOL_VERSION, role=role)]
