@@ -33,6 +33,7 @@ from sdbackup.protocols.messages import (
     FileEntry,
     FinishSnapshot,
     PlacementRequest,
+    StageChunks,
     StoreChunk,
     StoredChunk,
 )
@@ -41,6 +42,8 @@ from sdbackup.protocols.peer import RemoteError
 BATCH_BYTES = 8 * 1024 * 1024
 BATCH_CHUNKS = 256
 BATCHES_IN_FLIGHT = 4
+#: A file's chunk list goes to the catalog in parts of this many chunks.
+STAGE_CHUNKS = 4096
 #: Files per commit when a batch completes many small files.
 COMMIT_FILES = 2000
 
@@ -91,6 +94,7 @@ class Batch:
     chunks: dict = attrs.Factory(dict)  # chunk_id -> (ChunkRef, bytes)
     size: int = 0
     files: list = attrs.Factory(list)  # FileEntry completed by this batch
+    stages: list = attrs.Factory(list)  # StageChunks of large files, in order
 
     def full(self) -> bool:
         return self.size >= BATCH_BYTES or len(self.chunks) >= BATCH_CHUNKS
@@ -176,6 +180,7 @@ class Backup:
             return batch
         hasher = hashing.file_hasher()
         refs: list[ChunkRef] = []
+        first_chunk = size = 0
         try:
             while True:
                 try:
@@ -186,6 +191,13 @@ class Backup:
                 if ref is None:
                     break
                 refs.append(ref)
+                size += ref.size
+                if len(refs) == STAGE_CHUNKS:
+                    # Long files send their chunk list in parts: bounded memory and frames.
+                    batch.stages.append(StageChunks(snapshot_id=self.snapshot_id, path=item.name,
+                                                    first_chunk=first_chunk, chunks=refs))
+                    first_chunk += len(refs)
+                    refs = []
                 if ref.chunk_id not in batch.chunks:
                     batch.chunks[ref.chunk_id] = (ref, data)
                     batch.size += ref.size
@@ -195,9 +207,8 @@ class Backup:
                     batch = Batch()
         finally:
             f.close()
-        size = sum(r.size for r in refs)
         batch.files.append(FileEntry(kind="file", size=size, file_hash=hasher.hexdigest(),
-                                     chunks=refs, **common))
+                                     chunks=refs, first_chunk=first_chunk, **common))
         self._advance(files=1)
         return batch
 
@@ -242,7 +253,13 @@ class Backup:
         # Commits follow batch order: a file may use chunks an earlier batch sent.
         if not await previous:
             raise ClientError("an earlier batch failed")
-        for start in range(0, max(len(batch.files), 1), COMMIT_FILES):
+        if batch.stages:
+            # Copies first: the catalog takes only chunk lists whose chunks have a copy.
+            await self.session.ask(CommitFiles(snapshot_id=self.snapshot_id, chunks=stored))
+            stored = []
+            for stage in batch.stages:
+                await self.session.ask(stage)
+        for start in range(0, len(batch.files) or bool(stored), COMMIT_FILES):
             await self.session.ask(CommitFiles(
                 snapshot_id=self.snapshot_id, chunks=stored if start == 0 else [],
                 files=batch.files[start : start + COMMIT_FILES]))

@@ -21,7 +21,7 @@ from sdbackup import hashing
 from sdbackup.client.progress import Progress
 from sdbackup.client.session import ClientError, Session
 from sdbackup.paths import UnsafePath, path_in_include, target_path
-from sdbackup.protocols.messages import ChunkRef, FetchChunk, FileEntry, ListFiles
+from sdbackup.protocols.messages import ChunkRef, FetchChunk, FileEntry, ListChunks, ListFiles
 
 #: Chunks being fetched at once, across all files: bounds memory.
 CHUNKS_IN_FLIGHT = 16
@@ -114,7 +114,7 @@ class Restore:
                     links.append(entry)
                 else:
                     await self.file_slots.acquire()
-                    d = defer.ensureDeferred(self._restore_file(entry, page.holders, result))
+                    d = defer.ensureDeferred(self._restore_file(page.snapshot_id, entry, page.holders))
                     d.addBoth(self._file_done, entry, result)
                     running.append(d)
             running = [d for d in running if not d.called]
@@ -144,7 +144,22 @@ class Restore:
         if self.progress is not None:
             self.progress.advance(files=1)
 
-    async def _restore_file(self, entry: FileEntry, holders: dict, result: RestoreResult):
+    async def _chunks_of(self, snapshot_id: str, entry: FileEntry, holders: dict):
+        """Each chunk of the file with its holders; a long list comes a page at a time."""
+        for ref in entry.chunks:
+            yield ref, holders.get(ref.chunk_id, [])
+        seq = len(entry.chunks)
+        while seq < entry.chunk_count:
+            page = await self.session.ask(ListChunks(snapshot_id=snapshot_id, path=entry.path,
+                                                     first_chunk=seq))
+            if not page.chunks:
+                raise ClientError(f"{entry.path}: the catalog lists {seq} of "
+                                  f"{entry.chunk_count} chunks")
+            for ref in page.chunks:
+                yield ref, page.holders.get(ref.chunk_id, [])
+            seq += len(page.chunks)
+
+    async def _restore_file(self, snapshot_id: str, entry: FileEntry, holders: dict):
         destination = target_path(self.target, entry.path)
         os.makedirs(os.path.dirname(destination), exist_ok=True)
         destination = target_path(self.target, entry.path)  # re-check once folders exist
@@ -154,9 +169,9 @@ class Restore:
         hasher = hashing.file_hasher()
         pending: deque[defer.Deferred] = deque()
         try:
-            for ref in entry.chunks:
+            async for ref, servers in self._chunks_of(snapshot_id, entry, holders):
                 await self.chunk_slots.acquire()
-                pending.append(defer.ensureDeferred(self._fetch(ref, holders.get(ref.chunk_id, []))))
+                pending.append(defer.ensureDeferred(self._fetch(ref, servers)))
                 while pending and (len(pending) >= FILE_WINDOW or pending[0].called):
                     await self._write_next(pending, f, hasher)
             while pending:

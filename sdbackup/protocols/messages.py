@@ -125,7 +125,14 @@ FILE_KINDS = ("file", "dir", "symlink")
 
 @frozen
 class FileEntry(Record):
-    """A file, folder or symbolic link of a snapshot, with what restores it."""
+    """A file, folder or symbolic link of a snapshot, with what restores it.
+
+    A large file's chunk list does not travel whole: ``chunks`` holds the
+    ones from ``first_chunk`` on (the earlier ones were sent with
+    ``StageChunks``), and a listing holds the first ones of ``chunk_count``
+    (the rest come with ``ListChunks``). Memory and frames stay bounded
+    whatever the file's size.
+    """
 
     path: str = field(validator=_str)
     kind: str = field(validator=in_(FILE_KINDS))
@@ -135,6 +142,8 @@ class FileEntry(Record):
     file_hash: str = field(default="", validator=_str)
     link_target: str = field(default="", validator=_str)
     chunks: list = field(factory=list, converter=_records(ChunkRef))
+    first_chunk: int = field(default=0, validator=_non_negative)
+    chunk_count: int = field(default=0, validator=_non_negative)
 
 
 @frozen
@@ -412,6 +421,40 @@ class ClusterStatus(Message):
     servers: list = field(factory=list, converter=_records(ServerState))
     chunks: int = field(default=0, validator=_non_negative)
     under_replicated: int = field(default=0, validator=_non_negative)
+
+
+@message(43)
+@frozen
+class StageChunks(Message):
+    """Part of a large file's chunk list, before the file itself is committed."""
+
+    request_id: int = _request_id
+    snapshot_id: str = field(default="", validator=_str)
+    path: str = field(default="", validator=_str)
+    first_chunk: int = field(default=0, validator=_non_negative)
+    chunks: list = field(factory=list, converter=_records(ChunkRef))
+
+
+@message(44)
+@frozen
+class ListChunks(Message):
+    """A page of one file's chunk list, from ``first_chunk`` on."""
+
+    request_id: int = _request_id
+    snapshot_id: str = field(default="", validator=_str)
+    path: str = field(default="", validator=_str)
+    first_chunk: int = field(default=0, validator=_non_negative)
+    limit: int = field(default=4096, validator=[_int, ge(1), le(100_000)])
+
+
+@message(45)
+@frozen
+class ChunkList(Message):
+    IS_REPLY = True
+    request_id: int = _request_id
+    chunks: list = field(factory=list, converter=_records(ChunkRef))
+    holders: dict = field(factory=dict, converter=_holders_map)
+    more: bool = field(default=False, validator=_bool)
 
 
 # --- codec ------------------------------------------------------------------

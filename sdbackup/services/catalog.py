@@ -71,6 +71,12 @@ CREATE INDEX IF NOT EXISTS file_chunks_by_chunk ON file_chunks (chunk_id);
 """
 
 
+#: Chunks listed with a file; a larger file's others come a page at a time.
+INLINE_CHUNKS = 4096
+#: Chunks in one page of a listing, so that the answer fits in a frame.
+PAGE_CHUNKS = 16_384
+
+
 class CatalogError(Exception):
     code = "catalog-error"
 
@@ -193,19 +199,16 @@ class Catalog:
                 "INSERT OR IGNORE INTO locations VALUES (?, ?)",
                 ((c.chunk_id, server) for c in chunks for server in c.holders),
             )
-            needed = {ref.chunk_id for f in files for ref in f.chunks}
-            held = set(self.holders(needed))
-            missing = needed - held
-            if missing:
-                raise MissingChunks(
-                    f"{len(missing)} chunks have no confirmed copy, "
-                    f"for example {sorted(missing)[0][:16]}"
-                )
-            # A path committed again (overlapping backup paths) is replaced whole.
-            self.db.executemany(
-                "DELETE FROM file_chunks WHERE snapshot_id = ? AND path = ?",
-                ((snapshot_id, f.path) for f in files),
-            )
+            self._check_held(ref.chunk_id for f in files for ref in f.chunks)
+            for f in files:
+                if f.first_chunk:
+                    self._check_staged(snapshot_id, f.path, f.first_chunk)
+                else:
+                    # A path committed again (overlapping backup paths) is replaced whole.
+                    self.db.execute(
+                        "DELETE FROM file_chunks WHERE snapshot_id = ? AND path = ?",
+                        (snapshot_id, f.path),
+                    )
             self.db.executemany(
                 "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -219,9 +222,44 @@ class Catalog:
                 (
                     (snapshot_id, f.path, seq, ref.chunk_id, ref.size, ref.checksum)
                     for f in files
-                    for seq, ref in enumerate(f.chunks)
+                    for seq, ref in enumerate(f.chunks, start=f.first_chunk)
                 ),
             )
+
+    def stage_chunks(self, snapshot_id: str, path: str, first_chunk: int, chunks: list[ChunkRef]):
+        """Record part of a large file's chunk list; it stays invisible until the file is committed."""
+        with self._transaction():
+            self._open_snapshot(snapshot_id)
+            self._check_held(ref.chunk_id for ref in chunks)
+            if first_chunk == 0:
+                self.db.execute("DELETE FROM files WHERE snapshot_id = ? AND path = ?",
+                                (snapshot_id, path))
+                self.db.execute("DELETE FROM file_chunks WHERE snapshot_id = ? AND path = ?",
+                                (snapshot_id, path))
+            else:
+                self._check_staged(snapshot_id, path, first_chunk)
+            self.db.executemany(
+                "INSERT INTO file_chunks VALUES (?, ?, ?, ?, ?, ?)",
+                ((snapshot_id, path, seq, ref.chunk_id, ref.size, ref.checksum)
+                 for seq, ref in enumerate(chunks, start=first_chunk)),
+            )
+
+    def _check_held(self, chunk_ids: Iterable[str]):
+        needed = set(chunk_ids)
+        missing = needed - set(self.holders(needed))
+        if missing:
+            raise MissingChunks(
+                f"{len(missing)} chunks have no confirmed copy, "
+                f"for example {sorted(missing)[0][:16]}"
+            )
+
+    def _check_staged(self, snapshot_id: str, path: str, first_chunk: int):
+        (staged,) = self.db.execute(
+            "SELECT COUNT(*) FROM file_chunks WHERE snapshot_id = ? AND path = ?",
+            (snapshot_id, path),
+        ).fetchone()
+        if staged != first_chunk:
+            raise CatalogError(f"{path}: {staged} chunks staged, the commit expects {first_chunk}")
 
     def finish_snapshot(self, snapshot_id: str) -> SnapshotSummary:
         with self._transaction():
@@ -272,13 +310,14 @@ class Catalog:
             )
         return rows[0][0]
 
-    def list_files(self, snapshot_id: str, after: str, limit: int,
-                   max_chunks: int = 16_384) -> tuple[list[FileEntry], bool]:
+    def list_files(self, snapshot_id: str, after: str, limit: int) -> tuple[list[FileEntry], bool]:
         """A page of a snapshot's files in path order, and whether more follow.
 
-        A page holds at most ``limit`` files and, unless its first file alone
-        has more, ``max_chunks`` chunks, so its answer fits in a frame.
+        Each file carries its first ``inline_chunks`` chunks and its
+        ``chunk_count``; a page holds at most ``limit`` files and
+        ``max_chunks`` chunks, so its answer fits in a frame.
         """
+        inline_chunks, max_chunks = INLINE_CHUNKS, PAGE_CHUNKS
         rows = self.db.execute(
             "SELECT path, kind, mode, mtime_ns, size, file_hash, link_target,"
             " (SELECT COUNT(*) FROM file_chunks c"
@@ -290,27 +329,40 @@ class Catalog:
         rows = rows[:limit]
         total = 0
         for index, row in enumerate(rows):
-            total += row[-1]
+            total += min(row[-1], inline_chunks)
             if total > max_chunks and index > 0:
                 rows, more = rows[:index], True
                 break
+        counts = {row[0]: row[-1] for row in rows}
         rows = [row[:-1] for row in rows]
         chunks: dict[str, list[ChunkRef]] = {}
         if rows:
             for path, chunk_id, size, checksum in self.db.execute(
                 "SELECT path, chunk_id, size, checksum FROM file_chunks"
-                " WHERE snapshot_id = ? AND path >= ? AND path <= ? ORDER BY path, seq",
-                (snapshot_id, rows[0][0], rows[-1][0]),
+                " WHERE snapshot_id = ? AND path >= ? AND path <= ? AND seq < ?"
+                " ORDER BY path, seq",
+                (snapshot_id, rows[0][0], rows[-1][0], inline_chunks),
             ):
                 chunks.setdefault(path, []).append(ChunkRef(chunk_id, size, checksum))
         files = [
             FileEntry(
                 path=path, kind=kind, mode=mode, mtime_ns=mtime_ns, size=size,
                 file_hash=file_hash, link_target=link_target, chunks=chunks.get(path, []),
+                chunk_count=counts[path],
             )
             for path, kind, mode, mtime_ns, size, file_hash, link_target in rows
         ]
         return files, more
+
+    def list_chunks(self, snapshot_id: str, path: str, first_chunk: int,
+                    limit: int) -> tuple[list[ChunkRef], bool]:
+        """A page of one file's chunks from ``first_chunk`` on, and whether more follow."""
+        rows = self.db.execute(
+            "SELECT chunk_id, size, checksum FROM file_chunks"
+            " WHERE snapshot_id = ? AND path = ? AND seq >= ? ORDER BY seq LIMIT ?",
+            (snapshot_id, path, first_chunk, limit + 1),
+        ).fetchall()
+        return [ChunkRef(*row) for row in rows[:limit]], len(rows) > limit
 
 
 def _summary(row) -> SnapshotSummary:

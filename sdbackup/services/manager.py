@@ -19,6 +19,7 @@ from sdbackup.paths import check_snapshot_path
 from sdbackup.placement import ServerLoad, place_chunks
 from sdbackup.protocols.messages import (
     Ack,
+    ChunkList,
     ClusterStatus,
     FileList,
     Placement,
@@ -133,6 +134,12 @@ class Manager:
         await self.db(self.catalog.commit_files, msg.snapshot_id, msg.chunks, msg.files)
         return Ack(request_id=msg.request_id)
 
+    async def handle_StageChunks(self, msg, connection):
+        check_snapshot_path(msg.path)
+        await self.db(self.catalog.stage_chunks, msg.snapshot_id, msg.path, msg.first_chunk,
+                      msg.chunks)
+        return Ack(request_id=msg.request_id)
+
     async def handle_FinishSnapshot(self, msg, connection):
         summary = await self.db(self.catalog.finish_snapshot, msg.snapshot_id)
         self.log.info("snapshot {snapshot} finished: {files} files, {size} bytes",
@@ -153,13 +160,25 @@ class Manager:
             return snapshot_id, files, more, holders
 
         snapshot_id, files, more, holders = await self.db(page)
-        # Live holders first, so a restore tries the copies most likely to answer.
-        ordered = {
+        return FileList(request_id=msg.request_id, snapshot_id=snapshot_id, files=files,
+                        holders=self._live_first(holders), more=more)
+
+    async def handle_ListChunks(self, msg, connection):
+        def page():
+            chunks, more = self.catalog.list_chunks(msg.snapshot_id, msg.path, msg.first_chunk,
+                                                    msg.limit)
+            return chunks, more, self.catalog.holders({c.chunk_id for c in chunks})
+
+        chunks, more, holders = await self.db(page)
+        return ChunkList(request_id=msg.request_id, chunks=chunks,
+                         holders=self._live_first(holders), more=more)
+
+    def _live_first(self, holders: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Live holders first, so a restore tries the copies most likely to answer."""
+        return {
             chunk_id: sorted(servers, key=lambda s: (s not in self.live, s))
             for chunk_id, servers in holders.items()
         }
-        return FileList(request_id=msg.request_id, snapshot_id=snapshot_id, files=files,
-                        holders=ordered, more=more)
 
     async def handle_StatusRequest(self, msg, connection):
         alive = set(self.live)

@@ -152,3 +152,25 @@ async def test_restore_include_restores_only_that_part(cluster, tmp_path, monkey
     await restore(cluster, tmp_path / "out", includes=["src/keep"])
     assert (tmp_path / "out/src/keep/one").read_bytes() == b"1"
     assert not os.path.exists(tmp_path / "out/src/skip")
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_chunk_lists_travel_in_parts(cluster, tmp_path, monkeypatch):
+    """A file with more chunks than one message carries is committed and listed in parts."""
+    from sdbackup.client import backup as backup_module
+    from sdbackup.services import catalog as catalog_module
+
+    monkeypatch.setattr(backup_module, "STAGE_CHUNKS", 3)
+    monkeypatch.setattr(catalog_module, "INLINE_CHUNKS", 2)
+    monkeypatch.setattr(catalog_module, "PAGE_CHUNKS", 5)
+    monkeypatch.chdir(tmp_path)
+    data = os.urandom(10 * 1024 * 1024 + 7)  # 11 chunks: staged as 3 + 3 + 3, committed with 2
+    write("src/long", data)
+    for i in range(6):
+        write(f"src/short{i}", os.urandom(2 * 1024 * 1024))
+    await backup(cluster, "src")
+    result = await restore(cluster, tmp_path / "out")
+    assert result.errors == []
+    assert (tmp_path / "out/src/long").read_bytes() == data
+    for i in range(6):
+        assert (tmp_path / f"out/src/short{i}").read_bytes() == (tmp_path / f"src/short{i}").read_bytes()

@@ -26,7 +26,7 @@ def ref(name: str, size: int = 100) -> ChunkRef:
 def a_file(path: str, *chunk_names: str) -> FileEntry:
     return FileEntry(path=path, kind="file", mode=0o100644, mtime_ns=1_700_000_000_000_000_000,
                      size=100 * len(chunk_names), file_hash=cid(path),
-                     chunks=[ref(n) for n in chunk_names])
+                     chunks=[ref(n) for n in chunk_names], chunk_count=len(chunk_names))
 
 
 def a_dir(path: str) -> FileEntry:
@@ -310,3 +310,51 @@ def test_committed_data_is_visible_to_another_connection(catalog, db_path):
         assert other.execute("SELECT COUNT(*) FROM file_chunks").fetchone() == (1,)
     finally:
         other.close()
+
+
+# --- long chunk lists --------------------------------------------------------------
+
+
+def test_staged_chunks_join_the_file_at_commit(catalog, monkeypatch):
+    from sdbackup.services import catalog as catalog_module
+
+    monkeypatch.setattr(catalog_module, "INLINE_CHUNKS", 2)
+    snapshot_id = catalog.begin_snapshot("host", ["big"], 1.0)
+    names = [f"c{i}" for i in range(7)]
+    catalog.commit_files(snapshot_id, [stored(n, "tcp:a:1") for n in names], [])
+    catalog.stage_chunks(snapshot_id, "big", 0, [ref(n) for n in names[:3]])
+    catalog.stage_chunks(snapshot_id, "big", 3, [ref(n) for n in names[3:6]])
+    entry = FileEntry(path="big", kind="file", mode=0o644, mtime_ns=1, size=700,
+                      file_hash=cid("big"), chunks=[ref(names[6])], first_chunk=6)
+    catalog.commit_files(snapshot_id, [], [entry])
+    catalog.finish_snapshot(snapshot_id)
+    [listed], more = catalog.list_files(snapshot_id, "", 10)
+    assert not more
+    assert listed.chunk_count == 7
+    assert listed.chunks == [ref(n) for n in names[:2]]  # the rest come a page at a time
+    rest, more = catalog.list_chunks(snapshot_id, "big", 2, 3)
+    assert rest == [ref(n) for n in names[2:5]] and more
+    rest, more = catalog.list_chunks(snapshot_id, "big", 5, 3)
+    assert rest == [ref(n) for n in names[5:]] and not more
+
+
+def test_a_commit_must_follow_exactly_what_was_staged(catalog):
+    snapshot_id = catalog.begin_snapshot("host", ["big"], 1.0)
+    catalog.commit_files(snapshot_id, [stored("c1", "tcp:a:1"), stored("c2", "tcp:a:1")], [])
+    catalog.stage_chunks(snapshot_id, "big", 0, [ref("c1")])
+    entry = FileEntry(path="big", kind="file", mode=0o644, mtime_ns=1, size=200,
+                      file_hash=cid("big"), chunks=[ref("c2")], first_chunk=5)
+    with pytest.raises(CatalogError, match="1 chunks staged"):
+        catalog.commit_files(snapshot_id, [], [entry])
+    with pytest.raises(CatalogError):
+        catalog.stage_chunks(snapshot_id, "big", 4, [ref("c2")])
+
+
+def test_staging_needs_confirmed_copies_and_stays_invisible(catalog):
+    snapshot_id = catalog.begin_snapshot("host", ["big"], 1.0)
+    with pytest.raises(MissingChunks):
+        catalog.stage_chunks(snapshot_id, "big", 0, [ref("never-stored")])
+    catalog.commit_files(snapshot_id, [stored("c1", "tcp:a:1")], [])
+    catalog.stage_chunks(snapshot_id, "big", 0, [ref("c1")])
+    catalog.finish_snapshot(snapshot_id)
+    assert catalog.list_files(snapshot_id, "", 10) == ([], False)
