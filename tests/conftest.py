@@ -13,7 +13,7 @@ import os
 import attrs
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
 
 from sdbackup.client.session import Session
@@ -106,9 +106,3 @@ async def cluster(tmp_path):
         yield started
     finally:
         await started.stop()
-
-
-async def sleep(seconds: float):
-    d = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    await d

@@ -132,6 +132,7 @@ class Backup:
         self._slots = defer.DeferredSemaphore(BATCHES_IN_FLIGHT)
         self._last_commit: defer.Deferred = defer.succeed(True)
         self._failure: Failure | None = None
+        self._degraded = False
         self._batches: list[defer.Deferred] = []
 
     def warn(self, text: str):
@@ -242,6 +243,7 @@ class Backup:
         stored: list[StoredChunk] = []
         if needs:
             placement = await self.session.ask(PlacementRequest(chunks=needs))
+            self._note_degraded(placement)
             sends = []
             for chunk_id, servers in placement.assignments.items():
                 ref, data = batch.chunks[chunk_id]
@@ -264,6 +266,13 @@ class Backup:
                 snapshot_id=self.snapshot_id, chunks=stored if start == 0 else [],
                 files=batch.files[start : start + COMMIT_FILES]))
         committed.callback(True)
+
+    def _note_degraded(self, placement):
+        fewest = min((len(s) for s in placement.assignments.values()), default=placement.replicas)
+        if fewest < placement.replicas and not self._degraded:
+            self._degraded = True
+            self.warn(f"only {fewest} of {placement.replicas} copies of some chunks: fewer servers "
+                      f"are alive than the replication factor")
 
     async def _store(self, ref: ChunkRef, data: bytes, servers: list[str]) -> StoredChunk:
         primary, forward = servers[0], servers[1:]

@@ -5,6 +5,11 @@ from twisted.internet.endpoints import clientFromString, connectProtocol
 from sdbackup.protocols.messages import Message
 from sdbackup.protocols.peer import MessageProtocol, PeerPool
 
+#: Seconds to wait for a storage server's answer (a primary waits 60 s for its replica).
+SERVER_TIMEOUT = 90.0
+#: Seconds to wait for the manager's answer.
+MANAGER_TIMEOUT = 300.0
+
 
 class ClientError(Exception):
     """A failure to report to the user as one clear line."""
@@ -15,7 +20,7 @@ class Session:
         self.reactor = reactor
         self.manager_address = manager
         self.manager: MessageProtocol | None = None
-        self.servers = PeerPool(reactor, None, "client")
+        self.servers = PeerPool(reactor, None, "client", request_timeout=SERVER_TIMEOUT)
 
     async def connect(self):
         endpoint = clientFromString(self.reactor, manager_endpoint(self.manager_address))
@@ -28,7 +33,10 @@ class Session:
 
     async def ask(self, msg: Message) -> Message:
         """Send a request to the manager and wait for its answer."""
-        return await self.manager.request(msg)
+        try:
+            return await self.manager.request(msg, MANAGER_TIMEOUT, self.reactor)
+        except TimeoutError as e:
+            raise ClientError(f"the manager at {self.manager_address}: {e}") from e
 
     async def close(self):
         await self.servers.close()

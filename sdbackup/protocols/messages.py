@@ -324,6 +324,8 @@ class Placement(Message):
     request_id: int = _request_id
     known: list = field(factory=list, validator=_hex_digests)
     assignments: dict = field(factory=dict, converter=_holders_map)
+    #: The cluster's replication factor: an assignment with fewer servers is degraded.
+    replicas: int = field(default=2, validator=_non_negative)
 
 
 @message(32)

@@ -60,6 +60,7 @@ class MessageProtocol(FrameReceiver):
         self.peer_role: str | None = None
         self.ready: defer.Deferred = defer.Deferred()
         self._pending: dict[int, defer.Deferred] = {}
+        self._abandoned: set[int] = set()  # requests given up on: a late answer is dropped
         self._ids = itertools.count(1)
         self._closed = False
 
@@ -123,7 +124,9 @@ class MessageProtocol(FrameReceiver):
 
     def _answer(self, msg: Message):
         d = self._pending.pop(msg.request_id, None)
-        if d is None:
+        if d is None and msg.request_id in self._abandoned:
+            self._abandoned.discard(msg.request_id)
+        elif d is None:
             self.abort(f"{type(msg).__name__} answers no request ({msg.request_id})")
         elif isinstance(msg, ErrorReply):
             d.errback(RemoteError(msg.reason, msg.code))
@@ -176,14 +179,27 @@ class MessageProtocol(FrameReceiver):
     def send(self, msg: Message):
         self.sendFrame(*encode(msg))
 
-    def request(self, msg: Message) -> defer.Deferred:
-        """Send ``msg`` with a fresh request id; the Deferred fires with the answer."""
+    def request(self, msg: Message, timeout: float | None = None, clock=None) -> defer.Deferred:
+        """Send ``msg`` with a fresh request id; the Deferred fires with the answer.
+
+        With ``timeout``, the request fails with ``TimeoutError`` after that
+        many seconds on ``clock`` (a hung peer must not hang its caller).
+        """
         if self._closed:
             return defer.fail(ConnectionLost("connection already closed"))
         request_id = next(self._ids)
-        d = defer.Deferred()
+
+        def abandon(d):
+            if self._pending.pop(request_id, None) is not None:
+                self._abandoned.add(request_id)
+
+        d = defer.Deferred(abandon)
         self._pending[request_id] = d
         self.send(attrs.evolve(msg, request_id=request_id))
+        if timeout is not None:
+            if clock is None:
+                from twisted.internet import reactor as clock
+            d.addTimeout(timeout, clock, onTimeoutCancel=_timed_out(msg, timeout))
         return d
 
     @property
@@ -200,11 +216,13 @@ class PeerPool:
 
     log = Logger()
 
-    def __init__(self, reactor, handler, role: str, connect_timeout: float = 10.0):
+    def __init__(self, reactor, handler, role: str, connect_timeout: float = 10.0,
+                 request_timeout: float | None = None):
         self._reactor = reactor
         self._handler = handler
         self._role = role
         self._timeout = connect_timeout
+        self._request_timeout = request_timeout
         self._dials: dict[str, _Dial] = {}
 
     def connection(self, address: str) -> defer.Deferred:
@@ -243,7 +261,7 @@ class PeerPool:
 
     async def request(self, address: str, msg: Message) -> Message:
         proto = await self.connection(address)
-        return await proto.request(msg)
+        return await proto.request(msg, self._request_timeout, self._reactor)
 
     def close(self) -> defer.Deferred:
         """Close every connection; fires when they are all gone."""
@@ -283,6 +301,13 @@ class _PoolHandler:
         closed, self.closed = self.closed, []
         for d in closed:
             d.callback(None)
+
+
+def _timed_out(msg: Message, timeout: float):
+    def raise_timeout(result, seconds):
+        raise TimeoutError(f"no answer to {type(msg).__name__} within {timeout:g} s")
+
+    return raise_timeout
 
 
 def _with_timeout(address: str, timeout: float) -> str:

@@ -121,7 +121,8 @@ class Manager:
         loads = [ServerLoad(s.address, s.free_bytes) for s in self.live.values()]
         count = min(self.replicas, len(loads))
         assignments = place_chunks(loads, list(wanted.items()), count) if wanted else {}
-        return Placement(request_id=msg.request_id, known=known, assignments=assignments)
+        return Placement(request_id=msg.request_id, known=known, assignments=assignments,
+                         replicas=self.replicas)
 
     async def handle_BeginSnapshot(self, msg, connection):
         snapshot_id = await self.db(self.catalog.begin_snapshot, msg.host, msg.paths, self._now())

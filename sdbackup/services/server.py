@@ -31,6 +31,8 @@ from sdbackup.services.chunkstore import ChunkStore
 
 #: Stores one connection may have under way before the server stops reading from it.
 MAX_STORES_PER_CONNECTION = 8
+#: Seconds a primary waits for its replica's confirmation.
+FORWARD_TIMEOUT = 60.0
 #: Chunk ids per inventory page (about 3.3 MB of JSON).
 INVENTORY_PAGE = 50_000
 
@@ -138,7 +140,8 @@ class StorageService(service.MultiService):
         super().startService()
         store = ChunkStore(self.data)
         self._disk_pool.start()
-        self.peers = PeerPool(self.reactor, None, "server")
+        # Shorter than the client's wait, so the client hears why a replica failed.
+        self.peers = PeerPool(self.reactor, None, "server", request_timeout=FORWARD_TIMEOUT)
         self.server = StorageServer(store, self.run_on_disk, self.peers)
         factory = Factory.forProtocol(lambda: MessageProtocol(self.server, "server"))
         d = serverFromString(self.reactor, self.listen_description).listen(factory)

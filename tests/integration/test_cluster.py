@@ -3,6 +3,7 @@
 import os
 
 import pytest_twisted
+from twisted.internet import reactor, task
 
 from sdbackup.client.backup import Backup
 from sdbackup.client.restore import Restore
@@ -174,3 +175,17 @@ async def test_long_chunk_lists_travel_in_parts(cluster, tmp_path, monkeypatch):
     assert (tmp_path / "out/src/long").read_bytes() == data
     for i in range(6):
         assert (tmp_path / f"out/src/short{i}").read_bytes() == (tmp_path / f"src/short{i}").read_bytes()
+
+
+@pytest_twisted.ensureDeferred
+async def test_too_few_servers_is_said_clearly(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for server in cluster.servers[1:]:
+        await server.stopService()
+    while len(cluster.manager.manager.live) > 1:  # the manager sees the links close
+        await task.deferLater(reactor, 0.01)
+    write("src/a", b"one copy only")
+    result = await backup(cluster, "src")
+    assert any("only 1 of 2 copies" in w for w in result.warnings)
+    await restore(cluster, tmp_path / "out")
+    assert (tmp_path / "out/src/a").read_bytes() == b"one copy only"

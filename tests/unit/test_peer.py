@@ -414,3 +414,28 @@ def test_each_role_announces_itself():
     for role in ("client", "server", "manager"):
         _, transport = connected(role=role)
         assert sent(transport) == [Hello(version=PROTOCOL_VERSION, role=role)]
+
+
+# --- timeouts --------------------------------------------------------------------
+
+
+def test_a_request_unanswered_in_time_fails_and_a_late_answer_is_dropped():
+    from twisted.internet.testing import MemoryReactorClock
+
+    clock = MemoryReactorClock()
+    proto, transport = greeted(role="client")
+    d = proto.request(FetchChunk(chunk_id=H1), timeout=30, clock=clock)
+    [request] = sent(transport)
+    clock.advance(29)
+    assert not d.called
+    clock.advance(1)
+    timed_out = failure(d)
+    assert timed_out.check(TimeoutError)
+    assert "no answer to FetchChunk within 30 s" in str(timed_out.value)
+    # The peer answers at last: the answer is dropped and the connection stays open.
+    deliver(proto, ChunkData(request_id=request.request_id, chunk_id=H1, checksum=H1, payload=b"x"))
+    assert not transport.disconnecting and not transport.disconnected
+    later = proto.request(FetchChunk(chunk_id=H1), timeout=30, clock=clock)
+    [second] = sent(transport)
+    deliver(proto, ChunkData(request_id=second.request_id, chunk_id=H1, checksum=H1, payload=b"y"))
+    assert success(later).payload == b"y"
