@@ -2,11 +2,14 @@
 
 import os
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 
 from sdbackup.client.backup import Backup
 from sdbackup.client.restore import Restore
+from sdbackup.protocols.messages import FetchChunk
+from sdbackup.protocols.peer import RemoteError
 
 
 def write(path, data: bytes):
@@ -87,23 +90,33 @@ async def test_empty_file_and_empty_folder(cluster, tmp_path, monkeypatch):
 @pytest_twisted.ensureDeferred
 async def test_a_corrupt_copy_is_restored_from_the_other(cluster, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    data = os.urandom(3 * 1024 * 1024)
+    data = os.urandom(12 * 1024 * 1024)
     write("src/file", data)
     await backup(cluster, "src")
-    # Damage every copy held by one server: flip a byte in each chunk's payload.
-    damaged = cluster.servers[0] if chunk_files(cluster.servers[0]) else cluster.servers[1]
-    for chunk_id in chunk_files(damaged):
-        path = damaged.store.path_for(chunk_id)
-        with open(path, "r+b") as f:
+    # Damage every copy one server holds: flip the last byte of each chunk's payload.
+    damaged = max(cluster.servers, key=lambda s: len(chunk_files(s)))
+    bad = chunk_files(damaged)
+    for chunk_id in bad:
+        with open(damaged.store.path_for(chunk_id), "r+b") as f:
             f.seek(-1, os.SEEK_END)
             last = f.read(1)
             f.seek(-1, os.SEEK_END)
             f.write(bytes([last[0] ^ 0xFF]))
+    # Reads spread over both copies, so the restore meets bad copies and falls back.
     result = await restore(cluster, tmp_path / "out")
     assert result.errors == []
     assert (tmp_path / "out/src/file").read_bytes() == data
-    # The bad copies were moved aside, not served and not deleted.
-    assert os.listdir(damaged.store.quarantine)
+    # A bad copy is never served: asked directly, the server refuses every one of them,
+    # and moves it aside to quarantine/ rather than deleting it.
+    session = await cluster.session()
+    try:
+        for chunk_id in bad:
+            with pytest.raises(RemoteError) as refused:
+                await session.servers.request(damaged.server.address, FetchChunk(chunk_id=chunk_id))
+            assert refused.value.code in ("chunk-corrupt", "chunk-missing")
+    finally:
+        await session.close()
+    assert len(os.listdir(damaged.store.quarantine)) == len(bad)
 
 
 @pytest_twisted.ensureDeferred
