@@ -93,10 +93,12 @@ class Cluster:
         return await Session(reactor, self.manager_address).connect()
 
     async def stop(self):
-        for server in self.servers:
-            if server.running:
-                await server.stopService()
-        await self.manager.stopService()
+        try:
+            for server in self.servers:
+                if server.running:
+                    await server.stopService()
+        finally:
+            await self.manager.stopService()
 
 
 @pytest_twisted.async_yield_fixture

@@ -248,12 +248,15 @@ class ManagerService(service.MultiService):
         return d
 
     async def _stop(self):
-        if self.port is not None:
-            await defer.maybeDeferred(self.port.stopListening)
-        for server in list(self.manager.live.values()):
-            server.connection.transport.loseConnection()
-        self._db_pool.stop()
-        self.manager.catalog.close()
+        try:
+            if self.port is not None:
+                await defer.maybeDeferred(self.port.stopListening)
+            for server in list(self.manager.live.values()):
+                server.connection.transport.loseConnection()
+        finally:
+            self._db_pool.stop()  # waits for the catalog call under way; its threads would
+            self.manager.catalog.close()  # keep the process alive
+
 
     def stopService(self):
         super().stopService()

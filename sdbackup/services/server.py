@@ -207,12 +207,14 @@ class StorageService(service.MultiService):
         self.reactor.callWhenRunning(self.reactor.stop)
 
     async def _stop(self):
-        if getattr(self, "_heartbeat", None) is not None and self._heartbeat.running:
-            self._heartbeat.stop()
-        if self.port is not None:
-            await defer.maybeDeferred(self.port.stopListening)
-        await self.peers.close()
-        self._disk_pool.stop()
+        try:
+            if getattr(self, "_heartbeat", None) is not None and self._heartbeat.running:
+                self._heartbeat.stop()
+            if self.port is not None:
+                await defer.maybeDeferred(self.port.stopListening)
+            await self.peers.close()
+        finally:
+            self._disk_pool.stop()  # its threads would keep the process alive
 
     def stopService(self):
         stopped = super().stopService()
