@@ -31,6 +31,9 @@ from sdbackup.protocols.messages import (
 from sdbackup.protocols.peer import MessageProtocol, RemoteError
 from sdbackup.services.catalog import Catalog
 
+#: Free space is compared in steps of this many bytes when placing chunks.
+PLACEMENT_GRANULARITY = 1024**3
+
 
 @attrs.define
 class LiveServer:
@@ -42,6 +45,8 @@ class LiveServer:
     chunk_count: int
     last_seen: float
     inventory: set = attrs.Factory(set)
+    #: Bytes placed on it since it connected: evens out servers with equal free space.
+    assigned: int = 0
 
 
 class Manager:
@@ -118,9 +123,14 @@ class Manager:
         wanted = {c.chunk_id: c.size for c in msg.chunks if c.chunk_id not in known_set}
         if wanted and not self.live:
             raise RemoteError("no storage server is alive", "not-enough-servers")
-        loads = [ServerLoad(s.address, s.free_bytes) for s in self.live.values()]
+        loads = [ServerLoad(s.address, s.free_bytes, s.assigned) for s in self.live.values()]
         count = min(self.replicas, len(loads))
-        assignments = place_chunks(loads, list(wanted.items()), count) if wanted else {}
+        assignments = {}
+        if wanted:
+            assignments = place_chunks(loads, list(wanted.items()), count, PLACEMENT_GRANULARITY)
+            for chunk_id, servers in assignments.items():
+                for address in servers:
+                    self.live[address].assigned += wanted[chunk_id]
         return Placement(request_id=msg.request_id, known=known, assignments=assignments,
                          replicas=self.replicas)
 

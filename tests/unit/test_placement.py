@@ -117,3 +117,27 @@ def test_spread_with_unequal_chunk_sizes():
     total = 2 * sum(size_of.values())
     for address in "abcd":
         assert abs(stored[address] - total / 4) <= 7 * MiB, stored
+
+
+def test_servers_with_nearly_equal_free_space_share_the_chunks():
+    """Servers on one disk report a few MiB apart: they still get equal shares."""
+    gib, mib = 1024**3, 1024**2
+    loads = [ServerLoad("tcp:a:1", 80 * gib + 30 * mib), ServerLoad("tcp:b:2", 80 * gib + 10 * mib),
+             ServerLoad("tcp:c:3", 80 * gib + 20 * mib)]
+    chunks = [(f"{i:064x}", mib) for i in range(30)]
+    placement = place_chunks(loads, chunks, 2, granularity=gib)
+    held = {s.address: sum(s.address in servers for servers in placement.values()) for s in loads}
+    assert held == {"tcp:a:1": 20, "tcp:b:2": 20, "tcp:c:3": 20}
+
+
+def test_bytes_already_assigned_count_against_a_server():
+    gib = 1024**3
+    loads = [ServerLoad("tcp:a:1", 10 * gib, assigned=0), ServerLoad("tcp:b:2", 10 * gib, assigned=5),
+             ServerLoad("tcp:c:3", 10 * gib, assigned=0)]
+    assert choose_servers(loads, 2, granularity=gib) == ["tcp:a:1", "tcp:c:3"]
+
+
+def test_a_server_with_a_step_more_free_space_still_comes_first():
+    gib = 1024**3
+    loads = [ServerLoad("tcp:a:1", 10 * gib), ServerLoad("tcp:b:2", 12 * gib, assigned=10**6)]
+    assert choose_servers(loads, 1, granularity=gib) == ["tcp:b:2"]

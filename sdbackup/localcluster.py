@@ -1,0 +1,170 @@
+"""A real cluster on this machine: a manager and storage servers as ``twistd`` processes.
+
+Used by the demo, the end-to-end tests and the benchmark. Each process runs
+``twistd -n --pidfile=`` (so several can share a folder), logs to its own file,
+and counts as started once it logs its readiness line. With port 0 the kernel
+picks the ports and they are read back from those lines.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import attrs
+
+MANAGER_READY = re.compile(r"sdbackup-manager listening on port (\d+)")
+SERVER_LISTENING = re.compile(r"sdbackup-server listening on port (\d+)")
+SERVER_READY = "sdbackup-server registered with the manager"
+
+
+class ClusterFailed(Exception):
+    """A process exited, could not listen, or was not ready in time."""
+
+
+def bin_dir() -> str:
+    """The folder of the ``twistd`` and ``sdbackup`` installed beside this Python."""
+    return os.path.dirname(sys.executable)
+
+
+def environment() -> dict:
+    return dict(os.environ, PATH=bin_dir() + os.pathsep + os.environ.get("PATH", ""))
+
+
+def tail(path: str, lines: int = 15) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+@attrs.define
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log: str
+    port: int = 0
+
+    def peak_rss(self) -> int:
+        """The process's peak resident memory so far, in bytes (Linux ``VmHWM``)."""
+        with open(f"/proc/{self.popen.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+
+@attrs.define
+class LocalCluster:
+    """``servers`` storage servers and a manager under ``root``."""
+
+    root: str
+    servers: int = 3
+    manager_port: int = 0
+    first_server_port: int = 0  # 0: ephemeral ports; else first_server_port, +1, ...
+    replicas: int = 2
+    heartbeat: float = 5.0
+    interface: str = "127.0.0.1"
+    deadline: float = 30.0
+    echo: bool = False  # print each command, as the demo does
+    processes: list = attrs.Factory(list)
+
+    @property
+    def manager(self) -> Process:
+        return self.processes[0]
+
+    @property
+    def manager_address(self) -> str:
+        host = "localhost" if self.interface in ("", "0.0.0.0") else self.interface
+        return f"tcp:{host}:{self.manager.port}"
+
+    def _listen(self, port: int) -> str:
+        return f"tcp:{port}" + (f":interface={self.interface}" if self.interface else "")
+
+    def start(self) -> "LocalCluster":
+        os.makedirs(self.root, exist_ok=True)
+        try:
+            self.start_manager()
+            for index in range(self.servers):
+                self.start_server(index)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_manager(self, data: str = "manager_data") -> Process:
+        """Start the manager; after a first start, again on the port it had (a restart)."""
+        port = self.manager.port if self.processes else self.manager_port
+        args = ["sdbackup-manager", "--listen", self._listen(port), "--data", data,
+                "--replicas", str(self.replicas)]
+        process = self._start("manager", args, MANAGER_READY)
+        if self.processes and self.processes[0].name == "manager":
+            self.processes[0] = process
+        else:
+            self.processes.insert(0, process)
+        return process
+
+    def start_server(self, index: int) -> Process:
+        port = self.first_server_port + index if self.first_server_port else 0
+        data = f"data_{port}" if port else f"data_{index}"
+        args = ["sdbackup-server", "--listen", self._listen(port), "--data", data,
+                "--manager", self.manager_address, "--heartbeat", str(self.heartbeat)]
+        process = self._start(f"server_{port or index}", args, SERVER_READY)
+        process.port = int(self._wait_for(process, SERVER_LISTENING).group(1))
+        self.processes.append(process)
+        return process
+
+    def _start(self, name: str, args: list[str], ready) -> Process:
+        log = os.path.join(self.root, f"{name}.log")
+        command = ["twistd", "-n", "--pidfile=", *args]
+        if self.echo:
+            print(f"$ {' '.join(command)}  > {os.path.relpath(log, self.root)}", flush=True)
+        with open(log, "ab") as out:
+            popen = subprocess.Popen(command, cwd=self.root, env=environment(), stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        process = Process(name, popen, log)
+        match = self._wait_for(process, ready)
+        if isinstance(match, re.Match):
+            process.port = int(match.group(1))
+        return process
+
+    def _wait_for(self, process: Process, ready):
+        deadline = time.monotonic() + self.deadline
+        while time.monotonic() < deadline:
+            with open(process.log, errors="replace") as f:
+                text = f.read()
+            found = ready.search(text) if isinstance(ready, re.Pattern) else (ready in text or None)
+            if found:
+                return found
+            if process.popen.poll() is not None or "cannot listen" in text:
+                process.popen.kill()
+                process.popen.wait()
+                raise ClusterFailed(f"{process.name} could not start; end of {process.log}:\n"
+                                    f"{tail(process.log)}")
+            time.sleep(0.05)
+        raise ClusterFailed(f"{process.name} not ready after {self.deadline:g}s; end of "
+                            f"{process.log}:\n{tail(process.log)}")
+
+    def kill(self, process: Process, sig: int = signal.SIGTERM, timeout: float = 10.0):
+        """Stop one process: ``sig``, then SIGKILL if it is still there after ``timeout``."""
+        if process.popen.poll() is None:
+            process.popen.send_signal(sig)
+        try:
+            process.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.popen.kill()
+            process.popen.wait()
+
+    def stop(self):
+        """Stop every process, servers first; nothing is left running."""
+        for process in reversed(self.processes):
+            if process.popen.poll() is None:
+                process.popen.terminate()
+        for process in reversed(self.processes):
+            self.kill(process)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
