@@ -14,14 +14,14 @@ import subprocess
 import sys
 import time
 
+from sdbackup.localcluster import ClusterFailed, LocalCluster, environment
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "demo_work")
 SAMPLE = "sample"  # relative to WORK, so the snapshot names it "sample"
-MANAGER_PORT, SERVER_PORTS = 5000, (5001, 5002, 5003)
-DEADLINE = 30  # seconds for a process to say it is ready
-HEARTBEAT = 5  # the servers' default --heartbeat: how often status figures are refreshed
+HEARTBEAT = 1  # seconds: status shows the servers' chunk counts soon after the backup
 # The venv's bin first, so twistd and sdbackup are the ones installed next to this python.
-ENV = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+ENV = environment()
 
 
 class DemoFailed(Exception):
@@ -50,47 +50,6 @@ def make_sample():
     with open(script, "w") as f:
         f.write("#!/bin/sh\necho restored\n")
     os.chmod(script, 0o755)
-
-
-def tail(path, lines=15):
-    with open(path, errors="replace") as f:
-        return "".join(f.readlines()[-lines:])
-
-
-def start(name, args, ready, processes):
-    """Start ``twistd -n`` with its output in ``<name>.log``; return once ``ready`` is logged."""
-    log = os.path.join(WORK, f"{name}.log")
-    command = ["twistd", "-n", "--pidfile=", *args]
-    print(f"$ {' '.join(command)}  > {os.path.relpath(log, WORK)}", flush=True)
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=WORK, env=ENV, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # Ctrl-C reaches us, and we stop them
-    processes.append(process)
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        with open(log, errors="replace") as f:
-            text = f.read()
-        if ready in text:
-            return
-        if process.poll() is not None or "cannot listen" in text:
-            why = "exited" if process.poll() is not None else "cannot listen (port taken?)"
-            raise DemoFailed(f"{name} {why}; end of {log}:\n{tail(log)}")
-        time.sleep(0.1)
-    raise DemoFailed(f"{name} not ready after {DEADLINE}s; end of {log}:\n{tail(log)}")
-
-
-def stop(processes):
-    """SIGTERM everything, wait, and SIGKILL whatever is still there."""
-    for process in reversed(processes):  # servers before the manager
-        if process.poll() is None:
-            process.terminate()
-    for process in reversed(processes):
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            print(f"pid {process.pid} ignored SIGTERM; killing it", file=sys.stderr)
-            process.kill()
-            process.wait()
 
 
 def sdbackup(*args):
@@ -149,14 +108,11 @@ def main():
     make_sample()
     print(f"sample folder: {os.path.relpath(os.path.join(WORK, SAMPLE), ROOT)}; "
           f"commands run in {os.path.relpath(WORK, ROOT)}/\n")
-    processes = []
+    # The original design's ports: the manager on 5000, the servers on 5001, 5002, 5003.
+    cluster = LocalCluster(WORK, servers=3, manager_port=5000, first_server_port=5001,
+                           heartbeat=HEARTBEAT, interface="", echo=True)
     try:
-        start("manager", ["sdbackup-manager", "--listen", f"tcp:{MANAGER_PORT}", "--data", "manager_data"],
-              "sdbackup-manager listening on port", processes)
-        for port in SERVER_PORTS:
-            start(f"server_{port}", ["sdbackup-server", "--listen", f"tcp:{port}", "--data", f"data_{port}",
-                                     "--manager", f"tcp:localhost:{MANAGER_PORT}"],
-                  "sdbackup-server registered with the manager", processes)
+        cluster.start()
         sdbackup("status")
         sdbackup("backup", SAMPLE)
         sdbackup("snapshots")
@@ -165,18 +121,17 @@ def main():
         files, entries = compare(os.path.join(WORK, SAMPLE), os.path.join(WORK, "restored", SAMPLE))
         print(f"\nverified: all {files} files identical (bytes, size and mode), "
               f"{entries - files} folders too")
-        print(f"\n(waiting {HEARTBEAT + 1}s: servers report their chunk counts in their next heartbeat)")
-        time.sleep(HEARTBEAT + 1)
+        time.sleep(HEARTBEAT + 0.5)  # the servers report their chunk counts with each heartbeat
         sdbackup("status")
-    except DemoFailed as e:
+    except (DemoFailed, ClusterFailed) as e:
         print(f"\ndemo failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
-        stop(processes)
-        if processes:
+        cluster.stop()
+        if cluster.processes:
             print(f"\ncluster stopped; logs and data are in {os.path.relpath(WORK, ROOT)}/")
     return 0
 

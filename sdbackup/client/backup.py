@@ -103,7 +103,7 @@ class Batch:
 @attrs.define
 class BackupResult:
     snapshot_id: str
-    files: int
+    entries: int  # files, folders and links
     bytes: int
     new_bytes: int
     warnings: list

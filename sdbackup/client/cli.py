@@ -54,7 +54,7 @@ async def cmd_backup(session: Session, args) -> int:
     progress.finish()
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"snapshot {result.snapshot_id} saved: {result.files} files, "
+    print(f"snapshot {result.snapshot_id} saved: {result.entries} files and folders, "
           f"{human_bytes(result.bytes)} ({human_bytes(result.new_bytes)} new) "
           f"in {progress.elapsed:.1f}s")
     return EXIT_INCOMPLETE if result.warnings else 0
@@ -92,7 +92,7 @@ async def cmd_restore(session: Session, args) -> int:
     progress.finish()
     for error in result.errors:
         print(f"error: {error}", file=sys.stderr)
-    print(f"snapshot {result.snapshot_id} restored to {args.target}: {result.files} files, "
+    print(f"snapshot {result.snapshot_id} restored to {args.target}: {result.entries} files and folders, "
           f"{human_bytes(result.bytes)}, every byte verified"
           + (f"; {len(result.errors)} failed" if result.errors else ""))
     return EXIT_INCOMPLETE if result.errors else 0

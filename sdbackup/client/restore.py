@@ -35,7 +35,7 @@ PAGE = 1000
 @attrs.define
 class RestoreResult:
     snapshot_id: str
-    files: int = 0
+    entries: int = 0  # files, folders and links restored
     bytes: int = 0
     errors: list = attrs.Factory(list)
 
@@ -110,6 +110,7 @@ class Restore:
                 if entry.kind == "dir":
                     os.makedirs(destination, exist_ok=True)
                     folders.append(entry)
+                    result.entries += 1
                 elif entry.kind == "symlink":
                     links.append(entry)
                 else:
@@ -139,7 +140,7 @@ class Restore:
                 result.errors.append(f"{entry.path}: {outcome.type.__name__}: "
                                      f"{outcome.getErrorMessage()}")
         else:
-            result.files += 1
+            result.entries += 1
             result.bytes += entry.size
         if self.progress is not None:
             self.progress.advance(files=1)
@@ -223,6 +224,6 @@ class Restore:
                 os.unlink(destination)
             os.symlink(entry.link_target, destination)
             os.utime(destination, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
-            result.files += 1
+            result.entries += 1
         except (OSError, UnsafePath) as e:
             result.errors.append(f"{entry.path}: {e}")

@@ -45,7 +45,7 @@ async def test_backup_then_restore_small_files(cluster, tmp_path, monkeypatch):
     for i in range(300):
         with open(tmp_path / f"out/src/d{i % 7}/file {i}.txt", "rb") as f:
             assert f.read() == f"contents {i}\n".encode() * (i % 5)
-    assert result.files == 308
+    assert result.entries == 308  # 300 files, 7 folders and src itself
 
 
 def chunk_files(server) -> list[str]:
