@@ -9,17 +9,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# The demo uses a regular install; the tests use an editable one, so both ways
-# of installing the twistd plugins are exercised.
-$(VENV)/.demo-installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet .
-	touch $@
-
+# The demo uses a regular install (redone every time, so it runs the code as it
+# is now); the tests use an editable one: both ways of installing the twistd
+# plugins are exercised.
 $(VENV)/.test-installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-demo: $(VENV)/.demo-installed
+demo: $(BIN)/python
+	$(BIN)/pip install --quiet .
+	rm -f $(VENV)/.test-installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python demo/demo.py
 
 lint: $(VENV)/.test-installed
