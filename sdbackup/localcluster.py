@@ -1,6 +1,6 @@
 """A real cluster on this machine: a manager and storage servers as ``twistd`` processes.
 
-Used by the demo, the end-to-end tests and the benchmark. Each process runs
+Used by the demo and the benchmark. Each process runs
 ``twistd -n --pidfile=`` (so several can share a folder), logs to its own file,
 and counts as started once it logs its readiness line. With port 0 the kernel
 picks the ports and they are read back from those lines.

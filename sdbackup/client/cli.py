@@ -79,7 +79,7 @@ async def cmd_ls(session: Session, args) -> int:
                 where = "  [" + " ".join(servers) + "]"
             suffix = "/" if f.kind == "dir" else f" -> {f.link_target}" if f.link_target else ""
             if args.long:
-                print(f"{f.kind:<7} {f.mode:04o} {f.size:>12} {len(f.chunks):>5} chunks  "
+                print(f"{f.kind:<7} {f.mode:04o} {f.size:>12} {f.chunk_count:>5} chunks  "
                       f"{f.path}{suffix}{where}")
             else:
                 print(f"{f.path}{suffix}")
