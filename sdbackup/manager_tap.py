@@ -15,15 +15,24 @@ class Options(usage.Options):
         ["listen", "l", "tcp:5000", "Endpoint to listen on (Twisted endpoint string)."],
         ["data", "d", "manager_data", "Folder for the catalog."],
         ["replicas", "r", 2, "Copies of every chunk: a primary and N-1 replicas.", int],
+        ["dead-after", None, 15.0,
+         "Seconds without a heartbeat after which a server is declared dead.", float],
+        ["repair-interval", None, 5.0,
+         "Seconds between looks for chunks with fewer live copies than --replicas.", float],
+        ["repair-rate", None, 50.0, "MiB/s that re-replication may copy at most.", float],
     ]
 
     def postOptions(self):
         if self["replicas"] < 1:
             raise usage.UsageError("--replicas must be at least 1")
+        for name in ("dead-after", "repair-interval", "repair-rate"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be positive")
 
 
 def makeService(options, reactor=None):
     return ManagerService(
         listen=options["listen"], data=options["data"], replicas=options["replicas"],
-        reactor=reactor,
+        dead_after=options["dead-after"], repair_interval=options["repair-interval"],
+        repair_rate=options["repair-rate"] * 1024 * 1024, reactor=reactor,
     )

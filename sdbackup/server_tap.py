@@ -18,13 +18,17 @@ class Options(usage.Options):
         ["advertise", "a", None,
          "Client endpoint others use to reach this server (default: tcp:localhost:<port>)."],
         ["heartbeat", None, 5.0, "Seconds between heartbeats to the manager.", float],
+        ["scrub-interval", None, 86400.0,
+         "Seconds between background passes that re-hash every chunk held.", float],
+        ["scrub-rate", None, 20.0, "MiB/s a scrub pass reads at most.", float],
     ]
 
     def postOptions(self):
         if self["data"] is None:
             self["data"] = f"data_{_port_of(self['listen'])}"
-        if self["heartbeat"] <= 0:
-            raise usage.UsageError("--heartbeat must be positive")
+        for name in ("heartbeat", "scrub-interval", "scrub-rate"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be positive")
 
 
 def _port_of(listen: str) -> str:
@@ -40,5 +44,7 @@ def _port_of(listen: str) -> str:
 def makeService(options, reactor=None):
     return StorageService(
         listen=options["listen"], data=options["data"], manager=options["manager"],
-        advertise=options["advertise"], heartbeat=options["heartbeat"], reactor=reactor,
+        advertise=options["advertise"], heartbeat=options["heartbeat"],
+        scrub_interval=options["scrub-interval"], scrub_rate=options["scrub-rate"] * 1024 * 1024,
+        reactor=reactor,
     )

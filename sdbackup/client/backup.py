@@ -42,6 +42,10 @@ from sdbackup.protocols.peer import RemoteError
 BATCH_BYTES = 8 * 1024 * 1024
 BATCH_CHUNKS = 256
 BATCHES_IN_FLIGHT = 4
+#: Placements a chunk gets before the backup gives up on it.
+STORE_ATTEMPTS = 4
+#: Refusals that another server may not have: the chunk is placed elsewhere.
+RETRYABLE = {"replication-failed", "disk-full", "io-error", "checksum-mismatch", "internal"}
 #: A file's chunk list goes to the catalog in parts of this many chunks.
 STAGE_CHUNKS = 4096
 #: Files per commit when a batch completes many small files.
@@ -133,6 +137,7 @@ class Backup:
         self._last_commit: defer.Deferred = defer.succeed(True)
         self._failure: Failure | None = None
         self._degraded = False
+        self._failed_servers: set[str] = set()  # servers that failed us: not used again
         self._batches: list[defer.Deferred] = []
 
     def warn(self, text: str):
@@ -242,7 +247,8 @@ class Backup:
                  if ref.chunk_id not in self._sent]
         stored: list[StoredChunk] = []
         if needs:
-            placement = await self.session.ask(PlacementRequest(chunks=needs))
+            placement = await self.session.ask(PlacementRequest(
+                chunks=needs, exclude=sorted(self._failed_servers)))
             self._note_degraded(placement)
             sends = []
             for chunk_id, servers in placement.assignments.items():
@@ -250,7 +256,8 @@ class Backup:
                 self._sent.add(chunk_id)
                 sends.append(defer.ensureDeferred(self._store(ref, data, servers)))
             self._sent.update(placement.known)
-            stored = await defer.gatherResults(sends, consumeErrors=True).addErrback(_first_error)
+            results = await defer.gatherResults(sends, consumeErrors=True).addErrback(_first_error)
+            stored = [s for s in results if s is not None]
         batch.chunks.clear()  # the bytes are on the servers now: let them go
         # Commits follow batch order: a file may use chunks an earlier batch sent.
         if not await previous:
@@ -274,19 +281,35 @@ class Backup:
             self.warn(f"only {fewest} of {placement.replicas} copies of some chunks: fewer servers "
                       f"are alive than the replication factor")
 
-    async def _store(self, ref: ChunkRef, data: bytes, servers: list[str]) -> StoredChunk:
-        primary, forward = servers[0], servers[1:]
-        try:
-            reply = await self.session.servers.request(primary, StoreChunk(
-                chunk_id=ref.chunk_id, checksum=ref.checksum, forward_to=forward, payload=data))
-        except RemoteError as e:
-            raise ClientError(f"server {primary} could not store a chunk: {e.reason}") from e
-        except Exception as e:
-            raise ClientError(f"server {primary} is unreachable: {e}") from e
-        if reply.checksum != ref.checksum:
-            raise ClientError(f"server {primary} confirmed the wrong checksum")
-        self.new_bytes += ref.size
-        return StoredChunk(ref.chunk_id, ref.size, ref.checksum, reply.holders)
+    async def _store(self, ref: ChunkRef, data: bytes, servers: list[str]) -> StoredChunk | None:
+        """Store a chunk on ``servers``; when one fails, ask for a placement that avoids it."""
+        for _ in range(STORE_ATTEMPTS):
+            primary = servers[0]
+            try:
+                reply = await self.session.servers.request(primary, StoreChunk(
+                    chunk_id=ref.chunk_id, checksum=ref.checksum, forward_to=servers[1:],
+                    payload=data))
+            except RemoteError as e:
+                if e.code not in RETRYABLE:
+                    raise ClientError(f"server {primary} could not store a chunk: {e.reason}") from e
+                failed, why = e.culprit or primary, e.reason
+            except Exception as e:  # refused, lost or timed out
+                failed, why = primary, f"server {primary} is unreachable: {e}"
+            else:
+                if reply.checksum != ref.checksum:
+                    raise ClientError(f"server {primary} confirmed the wrong checksum")
+                self.new_bytes += ref.size
+                return StoredChunk(ref.chunk_id, ref.size, ref.checksum, reply.holders)
+            if failed not in self._failed_servers:
+                self._failed_servers.add(failed)
+                self.log.warn("{why}; placing chunks elsewhere", why=why)
+            placement = await self.session.ask(PlacementRequest(
+                chunks=[ChunkNeed(ref.chunk_id, ref.size)], exclude=sorted(self._failed_servers)))
+            if ref.chunk_id in placement.known:
+                return None  # a copy landed before the failure; repair adds the others
+            self._note_degraded(placement)
+            servers = placement.assignments[ref.chunk_id]
+        raise ClientError(f"could not store a chunk after {STORE_ATTEMPTS} attempts: {why}")
 
 
 def _first_error(failure):

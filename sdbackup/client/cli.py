@@ -22,7 +22,7 @@ from sdbackup.client.progress import Progress, human_bytes
 from sdbackup.client.restore import Restore, list_snapshot
 from sdbackup.client.session import ClientError, Session
 from sdbackup.paths import UnsafePath
-from sdbackup.protocols.messages import ListSnapshots, StatusRequest
+from sdbackup.protocols.messages import CheckRequest, ListSnapshots, StatusRequest
 from sdbackup.protocols.peer import RemoteError
 
 DEFAULT_MANAGER = "tcp:localhost:5000"
@@ -102,13 +102,31 @@ async def cmd_status(session: Session, args) -> int:
     status = await session.ask(StatusRequest())
     print(f"{'SERVER':<28} {'STATE':<6} {'FREE':>11} {'CHUNKS':>8}  LAST SEEN")
     for s in status.servers:
-        state = "alive" if s.alive else "down"
+        state = "alive" if s.alive else "dead"
         print(f"{display_address(s.address):<28} {state:<6} {human_bytes(s.free_bytes):>11} {s.chunks:>8}  "
               f"{_timestamp(s.last_seen)}")
     alive = sum(s.alive for s in status.servers)
     print(f"{alive} of {len(status.servers)} servers alive; replication factor "
           f"{status.replicas}; {status.chunks} chunks in use, "
-          f"{status.under_replicated} under-replicated")
+          f"{status.under_replicated} under-replicated, {status.missing} missing")
+    return 0
+
+
+async def cmd_check(session: Session, args) -> int:
+    report = await session.ask(CheckRequest(read_data=args.read_data))
+    what = "re-hashed every chunk" if args.read_data else "listed their chunks"
+    print(f"{len(report.servers_checked)} servers {what}: "
+          f"{' '.join(display_address(s) for s in report.servers_checked) or '-'}")
+    for server in report.servers_unreachable:
+        print(f"unreachable: {display_address(server)}")
+    print(f"{report.chunks} chunks in use: {report.missing} missing, "
+          f"{report.under_replicated} under-replicated, {report.corrupt} corrupt copies found")
+    if report.missing:
+        print("some data has no good copy left on a live server", file=sys.stderr)
+        return 1
+    if report.under_replicated or report.corrupt or report.servers_unreachable:
+        print("every chunk has a good copy; the manager is repairing the rest", file=sys.stderr)
+        return EXIT_INCOMPLETE
     return 0
 
 
@@ -118,6 +136,7 @@ COMMANDS = {
     "ls": cmd_ls,
     "restore": cmd_restore,
     "status": cmd_status,
+    "check": cmd_check,
 }
 
 
@@ -141,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", action="append", default=[], metavar="PATH",
                    help="restore only this path of the snapshot (repeatable)")
     sub.add_parser("status", parents=[manager], help="show the cluster's servers")
+    p = sub.add_parser("check", parents=[manager],
+                       help="verify the catalog against the servers (exit 1: data lost, 3: degraded)")
+    p.add_argument("--read-data", action="store_true",
+                   help="have every server re-read and re-hash every chunk it holds")
     return parser
 
 

@@ -227,6 +227,8 @@ class ErrorReply(Message):
     request_id: int = _request_id
     code: str = field(default="error", validator=_str)
     reason: str = field(default="", validator=_str)
+    #: The server at fault, when it is not the one answering (a replica that failed).
+    culprit: str = field(default="", validator=_str)
 
 
 @message(3)
@@ -313,6 +315,8 @@ class PlacementRequest(Message):
 
     request_id: int = _request_id
     chunks: list = field(factory=list, converter=_records(ChunkNeed))
+    #: Servers the client could not use: the placement avoids them.
+    exclude: list = field(factory=list, validator=_strings)
 
 
 @message(31)
@@ -423,6 +427,8 @@ class ClusterStatus(Message):
     servers: list = field(factory=list, converter=_records(ServerState))
     chunks: int = field(default=0, validator=_non_negative)
     under_replicated: int = field(default=0, validator=_non_negative)
+    #: Chunks in use with no live copy at all.
+    missing: int = field(default=0, validator=_non_negative)
 
 
 @message(43)
@@ -457,6 +463,74 @@ class ChunkList(Message):
     chunks: list = field(factory=list, converter=_records(ChunkRef))
     holders: dict = field(factory=dict, converter=_holders_map)
     more: bool = field(default=False, validator=_bool)
+
+
+@message(14)
+@frozen
+class ReplicateChunk(Message):
+    """From the manager: send a chunk you hold along ``forward_to`` (re-replication)."""
+
+    request_id: int = _request_id
+    chunk_id: str = field(default="", validator=_hex_digest)
+    forward_to: list = field(factory=list, validator=_strings)
+
+
+@message(23)
+@frozen
+class ChunksAdded(Message):
+    """One-way, server to manager: chunks this server has just stored."""
+
+    request_id: int = _request_id
+    chunk_ids: list = field(factory=list, validator=_hex_digests)
+
+
+@message(24)
+@frozen
+class ChunksCorrupt(Message):
+    """One-way, server to manager: copies found bad and quarantined here."""
+
+    request_id: int = _request_id
+    chunk_ids: list = field(factory=list, validator=_hex_digests)
+
+
+@message(25)
+@frozen
+class VerifyChunks(Message):
+    """From the manager: report your chunks again, after re-hashing them all if ``read_data``."""
+
+    request_id: int = _request_id
+    read_data: bool = field(default=False, validator=_bool)
+
+
+@message(26)
+@frozen
+class VerifyReport(Message):
+    IS_REPLY = True
+    request_id: int = _request_id
+    held: int = field(default=0, validator=_non_negative)
+    corrupt: list = field(factory=list, validator=_hex_digests)
+
+
+@message(46)
+@frozen
+class CheckRequest(Message):
+    """Verify the catalog against the servers (``sdbackup check``)."""
+
+    request_id: int = _request_id
+    read_data: bool = field(default=False, validator=_bool)
+
+
+@message(47)
+@frozen
+class CheckReport(Message):
+    IS_REPLY = True
+    request_id: int = _request_id
+    servers_checked: list = field(factory=list, validator=_strings)
+    servers_unreachable: list = field(factory=list, validator=_strings)
+    chunks: int = field(default=0, validator=_non_negative)
+    missing: int = field(default=0, validator=_non_negative)
+    under_replicated: int = field(default=0, validator=_non_negative)
+    corrupt: int = field(default=0, validator=_non_negative)
 
 
 # --- codec ------------------------------------------------------------------

@@ -34,10 +34,12 @@ class RemoteError(Exception):
 
     code = "error"
 
-    def __init__(self, reason: str, code: str | None = None):
+    def __init__(self, reason: str, code: str | None = None, culprit: str = ""):
         super().__init__(reason)
         if code is not None:
             self.code = code
+        #: The server at fault, when the answering peer names another (a replica).
+        self.culprit = culprit
 
     @property
     def reason(self) -> str:
@@ -129,7 +131,7 @@ class MessageProtocol(FrameReceiver):
         elif d is None:
             self.abort(f"{type(msg).__name__} answers no request ({msg.request_id})")
         elif isinstance(msg, ErrorReply):
-            d.errback(RemoteError(msg.reason, msg.code))
+            d.errback(RemoteError(msg.reason, msg.code, msg.culprit))
         else:
             d.callback(msg)
 
@@ -162,7 +164,9 @@ class MessageProtocol(FrameReceiver):
             self._log_failure(failure, msg)
             code, reason = "internal", f"{failure.type.__name__}: {failure.getErrorMessage()}"
         if not self._closed:
-            self.send(ErrorReply(request_id=msg.request_id, code=code, reason=reason))
+            culprit = getattr(failure.value, "culprit", "")
+            self.send(ErrorReply(request_id=msg.request_id, code=code, reason=reason,
+                                 culprit=culprit if isinstance(culprit, str) else ""))
 
     def _log_failure(self, failure: Failure, msg: Message):
         if isinstance(getattr(failure.value, "code", None), str):

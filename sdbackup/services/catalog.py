@@ -158,18 +158,45 @@ class Catalog:
             part = values[start : start + batch]
             yield from self.db.execute(sql.format(",".join("?" * len(part))), part)
 
-    def chunk_stats(self, alive: set[str], replicas: int) -> tuple[int, int]:
-        """``(chunks in use, chunks with fewer than replicas live copies)``."""
+    def chunk_stats(self, alive: set[str], replicas: int) -> tuple[int, int, int]:
+        """``(chunks in use, with some but fewer than replicas live copies, with none)``."""
         live = ",".join("?" * len(alive)) or "NULL"
-        total, under = self.db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(copies < ?), 0) FROM ("
+        total, under, missing = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(copies > 0 AND copies < ?), 0),"
+            " COALESCE(SUM(copies = 0), 0) FROM ("
             " SELECT u.chunk_id, COUNT(l.server) AS copies"
             " FROM (SELECT DISTINCT chunk_id FROM file_chunks) u"
             f" LEFT JOIN locations l ON l.chunk_id = u.chunk_id AND l.server IN ({live})"
             " GROUP BY u.chunk_id)",
             (replicas, *sorted(alive)),
         ).fetchone()
-        return total, under
+        return total, under, missing
+
+    def under_replicated(self, alive: set[str], copies: int,
+                         limit: int) -> list[tuple[str, int, list[str]]]:
+        """Up to ``limit`` chunks in use with at least one but fewer than ``copies`` live
+        copies: ``(chunk_id, size, live holders)``."""
+        if not alive:
+            return []
+        live = ",".join("?" * len(alive))
+        rows = self.db.execute(
+            "SELECT u.chunk_id, u.size, group_concat(l.server, ' ') FROM"
+            " (SELECT chunk_id, MAX(size) AS size FROM file_chunks GROUP BY chunk_id) u"
+            f" JOIN locations l ON l.chunk_id = u.chunk_id AND l.server IN ({live})"
+            " GROUP BY u.chunk_id HAVING COUNT(l.server) < ? LIMIT ?",
+            (*sorted(alive), copies, limit),
+        ).fetchall()
+        return [(chunk_id, size, sorted(servers.split(" "))) for chunk_id, size, servers in rows]
+
+    def add_locations(self, server: str, chunk_ids: Iterable[str]):
+        with self._transaction():
+            self.db.executemany("INSERT OR IGNORE INTO locations VALUES (?, ?)",
+                                ((c, server) for c in chunk_ids))
+
+    def remove_locations(self, server: str, chunk_ids: Iterable[str]):
+        with self._transaction():
+            self.db.executemany("DELETE FROM locations WHERE chunk_id = ? AND server = ?",
+                                ((c, server) for c in chunk_ids))
 
     # --- snapshots -----------------------------------------------------------
 

@@ -8,7 +8,7 @@ import os
 
 import attrs
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
@@ -19,20 +19,29 @@ from sdbackup.paths import check_snapshot_path
 from sdbackup.placement import ServerLoad, place_chunks
 from sdbackup.protocols.messages import (
     Ack,
+    CheckReport,
     ChunkList,
     ClusterStatus,
     FileList,
     Placement,
+    ReplicateChunk,
     ServerState,
     SnapshotBegun,
     SnapshotFinished,
     SnapshotList,
+    VerifyChunks,
 )
 from sdbackup.protocols.peer import MessageProtocol, RemoteError
 from sdbackup.services.catalog import Catalog
 
 #: Free space is compared in steps of this many bytes when placing chunks.
 PLACEMENT_GRANULARITY = 1024**3
+MiB = 1024 * 1024
+#: Under-replicated chunks fetched from the catalog at a time, and copies under way at once.
+REPAIR_BATCH = 256
+REPAIR_COPIES_AT_ONCE = 4
+#: Seconds the manager waits for one repair copy.
+REPAIR_TIMEOUT = 120.0
 
 
 @attrs.define
@@ -54,12 +63,15 @@ class Manager:
 
     log = Logger()
 
-    def __init__(self, catalog: Catalog, run_in_db, clock, replicas: int = 2):
+    def __init__(self, catalog: Catalog, run_in_db, clock, replicas: int = 2,
+                 dead_after: float = 15.0, repair_rate: float = 50 * MiB):
         self.catalog = catalog
         self.db = run_in_db
         self.replicas = replicas
         self.clock = clock
+        self.dead_after = dead_after
         self.live: dict[str, LiveServer] = {}
+        self.repair = Repairer(self, repair_rate)
 
     def _now(self) -> float:
         return self.clock.seconds()
@@ -99,6 +111,17 @@ class Manager:
                           address=server.address, count=len(reported))
         return Ack(request_id=msg.request_id)
 
+    async def handle_ChunksAdded(self, msg, connection):
+        server = self._server_of(connection)
+        await self.db(self.catalog.add_locations, server.address, msg.chunk_ids)
+
+    async def handle_ChunksCorrupt(self, msg, connection):
+        server = self._server_of(connection)
+        self.log.warn("server {address} quarantined {count} corrupt copies; repairing them",
+                      address=server.address, count=len(msg.chunk_ids))
+        await self.db(self.catalog.remove_locations, server.address, msg.chunk_ids)
+        self.repair.soon()
+
     def handle_Heartbeat(self, msg, connection):
         server = self._server_of(connection)
         server.free_bytes = msg.free_bytes
@@ -108,10 +131,24 @@ class Manager:
                        msg.chunk_count, server.last_seen)
 
     def connection_lost(self, connection):
-        for address, server in list(self.live.items()):
+        for server in list(self.live.values()):
             if server.connection is connection:
-                del self.live[address]
-                self.log.warn("server {address} disconnected", address=address)
+                self._declare_dead(server, "its connection closed")
+
+    def _declare_dead(self, server: LiveServer, why: str):
+        if self.live.get(server.address) is not server:
+            return
+        del self.live[server.address]
+        self.log.warn("server {address} declared dead: {why}", address=server.address, why=why)
+        server.connection.transport.abortConnection()
+        self.repair.soon()
+
+    def check_liveness(self):
+        """Declare dead every server silent for longer than ``dead_after`` seconds."""
+        now = self._now()
+        for server in list(self.live.values()):
+            if now - server.last_seen > self.dead_after:
+                self._declare_dead(server, f"no heartbeat for {now - server.last_seen:.1f} s")
 
     # --- backups -------------------------------------------------------------
 
@@ -123,7 +160,10 @@ class Manager:
         wanted = {c.chunk_id: c.size for c in msg.chunks if c.chunk_id not in known_set}
         if wanted and not self.live:
             raise RemoteError("no storage server is alive", "not-enough-servers")
-        loads = [ServerLoad(s.address, s.free_bytes, s.assigned) for s in self.live.values()]
+        loads = [ServerLoad(s.address, s.free_bytes, s.assigned) for s in self.live.values()
+                 if s.address not in msg.exclude]
+        if wanted and not loads:
+            raise RemoteError("no usable storage server is alive", "not-enough-servers")
         count = min(self.replicas, len(loads))
         assignments = {}
         if wanted:
@@ -194,7 +234,7 @@ class Manager:
     async def handle_StatusRequest(self, msg, connection):
         alive = set(self.live)
         known = await self.db(self.catalog.servers)
-        chunks, under = await self.db(self.catalog.chunk_stats, alive, self.replicas)
+        chunks, under, missing = await self.db(self.catalog.chunk_stats, alive, self.replicas)
         states = []
         for address, last_seen, free_bytes, chunk_count in known:
             live = self.live.get(address)
@@ -204,7 +244,121 @@ class Manager:
             states.append(ServerState(address, live is not None, free_bytes, chunk_count,
                                       last_seen))
         return ClusterStatus(request_id=msg.request_id, replicas=self.replicas, servers=states,
-                             chunks=chunks, under_replicated=under)
+                             chunks=chunks, under_replicated=under, missing=missing)
+
+    async def handle_CheckRequest(self, msg, connection):
+        """Have every live server verify (and with ``read_data`` re-hash) what it holds and
+        report it again, then count the chunks in use that lack copies."""
+        servers = list(self.live.values())
+        replies = await defer.DeferredList(
+            [defer.ensureDeferred(s.connection.request(VerifyChunks(read_data=msg.read_data)))
+             for s in servers], consumeErrors=True)
+        checked, unreachable, corrupt = [], [], 0
+        for server, (ok, result) in zip(servers, replies, strict=True):
+            if ok:
+                checked.append(server.address)
+                corrupt += len(result.corrupt)
+            else:
+                unreachable.append(server.address)
+        chunks, under, missing = await self.db(self.catalog.chunk_stats, set(self.live),
+                                               self.replicas)
+        self.repair.soon()
+        return CheckReport(request_id=msg.request_id, servers_checked=checked,
+                           servers_unreachable=unreachable, chunks=chunks, missing=missing,
+                           under_replicated=under, corrupt=corrupt)
+
+
+class Repairer:
+    """Brings chunks back to the replication factor: copies from a live holder to other servers.
+
+    A pass runs when a server is declared dead, a copy is reported corrupt, a
+    check ends, and every ``repair_interval`` seconds. Copies are paced to
+    ``rate`` bytes a second, with a few under way at once, so repairs never
+    starve client traffic.
+    """
+
+    log = Logger()
+
+    def __init__(self, manager: Manager, rate: float):
+        self.manager = manager
+        self.rate = rate
+        self.running: defer.Deferred | None = None
+        self._next_start = 0.0
+        self._slots = defer.DeferredSemaphore(REPAIR_COPIES_AT_ONCE)
+
+    def soon(self):
+        """Start a pass unless one is under way (it goes on until nothing is left to do)."""
+        if self.running is None:
+            self.running = defer.ensureDeferred(self._pass())
+            self.running.addErrback(lambda f: self.log.failure("repair pass failed", f))
+            self.running.addBoth(self._done)
+        return self.running
+
+    def _done(self, result):
+        self.running = None
+        return result
+
+    async def _pass(self):
+        manager = self.manager
+        repaired = 0
+        while manager.live:
+            wanted = min(manager.replicas, len(manager.live))
+            work = await manager.db(manager.catalog.under_replicated, set(manager.live), wanted,
+                                    REPAIR_BATCH)
+            if not work:
+                break
+            results = await defer.gatherResults(
+                [self._slots.run(lambda w=w, n=wanted: defer.ensureDeferred(self._copy(*w, n)))
+                 for w in work])
+            done = sum(results)
+            repaired += done
+            if not done:
+                break  # nothing could be copied now; the next pass tries again
+        if repaired:
+            self.log.info("repair: copied {count} chunks", count=repaired)
+
+    async def _copy(self, chunk_id: str, size: int, holders: list[str], wanted: int) -> bool:
+        manager = self.manager
+        loads = [ServerLoad(s.address, s.free_bytes, s.assigned) for s in manager.live.values()
+                 if s.address not in holders]
+        need = min(wanted - len(holders), len(loads))
+        if need < 1:
+            return False
+        targets = place_chunks(loads, [(chunk_id, size)], need, PLACEMENT_GRANULARITY)[chunk_id]
+        await self._pace(size)
+        for source in holders:
+            server = manager.live.get(source)
+            if server is None:
+                continue
+            try:
+                reply = await server.connection.request(
+                    ReplicateChunk(chunk_id=chunk_id, forward_to=targets), REPAIR_TIMEOUT,
+                    manager.clock)
+            except RemoteError as e:
+                if e.code in ("chunk-corrupt", "chunk-missing"):
+                    await manager.db(manager.catalog.remove_locations, source, [chunk_id])
+                    continue  # try the next holder
+                self.log.warn("repair of {chunk} from {source} failed: {why}",
+                              chunk=chunk_id[:16], source=source, why=e.reason)
+                return False
+            except Exception as e:
+                self.log.warn("repair of {chunk} from {source} failed: {why}",
+                              chunk=chunk_id[:16], source=source, why=str(e))
+                continue
+            for address in reply.holders:
+                if address in manager.live:
+                    manager.live[address].assigned += size
+                await manager.db(manager.catalog.add_locations, address, [chunk_id])
+            return True
+        return False
+
+    async def _pace(self, size: int):
+        """Reserve ``size`` bytes of the repair rate; wait for the reservation's turn."""
+        now = self.manager.clock.seconds()
+        start = max(now, self._next_start)
+        self._next_start = start + size / self.rate
+        if start > now:
+            await task.deferLater(self.manager.clock, start - now)
 
 
 class ManagerService(service.MultiService):
@@ -212,7 +366,8 @@ class ManagerService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, listen: str, data: str, replicas: int = 2, reactor=None):
+    def __init__(self, listen: str, data: str, replicas: int = 2, dead_after: float = 15.0,
+                 repair_interval: float = 5.0, repair_rate: float = 50 * MiB, reactor=None):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -220,7 +375,11 @@ class ManagerService(service.MultiService):
         self.listen_description = listen
         self.data = data
         self.replicas = replicas
+        self.dead_after = dead_after
+        self.repair_interval = repair_interval
+        self.repair_rate = repair_rate
         self.port = None
+        self._loops: list[task.LoopingCall] = []
         self.manager: Manager | None = None
         self._db_pool = ThreadPool(minthreads=1, maxthreads=1, name="sdbackup-catalog")
 
@@ -230,13 +389,23 @@ class ManagerService(service.MultiService):
     def startService(self):
         super().startService()
         catalog = Catalog(os.path.join(self.data, "catalog.sqlite"))
-        self.manager = Manager(catalog, self.run_in_db, self.reactor, self.replicas)
+        self.manager = Manager(catalog, self.run_in_db, self.reactor, self.replicas,
+                               self.dead_after, self.repair_rate)
         self._db_pool.start()
+        self._every(max(self.dead_after / 4, 0.05), self.manager.check_liveness)
+        self._every(self.repair_interval, self.manager.repair.soon)
         factory = Factory.forProtocol(lambda: MessageProtocol(self.manager, "manager"))
         endpoint = serverFromString(self.reactor, self.listen_description)
         self._listening = endpoint.listen(factory)
         self._listening.addCallback(self._listened)
         self._listening.addErrback(self._listen_failed)
+
+    def _every(self, seconds: float, f):
+        loop = task.LoopingCall(f)
+        loop.clock = self.reactor
+        loop.start(seconds, now=False).addErrback(
+            lambda failure: self.log.failure("periodic {name} stopped", failure, name=f.__name__))
+        self._loops.append(loop)
 
     def _listened(self, port):
         self.port = port
@@ -259,6 +428,9 @@ class ManagerService(service.MultiService):
 
     async def _stop(self):
         try:
+            for loop in self._loops:
+                if loop.running:
+                    loop.stop()
             if self.port is not None:
                 await defer.maybeDeferred(self.port.stopListening)
             for server in list(self.manager.live.values()):

@@ -1,11 +1,14 @@
-"""A storage server: verified chunk files, replication, and its link to the manager.
+"""A storage server: verified chunk files, replication, scrubbing, and its link to the manager.
 
-``StorageServer`` answers StoreChunk and FetchChunk. A chunk is stored and
-verified on this server's disk, then forwarded to the next server the manager
-named; the client hears ``ChunkStored`` only once every server in the chain
-confirmed the same checksum. ``StorageService`` wires it to a listening
-endpoint, the manager link (``ClientService``, reconnecting with backoff), the
-heartbeat and the disk thread pool.
+``StorageServer`` answers StoreChunk and FetchChunk from clients and other
+servers, and ReplicateChunk and VerifyChunks from the manager. A chunk is
+stored and verified on this server's disk, then forwarded to the next server
+the manager named; the client hears ``ChunkStored`` only once every server in
+the chain confirmed the same checksum. A bad copy, found by a read or by the
+background scrub, is quarantined and reported, so the manager repairs it from
+a good copy. ``StorageService`` wires it to a listening endpoint, the manager
+link (``ClientService``, reconnecting with backoff), the heartbeat, the scrub
+and the disk thread pool.
 """
 
 import errno
@@ -21,13 +24,17 @@ from twisted.python.threadpool import ThreadPool
 from sdbackup.protocols.messages import (
     ChunkData,
     ChunkInventory,
+    ChunksAdded,
+    ChunksCorrupt,
     ChunkStored,
     Heartbeat,
+    Message,
     RegisterServer,
     StoreChunk,
+    VerifyReport,
 )
 from sdbackup.protocols.peer import MessageProtocol, PeerPool, RemoteError
-from sdbackup.services.chunkstore import ChunkStore
+from sdbackup.services.chunkstore import ChunkCorrupt, ChunkMissing, ChunkStore
 
 #: Stores one connection may have under way before the server stops reading from it.
 MAX_STORES_PER_CONNECTION = 8
@@ -35,24 +42,40 @@ MAX_STORES_PER_CONNECTION = 8
 FORWARD_TIMEOUT = 60.0
 #: Chunk ids per inventory page (about 3.3 MB of JSON).
 INVENTORY_PAGE = 50_000
+#: Seconds new chunk ids are gathered before the manager is told of them.
+NOTIFY_DELAY = 0.2
+MiB = 1024 * 1024
 
 
 class StorageServer:
-    """Handles StoreChunk and FetchChunk for one chunk store."""
+    """Handles the messages of one chunk store. ``tell_manager`` sends one-way notices."""
 
     log = Logger()
 
-    def __init__(self, store: ChunkStore, run_on_disk, peers: PeerPool, address: str = ""):
+    def __init__(self, store: ChunkStore, run_on_disk, peers: PeerPool, clock, address: str = ""):
         self.store = store
         self.disk = run_on_disk
         self.peers = peers
+        self.clock = clock
         self.address = address
+        self.manager: MessageProtocol | None = None
         self._stores_in_flight: dict[MessageProtocol, int] = {}
+        self._added: list[str] = []
+        self._corrupt: list[str] = []
+        self._flush_call = None
+
+    # --- storing ---------------------------------------------------------------
 
     async def handle_StoreChunk(self, msg, connection):
         self._started(connection)
         try:
-            return await self._store_then_forward(msg)
+            await self._store(msg)
+            holders = [self.address]
+            if msg.forward_to:
+                holders += await self._forward(msg.chunk_id, msg.checksum, msg.payload,
+                                               msg.forward_to)
+            return ChunkStored(request_id=msg.request_id, chunk_id=msg.chunk_id,
+                               checksum=msg.checksum, holders=holders)
         finally:
             self._finished(connection)
 
@@ -70,44 +93,113 @@ class StorageServer:
         if count == MAX_STORES_PER_CONNECTION - 1 and connection.connected:
             connection.resumeProducing()
 
-    async def _store_then_forward(self, msg):
+    async def _store(self, msg):
         try:
-            await self.disk(self.store.put, msg.chunk_id, msg.checksum, msg.payload)
+            added = await self.disk(self.store.put, msg.chunk_id, msg.checksum, msg.payload)
         except OSError as e:
             code = "disk-full" if e.errno == errno.ENOSPC else "io-error"
             self.log.error("cannot store chunk {chunk}: {error}", chunk=msg.chunk_id, error=e)
             raise RemoteError(f"{self.address} cannot store chunk: {e.strerror}", code) from e
-        holders = [self.address]
-        if msg.forward_to:
-            following, rest = msg.forward_to[0], msg.forward_to[1:]
-            forward = StoreChunk(chunk_id=msg.chunk_id, checksum=msg.checksum, forward_to=rest,
-                                 payload=msg.payload)
-            try:
-                reply = await self.peers.request(following, forward)
-            except RemoteError as e:
-                raise RemoteError(f"replica {following} refused the chunk: {e.reason}",
-                                  "replication-failed") from e
-            except Exception as e:
-                raise RemoteError(f"replica {following} unreachable: {e}",
-                                  "replication-failed") from e
-            if reply.checksum != msg.checksum or reply.chunk_id != msg.chunk_id:
-                raise RemoteError(f"replica {following} confirmed a different chunk",
-                                  "replication-failed")
-            holders += reply.holders
-        return ChunkStored(request_id=msg.request_id, chunk_id=msg.chunk_id,
-                           checksum=msg.checksum, holders=holders)
+        if added:
+            self._notify(self._added, msg.chunk_id)
+
+    async def _forward(self, chunk_id: str, checksum: str, payload: bytes,
+                       forward_to: list[str]) -> list[str]:
+        """Send a chunk along the chain; the servers that confirmed it."""
+        following, rest = forward_to[0], forward_to[1:]
+        forward = StoreChunk(chunk_id=chunk_id, checksum=checksum, forward_to=rest, payload=payload)
+        try:
+            reply = await self.peers.request(following, forward)
+        except RemoteError as e:
+            raise RemoteError(f"replica {following} refused the chunk: {e.reason}",
+                              "replication-failed", e.culprit or following) from e
+        except Exception as e:
+            raise RemoteError(f"replica {following} unreachable: {e}", "replication-failed",
+                              following) from e
+        if reply.checksum != checksum or reply.chunk_id != chunk_id:
+            raise RemoteError(f"replica {following} confirmed a different chunk",
+                              "replication-failed", following)
+        return reply.holders
+
+    # --- reading -----------------------------------------------------------------
+
+    async def _read(self, chunk_id: str) -> tuple[str, bytes]:
+        """A verified copy; a bad one is quarantined by the store and reported here."""
+        try:
+            return await self.disk(self.store.get, chunk_id)
+        except ChunkCorrupt:
+            self.log.warn("chunk {chunk} is corrupt: quarantined", chunk=chunk_id)
+            self._notify(self._corrupt, chunk_id)
+            raise
 
     async def handle_FetchChunk(self, msg, connection):
-        checksum, payload = await self.disk(self.store.get, msg.chunk_id)
+        checksum, payload = await self._read(msg.chunk_id)
         return ChunkData(request_id=msg.request_id, chunk_id=msg.chunk_id, checksum=checksum,
                          payload=payload)
 
+    async def handle_ReplicateChunk(self, msg, connection):
+        """Re-replication: copy a chunk held here to the servers the manager named."""
+        checksum, payload = await self._read(msg.chunk_id)
+        holders = await self._forward(msg.chunk_id, checksum, payload, msg.forward_to)
+        return ChunkStored(request_id=msg.request_id, chunk_id=msg.chunk_id, checksum=checksum,
+                           holders=holders)
+
+    # --- scrubbing -------------------------------------------------------------
+
+    async def scrub(self, rate: float | None = None) -> list[str]:
+        """Re-read and re-hash every chunk, at most ``rate`` bytes a second; the bad ones."""
+        corrupt = []
+        for chunk_id in await self.disk(lambda: list(self.store.chunk_ids())):
+            try:
+                _, payload = await self._read(chunk_id)
+            except ChunkCorrupt:
+                corrupt.append(chunk_id)
+                continue
+            except ChunkMissing:
+                continue  # deleted or quarantined since the listing
+            if rate:
+                await task.deferLater(self.clock, len(payload) / rate)
+        if corrupt:
+            self.log.warn("scrub found {count} corrupt chunks", count=len(corrupt))
+        return corrupt
+
+    async def handle_VerifyChunks(self, msg, connection):
+        corrupt = await self.scrub() if msg.read_data else []
+        await self.send_inventory(connection)
+        return VerifyReport(request_id=msg.request_id, held=self.store.count(), corrupt=corrupt)
+
+    # --- telling the manager -------------------------------------------------------
+
+    async def send_inventory(self, connection: MessageProtocol):
+        """Every chunk held here, in pages: the manager makes its records match."""
+        chunk_ids = await self.disk(lambda: list(self.store.chunk_ids()))
+        self._added.clear()  # the inventory covers them
+        for start in range(0, max(len(chunk_ids), 1), INVENTORY_PAGE):
+            page = chunk_ids[start : start + INVENTORY_PAGE]
+            final = start + INVENTORY_PAGE >= len(chunk_ids)
+            await connection.request(ChunkInventory(chunk_ids=page, final=final))
+
+    def _notify(self, pending: list, chunk_id: str):
+        pending.append(chunk_id)
+        if self._flush_call is None or not self._flush_call.active():
+            self._flush_call = self.clock.callLater(NOTIFY_DELAY, self._flush)
+
+    def _flush(self):
+        added, self._added = self._added, []
+        corrupt, self._corrupt = self._corrupt, []
+        manager = self.manager
+        if manager is None or not manager.connected:
+            return  # the inventory sent on reconnecting tells the manager all of it
+        for kind, ids in ((ChunksAdded, added), (ChunksCorrupt, corrupt)):
+            for start in range(0, len(ids), INVENTORY_PAGE):
+                manager.send(kind(chunk_ids=ids[start : start + INVENTORY_PAGE]))
+
+    def tell_manager(self, msg: Message):
+        if self.manager is not None and self.manager.connected:
+            self.manager.send(msg)
+
     def connection_lost(self, connection):
         self._stores_in_flight.pop(connection, None)
-
-
-class _ManagerLink:
-    """The server's side of its link to the manager: it asks, the manager answers."""
 
 
 class StorageService(service.MultiService):
@@ -116,7 +208,8 @@ class StorageService(service.MultiService):
     log = Logger()
 
     def __init__(self, listen: str, data: str, manager: str, advertise: str | None = None,
-                 heartbeat: float = 5.0, reactor=None):
+                 heartbeat: float = 5.0, scrub_interval: float = 86400.0,
+                 scrub_rate: float = 20 * MiB, reactor=None):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -126,12 +219,14 @@ class StorageService(service.MultiService):
         self.manager_description = manager
         self.advertise = advertise
         self.heartbeat_interval = heartbeat
+        self.scrub_interval = scrub_interval
+        self.scrub_rate = scrub_rate
         self.port = None
         self.server: StorageServer | None = None
         self.manager_link: internet.ClientService | None = None
         self._disk_pool = ThreadPool(minthreads=1, maxthreads=4, name="sdbackup-disk")
         self._registered = defer.Deferred()
-        self._manager_connection: MessageProtocol | None = None
+        self._loops: list[task.LoopingCall] = []
 
     def run_on_disk(self, f, *args, **kwargs) -> defer.Deferred:
         return deferToThreadPool(self.reactor, self._disk_pool, f, *args, **kwargs)
@@ -142,7 +237,7 @@ class StorageService(service.MultiService):
         self._disk_pool.start()
         # Shorter than the client's wait, so the client hears why a replica failed.
         self.peers = PeerPool(self.reactor, None, "server", request_timeout=FORWARD_TIMEOUT)
-        self.server = StorageServer(store, self.run_on_disk, self.peers)
+        self.server = StorageServer(store, self.run_on_disk, self.peers, self.reactor)
         factory = Factory.forProtocol(lambda: MessageProtocol(self.server, "server"))
         d = serverFromString(self.reactor, self.listen_description).listen(factory)
         d.addCallback(self._listened)
@@ -156,15 +251,20 @@ class StorageService(service.MultiService):
                       port=bound, address=self.server.address, data=self.store.root)
         self.manager_link = internet.ClientService(
             clientFromString(self.reactor, self.manager_description),
-            Factory.forProtocol(lambda: MessageProtocol(_ManagerLink(), "server")),
+            # The manager asks this server to replicate and to verify: same handler as peers.
+            Factory.forProtocol(lambda: MessageProtocol(self.server, "server")),
             retryPolicy=internet.backoffPolicy(maxDelay=5.0),
             prepareConnection=self._register,
         )
         self.manager_link.setServiceParent(self)
-        self._heartbeat = task.LoopingCall(self._send_heartbeat)
-        self._heartbeat.clock = self.reactor
-        self._heartbeat.start(self.heartbeat_interval, now=False).addErrback(
-            self._failed, "heartbeat stopped")
+        self._every(self.heartbeat_interval, self._send_heartbeat, "heartbeat")
+        self._every(self.scrub_interval, self._scrub, "scrub")
+
+    def _every(self, seconds: float, f, what: str):
+        loop = task.LoopingCall(f)
+        loop.clock = self.reactor
+        loop.start(seconds, now=False).addErrback(self._failed, f"{what} stopped")
+        self._loops.append(loop)
 
     @property
     def store(self) -> ChunkStore:
@@ -175,12 +275,8 @@ class StorageService(service.MultiService):
         await connection.request(RegisterServer(
             address=self.server.address, free_bytes=self.store.free_bytes(),
             chunk_count=self.store.count()))
-        chunk_ids = await self.run_on_disk(lambda: list(self.store.chunk_ids()))
-        for start in range(0, max(len(chunk_ids), 1), INVENTORY_PAGE):
-            page = chunk_ids[start : start + INVENTORY_PAGE]
-            final = start + INVENTORY_PAGE >= len(chunk_ids)
-            await connection.request(ChunkInventory(chunk_ids=page, final=final))
-        self._manager_connection = connection
+        await self.server.send_inventory(connection)
+        self.server.manager = connection
         self.log.info("sdbackup-server registered with the manager at {manager}",
                       manager=self.manager_description)
         if not self._registered.called:
@@ -196,10 +292,14 @@ class StorageService(service.MultiService):
         return d
 
     def _send_heartbeat(self):
-        connection = self._manager_connection
-        if connection is not None and connection.connected:
-            connection.send(Heartbeat(free_bytes=self.store.free_bytes(),
-                                      chunk_count=self.store.count()))
+        self.server.tell_manager(Heartbeat(free_bytes=self.store.free_bytes(),
+                                           chunk_count=self.store.count()))
+
+    def _scrub(self):
+        """One paced pass; the LoopingCall waits for it before the next interval begins."""
+        d = defer.ensureDeferred(self.server.scrub(self.scrub_rate))
+        d.addErrback(lambda f: self.log.failure("scrub pass failed", f))
+        return d
 
     def _failed(self, failure, what):
         self.log.failure("sdbackup-server: {what}", failure, what=what)
@@ -208,8 +308,9 @@ class StorageService(service.MultiService):
 
     async def _stop(self):
         try:
-            if getattr(self, "_heartbeat", None) is not None and self._heartbeat.running:
-                self._heartbeat.stop()
+            for loop in self._loops:
+                if loop.running:
+                    loop.stop()
             if self.port is not None:
                 await defer.maybeDeferred(self.port.stopListening)
             await self.peers.close()

@@ -9,8 +9,6 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
-from sdbackup.client.backup import Backup
-from sdbackup.client.restore import Restore
 from sdbackup.client.session import ClientError
 from sdbackup.protocols.messages import (
     PROTOCOL_VERSION,
@@ -154,26 +152,21 @@ async def test_restore_never_writes_outside_the_target(cluster, tmp_path, monkey
 
 
 @pytest_twisted.ensureDeferred
-async def test_unreachable_replica_fails_the_backup_clearly(cluster, tmp_path, monkeypatch):
+async def test_backup_fails_over_from_an_unreachable_server(cluster, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write("src/a", os.urandom(4 * 1024 * 1024))
+    data = os.urandom(6 * 1024 * 1024)
+    write("src/a", data)
     # One server stays registered with the manager but stops accepting connections.
-    await cluster.servers[2].port.stopListening()
-    session = await cluster.session()
-    try:
-        with pytest.raises(ClientError) as caught:
-            await Backup(session, ["src"]).run()
-    finally:
-        await session.close()
-    assert str(cluster.servers[2].server.address) in str(caught.value)
-    # Nothing was committed: there is no finished snapshot to restore.
-    session = await cluster.session()
-    try:
-        with pytest.raises(RemoteError) as missing:
-            await Restore(session, "latest", str(tmp_path / "out")).run()
-        assert missing.value.code == "unknown-snapshot"
-    finally:
-        await session.close()
+    unreachable = cluster.servers[2]
+    await unreachable.port.stopListening()
+    result = await backup(cluster, "src")
+    # The chunks went to the two other servers instead, two copies each.
+    assert not any("copies" in w for w in result.warnings)
+    assert unreachable.store.count() == 0
+    for server in cluster.servers[:2]:
+        assert server.store.count() == 6
+    await restore(cluster, tmp_path / "out")
+    assert (tmp_path / "out/src/a").read_bytes() == data
 
 
 @pytest_twisted.ensureDeferred

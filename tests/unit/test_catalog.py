@@ -128,7 +128,7 @@ def test_commit_refuses_files_whose_chunks_have_no_copy(catalog):
     summary = catalog.finish_snapshot(snapshot_id)
     assert (summary.files, summary.bytes) == (0, 0)
     assert all_files(catalog, snapshot_id) == []
-    assert catalog.chunk_stats({A, B}, 2) == (0, 0)
+    assert catalog.chunk_stats({A, B}, 2) == (0, 0, 0)
 
 
 def test_chunks_confirmed_earlier_are_accepted(catalog):
@@ -259,16 +259,29 @@ def test_chunk_stats_counts_under_replicated_chunks(catalog):
     snapshot_with(catalog, [a_file("f", "c1", "c2", "c3")],
                   [stored("c1", A, B), stored("c2", A), stored("c3", B, C)])
     catalog.replace_locations(A, [cid("c1"), cid("c2"), cid("unused")])
-    assert catalog.chunk_stats({A, B}, 2) == (3, 2)
-    assert catalog.chunk_stats({A, B, C}, 2) == (3, 1)
-    assert catalog.chunk_stats({A}, 2) == (3, 3)
-    assert catalog.chunk_stats(set(), 2) == (3, 3)
-    assert catalog.chunk_stats({A, B}, 1) == (3, 0)
-    assert catalog.chunk_stats({A, B, C}, 3) == (3, 3)
+    assert catalog.chunk_stats({A, B}, 2) == (3, 2, 0)
+    assert catalog.chunk_stats({A, B, C}, 2) == (3, 1, 0)
+    assert catalog.chunk_stats({A}, 2) == (3, 2, 1)
+    assert catalog.chunk_stats(set(), 2) == (3, 0, 3)
+    assert catalog.chunk_stats({A, B}, 1) == (3, 0, 0)
+    assert catalog.chunk_stats({A, B, C}, 3) == (3, 3, 0)
+
+
+def test_under_replicated_lists_what_repair_can_copy(catalog):
+    snapshot_with(catalog, [a_file("f", "c1", "c2", "c3")],
+                  [stored("c1", A, B), stored("c2", A), stored("c3", C)])
+    assert catalog.under_replicated({A, B}, 2, 10) == [(cid("c2"), 100, [A])]
+    assert sorted(catalog.under_replicated({A, B, C}, 2, 10)) == sorted(
+        [(cid("c2"), 100, [A]), (cid("c3"), 100, [C])])
+    assert len(catalog.under_replicated({A, B, C}, 2, 1)) == 1
+    assert catalog.under_replicated(set(), 2, 10) == []
+    catalog.add_locations(B, [cid("c2")])
+    catalog.remove_locations(A, [cid("c1")])
+    assert catalog.under_replicated({A, B}, 2, 10) == [(cid("c1"), 100, [B])]
 
 
 def test_chunk_stats_of_an_empty_catalog(catalog):
-    assert catalog.chunk_stats({A}, 2) == (0, 0)
+    assert catalog.chunk_stats({A}, 2) == (0, 0, 0)
 
 
 def test_servers_are_recorded(catalog):
