@@ -13,7 +13,7 @@ import os
 import attrs
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.logger import globalLogPublisher
 
 from sdbackup.client.session import Session
@@ -66,9 +66,12 @@ class Cluster:
     servers: list = attrs.Factory(list)
 
     @classmethod
-    async def start(cls, root, servers: int = 3, replicas: int = 2) -> "Cluster":
+    async def start(cls, root, servers: int = 3, replicas: int = 2, dead_after: float = 2.0,
+                    repair_interval: float = 0.2) -> "Cluster":
         manager = ManagerService("tcp:0:interface=127.0.0.1", os.path.join(root, "manager"),
-                                 replicas=replicas, reactor=reactor)
+                                 replicas=replicas, dead_after=dead_after,
+                                 repair_interval=repair_interval, repair_rate=1024**3,
+                                 reactor=reactor)
         manager.startService()
         port = await manager.when_listening()
         cluster = cls(str(root), manager, f"tcp:127.0.0.1:{port.getHost().port}")
@@ -76,15 +79,36 @@ class Cluster:
             await cluster.add_server()
         return cluster
 
-    async def add_server(self) -> StorageService:
-        index = len(self.servers)
-        server = StorageService("tcp:0:interface=127.0.0.1",
+    async def add_server(self, index: int | None = None, listen: str = "tcp:0") -> StorageService:
+        """Start a server (again, with ``index`` and the ``listen`` port it had: a restart)."""
+        if index is None:
+            index = len(self.servers)
+            self.servers.append(None)
+        server = StorageService(f"{listen}:interface=127.0.0.1",
                                 os.path.join(self.root, f"server{index}"),
-                                self.manager_address, heartbeat=0.5, reactor=reactor)
-        self.servers.append(server)
+                                self.manager_address, heartbeat=0.2, reactor=reactor)
+        self.servers[index] = server
         server.startService()
         await server.when_registered()
         return server
+
+    async def until(self, condition, timeout: float = 20.0, what: str = "the condition"):
+        """Poll ``condition`` (maybe async) on the reactor until it holds."""
+        deadline = reactor.seconds() + timeout
+        while True:
+            result = condition()
+            if hasattr(result, "__await__"):
+                result = await result
+            if result:
+                return result
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"{what} did not happen within {timeout} s")
+            await task.deferLater(reactor, 0.05)
+
+    async def chunk_health(self) -> tuple[int, int, int]:
+        """``(chunks in use, under-replicated, missing)`` as the manager counts them now."""
+        manager = self.manager.manager
+        return await manager.db(manager.catalog.chunk_stats, set(manager.live), manager.replicas)
 
     def server(self, address: str) -> StorageService:
         return next(s for s in self.servers if s.server.address == address)

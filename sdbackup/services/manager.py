@@ -284,7 +284,6 @@ class Repairer:
         self.rate = rate
         self.running: defer.Deferred | None = None
         self._next_start = 0.0
-        self._slots = defer.DeferredSemaphore(REPAIR_COPIES_AT_ONCE)
 
     def soon(self):
         """Start a pass unless one is under way (it goes on until nothing is left to do)."""
@@ -307,9 +306,14 @@ class Repairer:
                                     REPAIR_BATCH)
             if not work:
                 break
+            # A few workers share the batch (a semaphore would nest a callback per chunk).
+            pending = iter(work)
+
+            async def worker(wanted=wanted, pending=pending):
+                return sum([await self._copy(*w, wanted) for w in pending])
+
             results = await defer.gatherResults(
-                [self._slots.run(lambda w=w, n=wanted: defer.ensureDeferred(self._copy(*w, n)))
-                 for w in work])
+                [defer.ensureDeferred(worker()) for _ in range(REPAIR_COPIES_AT_ONCE)])
             done = sum(results)
             repaired += done
             if not done:
