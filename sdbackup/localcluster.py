@@ -67,6 +67,8 @@ class LocalCluster:
     interface: str = "127.0.0.1"
     deadline: float = 30.0
     echo: bool = False  # print each command, as the demo does
+    manager_options: list = attrs.Factory(list)  # more twistd plugin options for each
+    server_options: list = attrs.Factory(list)
     processes: list = attrs.Factory(list)
 
     @property
@@ -96,7 +98,7 @@ class LocalCluster:
         """Start the manager; after a first start, again on the port it had (a restart)."""
         port = self.manager.port if self.processes else self.manager_port
         args = ["sdbackup-manager", "--listen", self._listen(port), "--data", data,
-                "--replicas", str(self.replicas)]
+                "--replicas", str(self.replicas), *self.manager_options]
         process = self._start("manager", args, MANAGER_READY)
         if self.processes and self.processes[0].name == "manager":
             self.processes[0] = process
@@ -108,7 +110,8 @@ class LocalCluster:
         port = self.first_server_port + index if self.first_server_port else 0
         data = f"data_{port}" if port else f"data_{index}"
         args = ["sdbackup-server", "--listen", self._listen(port), "--data", data,
-                "--manager", self.manager_address, "--heartbeat", str(self.heartbeat)]
+                "--manager", self.manager_address, "--heartbeat", str(self.heartbeat),
+                *self.server_options]
         process = self._start(f"server_{port or index}", args, SERVER_READY)
         process.port = int(self._wait_for(process, SERVER_LISTENING).group(1))
         self.processes.append(process)

@@ -1,5 +1,6 @@
 """A client's connections: one to the manager, a pool to storage servers."""
 
+from twisted.internet import error
 from twisted.internet.endpoints import clientFromString, connectProtocol
 
 from sdbackup.protocols.messages import Message
@@ -35,8 +36,8 @@ class Session:
         """Send a request to the manager and wait for its answer."""
         try:
             return await self.manager.request(msg, MANAGER_TIMEOUT, self.reactor)
-        except TimeoutError as e:
-            raise ClientError(f"the manager at {self.manager_address}: {e}") from e
+        except (TimeoutError, ConnectionError, error.ConnectionLost, error.ConnectionDone) as e:
+            raise ClientError(f"lost the manager at {self.manager_address}: {e}") from e
 
     async def close(self):
         await self.servers.close()

@@ -212,7 +212,7 @@ class Manager:
 
         snapshot_id, files, more, holders = await self.db(page)
         return FileList(request_id=msg.request_id, snapshot_id=snapshot_id, files=files,
-                        holders=self._live_first(holders), more=more)
+                        holders=self._live_holders(holders), more=more)
 
     async def handle_ListChunks(self, msg, connection):
         def page():
@@ -222,12 +222,12 @@ class Manager:
 
         chunks, more, holders = await self.db(page)
         return ChunkList(request_id=msg.request_id, chunks=chunks,
-                         holders=self._live_first(holders), more=more)
+                         holders=self._live_holders(holders), more=more)
 
-    def _live_first(self, holders: dict[str, list[str]]) -> dict[str, list[str]]:
-        """Live holders first, so a restore tries the copies most likely to answer."""
+    def _live_holders(self, holders: dict[str, list[str]]) -> dict[str, list[str]]:
+        """The live holders of each chunk; all of them when none is live (one may be back)."""
         return {
-            chunk_id: sorted(servers, key=lambda s: (s not in self.live, s))
+            chunk_id: [s for s in servers if s in self.live] or servers
             for chunk_id, servers in holders.items()
         }
 

@@ -14,7 +14,7 @@ and the disk thread pool.
 import errno
 
 from twisted.application import internet, service
-from twisted.internet import defer, task
+from twisted.internet import defer, error, task
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
@@ -283,7 +283,21 @@ class StorageService(service.MultiService):
             self._registered.callback(self.server.address)
 
     def _register(self, connection):
-        return defer.ensureDeferred(self._register_async(connection))
+        """Register on every new link, without holding the ClientService up.
+
+        (Stopping a ClientService while its prepareConnection is still under
+        way makes the link's later close an error inside Twisted's state
+        machine; the registration runs beside it instead.)
+        """
+        d = defer.ensureDeferred(self._register_async(connection))
+        d.addErrback(self._registration_failed, connection)
+
+    def _registration_failed(self, failure, connection):
+        if failure.check(error.ConnectionLost, error.ConnectionDone, TimeoutError):
+            self.log.info("lost the manager while registering; will register again")
+        else:
+            self.log.failure("registering with the manager", failure)
+            connection.transport.loseConnection()
 
     def when_registered(self) -> defer.Deferred:
         """Fires with this server's address once it first registered with the manager."""

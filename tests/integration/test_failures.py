@@ -3,6 +3,7 @@
 import os
 
 import pytest_twisted
+from twisted.internet import defer
 
 from sdbackup import hashing
 from sdbackup.protocols.messages import CheckRequest, ChunkNeed, PlacementRequest, StoreChunk
@@ -139,3 +140,25 @@ async def test_a_server_back_with_an_empty_folder_is_refilled(cluster, tmp_path,
     assert set(copies(cluster).values()) == {2}
     await restore(cluster, tmp_path / "out")
     assert (tmp_path / "out/src/a").read_bytes() == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_losing_the_manager_mid_backup_is_a_clear_error(cluster, tmp_path, monkeypatch):
+    import pytest
+
+    from sdbackup.client.backup import Backup
+    from sdbackup.client.session import ClientError
+
+    monkeypatch.chdir(tmp_path)
+    for i in range(40):
+        write(f"src/f{i}", os.urandom(300_000))
+    session = await cluster.session()
+    try:
+        running = defer.ensureDeferred(Backup(session, ["src"]).run())
+        # The manager goes away once the backup is under way.
+        await cluster.until(lambda: any(s.store.count() for s in cluster.servers), what="a store")
+        session.manager.transport.abortConnection()
+        with pytest.raises(ClientError, match="lost the manager"):
+            await running
+    finally:
+        await session.close()
