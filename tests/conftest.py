@@ -9,12 +9,13 @@
 
 import gc
 import os
+import sys
 
 import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.logger import globalLogPublisher
+from twisted.logger import globalLogPublisher, textFileLogObserver
 
 from sdbackup.client.session import Session
 from sdbackup.services.manager import ManagerService
@@ -42,12 +43,16 @@ class LoggedErrors:
 @pytest.fixture(autouse=True)
 def logged_errors():
     errors = LoggedErrors()
+    # The services' log goes to the test's captured output: pytest shows it when a test fails.
+    echo = textFileLogObserver(sys.stdout)
     globalLogPublisher.addObserver(errors)
+    globalLogPublisher.addObserver(echo)
     try:
         yield errors
         gc.collect()  # a lost Deferred logs its unhandled error when collected
     finally:
         globalLogPublisher.removeObserver(errors)
+        globalLogPublisher.removeObserver(echo)
     if errors.events:
         lines = []
         for event in errors.events:

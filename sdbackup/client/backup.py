@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sdbackup import hashing
-from sdbackup.chunking import CHUNK_SIZE
+from sdbackup.chunking import FileChunker
 from sdbackup.client.progress import Progress
 from sdbackup.client.session import ClientError, Session
 from sdbackup.paths import snapshot_path
@@ -113,13 +113,14 @@ class BackupResult:
     warnings: list
 
 
-def _read_chunk(f, hasher) -> tuple[bytes, ChunkRef | None]:
-    """Read and hash the next chunk (runs in a thread)."""
-    data = f.read(CHUNK_SIZE)
-    if not data:
-        return data, None
-    hasher.update(data)
-    return data, ChunkRef(hashing.chunk_id(data), len(data), hashing.checksum(data))
+def _next_chunks(chunker: FileChunker, hasher) -> list[tuple[bytes, ChunkRef]]:
+    """Read, cut and hash the next chunks of a file (runs in a thread); [] at its end."""
+    found = []
+    for piece in chunker.next_chunks():
+        hasher.update(piece)
+        data = bytes(piece)
+        found.append((data, ChunkRef(hashing.chunk_id(data), len(data), hashing.checksum(data))))
+    return found
 
 
 class Backup:
@@ -185,37 +186,44 @@ class Backup:
             self.warn(f"cannot read {item.local}: {e.strerror}")
             return batch
         hasher = hashing.file_hasher()
+        chunker = FileChunker(f)
         refs: list[ChunkRef] = []
         first_chunk = size = 0
         try:
             while True:
                 try:
-                    data, ref = await deferToThread(_read_chunk, f, hasher)
+                    found = await deferToThread(_next_chunks, chunker, hasher)
                 except OSError as e:
                     self.warn(f"cannot read {item.local}: {e.strerror}")
                     return batch
-                if ref is None:
+                if not found:
                     break
-                refs.append(ref)
-                size += ref.size
-                if len(refs) == STAGE_CHUNKS:
+                size += sum(ref.size for _, ref in found)
+                refs.extend(ref for _, ref in found)
+                batch = await self._add_chunks(found, batch)
+                if len(refs) >= STAGE_CHUNKS:
                     # Long files send their chunk list in parts: bounded memory and frames.
                     batch.stages.append(StageChunks(snapshot_id=self.snapshot_id, path=item.name,
                                                     first_chunk=first_chunk, chunks=refs))
                     first_chunk += len(refs)
                     refs = []
-                if ref.chunk_id not in batch.chunks:
-                    batch.chunks[ref.chunk_id] = (ref, data)
-                    batch.size += ref.size
-                self._advance(size=ref.size)
-                if batch.full():
-                    await self._dispatch(batch)
-                    batch = Batch()
         finally:
             f.close()
         batch.files.append(FileEntry(kind="file", size=size, file_hash=hasher.hexdigest(),
                                      chunks=refs, first_chunk=first_chunk, **common))
         self._advance(files=1)
+        return batch
+
+    async def _add_chunks(self, found: list[tuple[bytes, ChunkRef]], batch: Batch) -> Batch:
+        """Put chunks just read into the batch, sending batches as they fill."""
+        for data, ref in found:
+            if ref.chunk_id not in batch.chunks:
+                batch.chunks[ref.chunk_id] = (ref, data)
+                batch.size += ref.size
+            self._advance(size=ref.size)
+            if batch.full():
+                await self._dispatch(batch)
+                batch = Batch()
         return batch
 
     def _advance(self, size=0, files=0):

@@ -70,6 +70,9 @@ class MessageProtocol(FrameReceiver):
 
     def connectionMade(self):
         super().connectionMade()
+        made = getattr(self.handler, "connection_made", None)
+        if made is not None:
+            made(self)
         self.send(Hello(version=PROTOCOL_VERSION, role=self.role))
 
     def connectionLost(self, reason=None):

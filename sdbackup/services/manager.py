@@ -72,6 +72,7 @@ class Manager:
         self.dead_after = dead_after
         self.live: dict[str, LiveServer] = {}
         self.repair = Repairer(self, repair_rate)
+        self.connections: set[MessageProtocol] = set()  # closed when the service stops
 
     def _now(self) -> float:
         return self.clock.seconds()
@@ -130,7 +131,11 @@ class Manager:
         return self.db(self.catalog.record_server, server.address, msg.free_bytes,
                        msg.chunk_count, server.last_seen)
 
+    def connection_made(self, connection):
+        self.connections.add(connection)
+
     def connection_lost(self, connection):
+        self.connections.discard(connection)
         for server in list(self.live.values()):
             if server.connection is connection:
                 self._declare_dead(server, "its connection closed")
@@ -437,8 +442,8 @@ class ManagerService(service.MultiService):
                     loop.stop()
             if self.port is not None:
                 await defer.maybeDeferred(self.port.stopListening)
-            for server in list(self.manager.live.values()):
-                server.connection.transport.loseConnection()
+            for connection in list(self.manager.connections):
+                connection.transport.abortConnection()
         finally:
             self._db_pool.stop()  # waits for the catalog call under way; its threads would
             self.manager.catalog.close()  # keep the process alive

@@ -60,6 +60,7 @@ class StorageServer:
         self.address = address
         self.manager: MessageProtocol | None = None
         self._stores_in_flight: dict[MessageProtocol, int] = {}
+        self.connections: set[MessageProtocol] = set()  # closed when the service stops
         self._added: list[str] = []
         self._corrupt: list[str] = []
         self._flush_call = None
@@ -172,8 +173,8 @@ class StorageServer:
 
     async def send_inventory(self, connection: MessageProtocol):
         """Every chunk held here, in pages: the manager makes its records match."""
+        self._added.clear()  # the listing below covers them (and later ones are told later)
         chunk_ids = await self.disk(lambda: list(self.store.chunk_ids()))
-        self._added.clear()  # the inventory covers them
         for start in range(0, max(len(chunk_ids), 1), INVENTORY_PAGE):
             page = chunk_ids[start : start + INVENTORY_PAGE]
             final = start + INVENTORY_PAGE >= len(chunk_ids)
@@ -198,7 +199,11 @@ class StorageServer:
         if self.manager is not None and self.manager.connected:
             self.manager.send(msg)
 
+    def connection_made(self, connection):
+        self.connections.add(connection)
+
     def connection_lost(self, connection):
+        self.connections.discard(connection)
         self._stores_in_flight.pop(connection, None)
 
 
@@ -258,7 +263,8 @@ class StorageService(service.MultiService):
         )
         self.manager_link.setServiceParent(self)
         self._every(self.heartbeat_interval, self._send_heartbeat, "heartbeat")
-        self._every(self.scrub_interval, self._scrub, "scrub")
+        self._scrubbing = defer.ensureDeferred(self._scrub_forever())
+        self._scrubbing.addErrback(lambda f: f.trap(defer.CancelledError))
 
     def _every(self, seconds: float, f, what: str):
         loop = task.LoopingCall(f)
@@ -309,11 +315,16 @@ class StorageService(service.MultiService):
         self.server.tell_manager(Heartbeat(free_bytes=self.store.free_bytes(),
                                            chunk_count=self.store.count()))
 
-    def _scrub(self):
-        """One paced pass; the LoopingCall waits for it before the next interval begins."""
-        d = defer.ensureDeferred(self.server.scrub(self.scrub_rate))
-        d.addErrback(lambda f: self.log.failure("scrub pass failed", f))
-        return d
+    async def _scrub_forever(self):
+        """Paced scrub passes with ``scrub_interval`` seconds of rest between them."""
+        while True:
+            await task.deferLater(self.reactor, self.scrub_interval)
+            try:
+                await self.server.scrub(self.scrub_rate)
+            except defer.CancelledError:
+                raise
+            except Exception:
+                self.log.failure("scrub pass failed")
 
     def _failed(self, failure, what):
         self.log.failure("sdbackup-server: {what}", failure, what=what)
@@ -325,8 +336,13 @@ class StorageService(service.MultiService):
             for loop in self._loops:
                 if loop.running:
                     loop.stop()
+            if getattr(self, "_scrubbing", None) is not None:
+                self._scrubbing.cancel()
             if self.port is not None:
                 await defer.maybeDeferred(self.port.stopListening)
+            # Nobody may wait on a server that no longer works.
+            for connection in list(self.server.connections):
+                connection.transport.abortConnection()
             await self.peers.close()
         finally:
             self._disk_pool.stop()  # its threads would keep the process alive

@@ -1,62 +1,71 @@
-"""read_chunks: fixed-size chunks, read one at a time."""
+"""Content-defined chunking: bounded sizes, joins back, and an insertion moves few cuts."""
 
 import io
+import os
+import random
 
-from sdbackup.chunking import CHUNK_SIZE, read_chunks
+from sdbackup import chunking
+from sdbackup.chunking import MAX_SIZE, MIN_SIZE, FileChunker, read_chunks
 
 
-def sizes(data: bytes, chunk_size: int) -> list[int]:
-    return [len(c) for c in read_chunks(io.BytesIO(data), chunk_size)]
+def chunks_of(data: bytes) -> list[bytes]:
+    return [bytes(c) for c in read_chunks(io.BytesIO(data))]
 
 
-def test_chunk_sizes(subtests):
-    for length, expected in [
-        (0, []),
-        (1, [1]),
-        (9, [9]),
-        (10, [10]),
-        (11, [10, 1]),
-        (25, [10, 10, 5]),
-        (30, [10, 10, 10]),
-    ]:
-        with subtests.test(length=length):
-            assert sizes(bytes(length), 10) == expected
+def random_bytes(size: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(size)
 
 
 def test_empty_file_has_no_chunks():
-    assert list(read_chunks(io.BytesIO(b""))) == []
+    assert chunks_of(b"") == []
 
 
-def test_exact_multiple_has_no_empty_last_chunk():
-    data = bytes(range(256)) * 16
-    chunks = list(read_chunks(io.BytesIO(data), 1024))
-    assert [len(c) for c in chunks] == [1024] * 4
+def test_a_small_file_is_one_chunk():
+    assert chunks_of(b"hello") == [b"hello"]
+    data = random_bytes(MIN_SIZE - 1)
+    assert chunks_of(data) == [data]
+
+
+def test_chunks_join_back_and_respect_the_bounds():
+    data = random_bytes(40 * 1024 * 1024)
+    chunks = chunks_of(data)
     assert b"".join(chunks) == data
+    assert all(MIN_SIZE <= len(c) <= MAX_SIZE for c in chunks[:-1])
+    assert 0 < len(chunks[-1]) <= MAX_SIZE
+    # About 1 MiB on average.
+    assert 20 <= len(chunks) <= 80
 
 
-def test_chunks_join_back_to_the_file():
-    data = bytes(range(251)) * 1000
-    chunks = list(read_chunks(io.BytesIO(data), 4096))
-    assert b"".join(chunks) == data
-    assert all(len(c) == 4096 for c in chunks[:-1])
+def test_cuts_do_not_depend_on_how_the_file_is_read(monkeypatch):
+    data = random_bytes(20 * 1024 * 1024, seed=2)
+    whole = [len(c) for c in chunking.cut(data, final=True)[0]]
+    for read_size in (MAX_SIZE, 5 * 1024 * 1024 + 17, 13 * 1024 * 1024):
+        monkeypatch.setattr(chunking, "READ_SIZE", read_size)
+        assert [len(c) for c in chunks_of(data)] == whole
 
 
-def test_default_chunk_size():
-    data = b"x" * (2 * CHUNK_SIZE + CHUNK_SIZE // 2)
-    assert sizes(data, CHUNK_SIZE) == [CHUNK_SIZE, CHUNK_SIZE, CHUNK_SIZE // 2]
-    assert [len(c) for c in read_chunks(io.BytesIO(data))] == [CHUNK_SIZE, CHUNK_SIZE, CHUNK_SIZE // 2]
+def test_an_insertion_changes_only_the_chunks_around_it():
+    data = random_bytes(64 * 1024 * 1024, seed=3)
+    middle = len(data) // 2
+    edited = data[:middle] + os.urandom(1024 * 1024) + data[middle:]
+    before = set(chunks_of(data))
+    after = chunks_of(edited)
+    new_bytes = sum(len(c) for c in after if c not in before)
+    assert new_bytes < 5 * 1024 * 1024  # the inserted MiB and a chunk or two beside it
 
 
-def test_reads_one_chunk_at_a_time():
-    f = io.BytesIO(bytes(100))
-    chunks = read_chunks(f, 10)
-    assert f.tell() == 0
-    assert len(next(chunks)) == 10
-    assert f.tell() == 10  # the rest of the file is not read ahead
+def test_a_file_is_read_a_piece_at_a_time(monkeypatch):
+    monkeypatch.setattr(chunking, "READ_SIZE", 8 * 1024 * 1024)
+    f = io.BytesIO(random_bytes(64 * 1024 * 1024, seed=4))
+    chunker = FileChunker(f)
+    first = chunker.next_chunks()
+    assert first
+    assert f.tell() == 8 * 1024 * 1024  # not the whole file
 
 
 def test_real_file(tmp_path):
     path = tmp_path / "file.bin"
-    path.write_bytes(b"abc" * 1000)
+    data = random_bytes(3 * 1024 * 1024, seed=5)
+    path.write_bytes(data)
     with open(path, "rb") as f:
-        assert [len(c) for c in read_chunks(f, 1000)] == [1000, 1000, 1000]
+        assert b"".join(bytes(c) for c in read_chunks(f)) == data
