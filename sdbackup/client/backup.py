@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from sdbackup import hashing
 from sdbackup.chunking import FileChunker
 from sdbackup.client.progress import Progress
+from sdbackup.client.restore import list_snapshot
 from sdbackup.client.session import ClientError, Session
 from sdbackup.paths import snapshot_path
 from sdbackup.protocols.messages import (
@@ -32,6 +33,8 @@ from sdbackup.protocols.messages import (
     CommitFiles,
     FileEntry,
     FinishSnapshot,
+    HasChunks,
+    ListSnapshots,
     PlacementRequest,
     StageChunks,
     StoreChunk,
@@ -42,6 +45,8 @@ from sdbackup.protocols.peer import RemoteError
 BATCH_BYTES = 8 * 1024 * 1024
 BATCH_CHUNKS = 256
 BATCHES_IN_FLIGHT = 4
+#: Chunk ids asked about at once when checking what the previous snapshot still has.
+HAS_CHUNKS_PAGE = 50_000
 #: Placements a chunk gets before the backup gives up on it.
 STORE_ATTEMPTS = 4
 #: Refusals that another server may not have: the chunk is placed elsewhere.
@@ -111,6 +116,7 @@ class BackupResult:
     bytes: int
     new_bytes: int
     warnings: list
+    unchanged: int = 0
 
 
 def _next_chunks(chunker: FileChunker, hasher) -> list[tuple[bytes, ChunkRef]]:
@@ -139,6 +145,8 @@ class Backup:
         self._failure: Failure | None = None
         self._degraded = False
         self._failed_servers: set[str] = set()  # servers that failed us: not used again
+        self.previous: dict[str, FileEntry] = {}
+        self.unchanged = 0  # files recorded again from the previous snapshot, not read
         self._batches: list[defer.Deferred] = []
 
     def warn(self, text: str):
@@ -149,8 +157,9 @@ class Backup:
         if self.progress is not None:
             self.progress.total_bytes = sum(i.st.st_size for i in items if stat.S_ISREG(i.st.st_mode))
             self.progress.total_files = len(items)
-        begun = await self.session.ask(BeginSnapshot(
-            host=socket.gethostname(), paths=[snapshot_path(p) for p in self.paths]))
+        host, names = socket.gethostname(), [snapshot_path(p) for p in self.paths]
+        self.previous = await self._previous_files(host, names)
+        begun = await self.session.ask(BeginSnapshot(host=host, paths=names))
         self.snapshot_id = begun.snapshot_id
         batch = Batch()
         try:
@@ -164,20 +173,56 @@ class Backup:
             self._failure.raiseException()
         summary = (await self.session.ask(FinishSnapshot(snapshot_id=self.snapshot_id))).snapshot
         return BackupResult(summary.snapshot_id, summary.files, summary.bytes, self.new_bytes,
-                            self.warnings)
+                            self.warnings, self.unchanged)
+
+    async def _previous_files(self, host: str, names: list[str]) -> dict[str, FileEntry]:
+        """The files of the last snapshot of these paths from this host whose every chunk
+        still has a live copy: an unchanged one is recorded again without being read."""
+        snapshots = (await self.session.ask(ListSnapshots())).snapshots
+        parents = [s for s in snapshots if s.host == host and s.paths == names]
+        if not parents:
+            return {}
+        files: dict[str, FileEntry] = {}
+        async for page in list_snapshot(self.session, parents[-1].snapshot_id):
+            for entry in page.files:
+                if entry.kind == "file" and entry.chunk_count == len(entry.chunks):
+                    files[entry.path] = entry
+        chunk_ids = list({c.chunk_id for entry in files.values() for c in entry.chunks})
+        held: set[str] = set()
+        for start in range(0, len(chunk_ids), HAS_CHUNKS_PAGE):
+            reply = await self.session.ask(HasChunks(chunk_ids=chunk_ids[start:start + HAS_CHUNKS_PAGE]))
+            held.update(reply.chunk_ids)
+        return {path: entry for path, entry in files.items()
+                if all(c.chunk_id in held for c in entry.chunks)}
 
     async def _add(self, item: Item, batch: Batch) -> Batch:
         st = item.st
-        common = dict(path=item.name, mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns)
+        common = dict(path=item.name, mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns,
+                      ctime_ns=st.st_ctime_ns, inode=st.st_ino)
         if stat.S_ISDIR(st.st_mode):
             batch.files.append(FileEntry(kind="dir", **common))
         elif stat.S_ISLNK(st.st_mode):
             batch.files.append(FileEntry(kind="symlink", link_target=os.readlink(item.local),
                                          **common))
+        elif self._unchanged(item):
+            # Same size, mtime, ctime and inode as last time: its chunks are the same.
+            previous = self.previous[item.name]
+            batch.files.append(FileEntry(kind="file", size=previous.size,
+                                         file_hash=previous.file_hash, chunks=previous.chunks,
+                                         **common))
+            self._advance(size=previous.size)
+            self.unchanged += 1
         else:
             return await self._add_file(item, batch, common)
         self._advance(files=1)
         return batch
+
+    def _unchanged(self, item: Item) -> bool:
+        previous = self.previous.get(item.name)
+        st = item.st
+        return previous is not None and (previous.size, previous.mtime_ns, previous.ctime_ns,
+                                         previous.inode) == (st.st_size, st.st_mtime_ns,
+                                                             st.st_ctime_ns, st.st_ino)
 
     async def _add_file(self, item: Item, batch: Batch, common: dict) -> Batch:
         try:

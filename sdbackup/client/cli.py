@@ -56,7 +56,8 @@ async def cmd_backup(session: Session, args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"snapshot {result.snapshot_id} saved: {result.entries} files and folders, "
           f"{human_bytes(result.bytes)} ({human_bytes(result.new_bytes)} new) "
-          f"in {progress.elapsed:.1f}s")
+          f"in {progress.elapsed:.1f}s" + (f"; {result.unchanged} unchanged files not read again"
+                                          if result.unchanged else ""))
     return EXIT_INCOMPLETE if result.warnings else 0
 
 

@@ -144,6 +144,9 @@ class FileEntry(Record):
     chunks: list = field(factory=list, converter=_records(ChunkRef))
     first_chunk: int = field(default=0, validator=_non_negative)
     chunk_count: int = field(default=0, validator=_non_negative)
+    #: With size and mtime, what tells a later backup that the file is unchanged.
+    ctime_ns: int = field(default=0, validator=_int)
+    inode: int = field(default=0, validator=_non_negative)
 
 
 @frozen
@@ -531,6 +534,23 @@ class CheckReport(Message):
     missing: int = field(default=0, validator=_non_negative)
     under_replicated: int = field(default=0, validator=_non_negative)
     corrupt: int = field(default=0, validator=_non_negative)
+
+
+@message(48)
+@frozen
+class HasChunks(Message):
+    """Which of these chunks have a copy on a live server (read-only; places nothing)."""
+
+    request_id: int = _request_id
+    chunk_ids: list = field(factory=list, validator=_hex_digests)
+
+
+@message(49)
+@frozen
+class ChunksHeld(Message):
+    IS_REPLY = True
+    request_id: int = _request_id
+    chunk_ids: list = field(factory=list, validator=_hex_digests)
 
 
 # --- codec ------------------------------------------------------------------

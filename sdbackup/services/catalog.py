@@ -6,7 +6,8 @@ so a crash leaves a file either fully recorded or absent. Tables::
     servers(address, first_seen, last_seen, free_bytes, chunk_count)
     locations(chunk_id, server)                   -- confirmed copies
     snapshots(snapshot_id, time, host, paths, files, bytes, finished)
-    files(snapshot_id, path, kind, mode, mtime_ns, size, file_hash, link_target)
+    files(snapshot_id, path, kind, mode, mtime_ns, size, file_hash, link_target,
+          ctime_ns, inode)
     file_chunks(snapshot_id, path, seq, chunk_id, size, checksum)
 
 A chunk's size and checksum live with the file that uses it: a chunk known
@@ -56,6 +57,8 @@ CREATE TABLE IF NOT EXISTS files (
     size INTEGER NOT NULL,
     file_hash TEXT NOT NULL,
     link_target TEXT NOT NULL,
+    ctime_ns INTEGER NOT NULL DEFAULT 0,
+    inode INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (snapshot_id, path)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS file_chunks (
@@ -237,10 +240,10 @@ class Catalog:
                         (snapshot_id, f.path),
                     )
             self.db.executemany(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     (snapshot_id, f.path, f.kind, f.mode, f.mtime_ns, f.size, f.file_hash,
-                     f.link_target)
+                     f.link_target, f.ctime_ns, f.inode)
                     for f in files
                 ),
             )
@@ -346,7 +349,7 @@ class Catalog:
         """
         inline_chunks, max_chunks = INLINE_CHUNKS, PAGE_CHUNKS
         rows = self.db.execute(
-            "SELECT path, kind, mode, mtime_ns, size, file_hash, link_target,"
+            "SELECT path, kind, mode, mtime_ns, size, file_hash, link_target, ctime_ns, inode,"
             " (SELECT COUNT(*) FROM file_chunks c"
             "  WHERE c.snapshot_id = f.snapshot_id AND c.path = f.path)"
             " FROM files f WHERE snapshot_id = ? AND path > ? ORDER BY path LIMIT ?",
@@ -375,9 +378,9 @@ class Catalog:
             FileEntry(
                 path=path, kind=kind, mode=mode, mtime_ns=mtime_ns, size=size,
                 file_hash=file_hash, link_target=link_target, chunks=chunks.get(path, []),
-                chunk_count=counts[path],
+                chunk_count=counts[path], ctime_ns=ctime_ns, inode=inode,
             )
-            for path, kind, mode, mtime_ns, size, file_hash, link_target in rows
+            for path, kind, mode, mtime_ns, size, file_hash, link_target, ctime_ns, inode in rows
         ]
         return files, more
 

@@ -21,6 +21,7 @@ from sdbackup.protocols.messages import (
     Ack,
     CheckReport,
     ChunkList,
+    ChunksHeld,
     ClusterStatus,
     FileList,
     Placement,
@@ -159,8 +160,7 @@ class Manager:
 
     async def handle_PlacementRequest(self, msg, connection):
         ids = [c.chunk_id for c in msg.chunks]
-        holders = await self.db(self.catalog.holders, ids)
-        known = [i for i in ids if any(h in self.live for h in holders.get(i, ()))]
+        known = await self._held(ids)
         known_set = set(known)
         wanted = {c.chunk_id: c.size for c in msg.chunks if c.chunk_id not in known_set}
         if wanted and not self.live:
@@ -178,6 +178,14 @@ class Manager:
                     self.live[address].assigned += wanted[chunk_id]
         return Placement(request_id=msg.request_id, known=known, assignments=assignments,
                          replicas=self.replicas)
+
+    async def handle_HasChunks(self, msg, connection):
+        return ChunksHeld(request_id=msg.request_id, chunk_ids=await self._held(msg.chunk_ids))
+
+    async def _held(self, chunk_ids: list[str]) -> list[str]:
+        """The chunks among ``chunk_ids`` with a copy on a live server, in the same order."""
+        holders = await self.db(self.catalog.holders, chunk_ids)
+        return [c for c in chunk_ids if any(h in self.live for h in holders.get(c, ()))]
 
     async def handle_BeginSnapshot(self, msg, connection):
         snapshot_id = await self.db(self.catalog.begin_snapshot, msg.host, msg.paths, self._now())

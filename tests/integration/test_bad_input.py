@@ -135,7 +135,8 @@ async def test_restore_never_writes_outside_the_target(cluster, tmp_path, monkey
         ("src/link/evil", "file"),
     ]
     for path, kind in rows:
-        db.execute("INSERT INTO files VALUES (?, ?, ?, 420, 0, 4, ?, ?)",
+        db.execute("INSERT INTO files (snapshot_id, path, kind, mode, mtime_ns, size, file_hash,"
+                   " link_target) VALUES (?, ?, ?, 420, 0, 4, ?, ?)",
                    (result.snapshot_id, path, kind, "", str(outside) if kind == "symlink" else ""))
         if kind == "file":
             db.execute("INSERT INTO file_chunks VALUES (?, ?, 0, ?, ?, ?)",

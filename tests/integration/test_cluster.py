@@ -208,3 +208,25 @@ async def test_too_few_servers_is_said_clearly(cluster, tmp_path, monkeypatch):
     assert any("only 1 of 2 copies" in w for w in result.warnings)
     await restore(cluster, tmp_path / "out")
     assert (tmp_path / "out/src/a").read_bytes() == b"one copy only"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unchanged_files_are_not_read_again(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for i in range(20):
+        write(f"src/f{i}", os.urandom(50_000 + i))
+    first = await backup(cluster, "src")
+    assert first.unchanged == 0
+    second = await backup(cluster, "src")
+    assert (second.unchanged, second.new_bytes) == (20, 0)
+    # A file written again (same size, new bytes) has a new ctime: it is read.
+    write("src/f3", os.urandom(50_003))
+    third = await backup(cluster, "src")
+    assert third.unchanged == 19
+    assert third.new_bytes == 50_003
+    await restore(cluster, tmp_path / "out")
+    for i in range(20):
+        assert (tmp_path / f"out/src/f{i}").read_bytes() == (tmp_path / f"src/f{i}").read_bytes()
+    # Another set of paths is another history: nothing is taken from this one.
+    other = await backup(cluster, "src/f1")
+    assert other.unchanged == 0
