@@ -13,6 +13,8 @@ BLAKE3 rather than SHA-256: measured here at about 4,300 MiB/s against
 and each replica.
 """
 
+import re
+
 import blake3
 
 DIGEST_SIZE = 32
@@ -34,10 +36,9 @@ def file_hasher() -> "blake3.blake3":
     return blake3.blake3()
 
 
+_HEX_DIGEST = re.compile(f"[0-9a-f]{{{HEX_DIGEST_LENGTH}}}")
+
+
 def is_hex_digest(value: str) -> bool:
-    """True when ``value`` looks like one of our hex digests."""
-    return (
-        isinstance(value, str)
-        and len(value) == HEX_DIGEST_LENGTH
-        and all(c in "0123456789abcdef" for c in value)
-    )
+    """True when ``value`` looks like one of our hex digests (lowercase, full length)."""
+    return isinstance(value, str) and _HEX_DIGEST.fullmatch(value) is not None

@@ -235,14 +235,12 @@ class Backup:
         refs: list[ChunkRef] = []
         first_chunk = size = 0
         try:
-            while True:
+            while not chunker.done:
                 try:
                     found = await deferToThread(_next_chunks, chunker, hasher)
                 except OSError as e:
                     self.warn(f"cannot read {item.local}: {e.strerror}")
                     return batch
-                if not found:
-                    break
                 size += sum(ref.size for _, ref in found)
                 refs.extend(ref for _, ref in found)
                 batch = await self._add_chunks(found, batch)
