@@ -37,7 +37,7 @@ from sdbackup.protocols.messages import (
     ListSnapshots,
     PlacementRequest,
     StageChunks,
-    StoreChunk,
+    StoreChunks,
     StoredChunk,
 )
 from sdbackup.protocols.peer import RemoteError
@@ -45,6 +45,10 @@ from sdbackup.protocols.peer import RemoteError
 BATCH_BYTES = 8 * 1024 * 1024
 BATCH_CHUNKS = 256
 BATCHES_IN_FLIGHT = 4
+#: Chunks sent in one StoreChunks: at most this many bytes (a larger chunk goes alone) ...
+PACK_BYTES = 4 * 1024 * 1024
+#: ... and this many chunks.
+PACK_CHUNKS = 128
 #: Chunk ids asked about at once when checking what the previous snapshot still has.
 HAS_CHUNKS_PAGE = 50_000
 #: Placements a chunk gets before the backup gives up on it.
@@ -300,15 +304,9 @@ class Backup:
         if needs:
             placement = await self.session.ask(PlacementRequest(
                 chunks=needs, exclude=sorted(self._failed_servers)))
-            self._note_degraded(placement)
-            sends = []
-            for chunk_id, servers in placement.assignments.items():
-                ref, data = batch.chunks[chunk_id]
-                self._sent.add(chunk_id)
-                sends.append(defer.ensureDeferred(self._store(ref, data, servers)))
+            self._sent.update(placement.assignments)
             self._sent.update(placement.known)
-            results = await defer.gatherResults(sends, consumeErrors=True).addErrback(_first_error)
-            stored = [s for s in results if s is not None]
+            stored = await self._store_placed(placement, batch.chunks, STORE_ATTEMPTS)
         batch.chunks.clear()  # the bytes are on the servers now: let them go
         # Commits follow batch order: a file may use chunks an earlier batch sent.
         if not await previous:
@@ -332,35 +330,62 @@ class Backup:
             self.warn(f"only {fewest} of {placement.replicas} copies of some chunks: fewer servers "
                       f"are alive than the replication factor")
 
-    async def _store(self, ref: ChunkRef, data: bytes, servers: list[str]) -> StoredChunk | None:
-        """Store a chunk on ``servers``; when one fails, ask for a placement that avoids it."""
-        for _ in range(STORE_ATTEMPTS):
-            primary = servers[0]
-            try:
-                reply = await self.session.servers.request(primary, StoreChunk(
-                    chunk_id=ref.chunk_id, checksum=ref.checksum, forward_to=servers[1:],
-                    payload=data))
-            except RemoteError as e:
-                if e.code not in RETRYABLE:
-                    raise ClientError(f"server {primary} could not store a chunk: {e.reason}") from e
-                failed, why = e.culprit or primary, e.reason
-            except Exception as e:  # refused, lost or timed out
-                failed, why = primary, f"server {primary} is unreachable: {e}"
-            else:
-                if reply.checksum != ref.checksum:
-                    raise ClientError(f"server {primary} confirmed the wrong checksum")
-                self.new_bytes += ref.size
-                return StoredChunk(ref.chunk_id, ref.size, ref.checksum, reply.holders)
-            if failed not in self._failed_servers:
-                self._failed_servers.add(failed)
-                self.log.warn("{why}; placing chunks elsewhere", why=why)
-            placement = await self.session.ask(PlacementRequest(
-                chunks=[ChunkNeed(ref.chunk_id, ref.size)], exclude=sorted(self._failed_servers)))
-            if ref.chunk_id in placement.known:
-                return None  # a copy landed before the failure; repair adds the others
-            self._note_degraded(placement)
-            servers = placement.assignments[ref.chunk_id]
-        raise ClientError(f"could not store a chunk after {STORE_ATTEMPTS} attempts: {why}")
+    async def _store_placed(self, placement, chunks: dict, attempts: int) -> list[StoredChunk]:
+        """Send placed chunks in packs, one pack per group of servers; the confirmed copies."""
+        self._note_degraded(placement)
+        groups: dict[tuple, list] = {}
+        for chunk_id, servers in placement.assignments.items():
+            groups.setdefault(tuple(servers), []).append(chunks[chunk_id])
+        sends = [defer.ensureDeferred(self._store_pack(pack, list(servers), chunks, attempts))
+                 for servers, items in groups.items() for pack in _packs(items)]
+        results = await defer.gatherResults(sends, consumeErrors=True).addErrback(_first_error)
+        return [stored for result in results for stored in result]
+
+    async def _store_pack(self, pack: list, servers: list[str], chunks: dict,
+                          attempts: int) -> list[StoredChunk]:
+        """Store a pack on ``servers``; when one fails, place the pack again without it."""
+        primary = servers[0]
+        refs = [ref for ref, _ in pack]
+        try:
+            reply = await self.session.servers.request(primary, StoreChunks(
+                chunks=refs, forward_to=servers[1:], payload=b"".join(data for _, data in pack)))
+        except RemoteError as e:
+            if e.code not in RETRYABLE:
+                raise ClientError(f"server {primary} could not store chunks: {e.reason}") from e
+            failed, why = e.culprit or primary, e.reason
+        except Exception as e:  # refused, lost or timed out
+            failed, why = primary, f"server {primary} is unreachable: {e}"
+        else:
+            if reply.chunk_ids != [ref.chunk_id for ref in refs]:
+                raise ClientError(f"server {primary} confirmed other chunks than were sent")
+            self.new_bytes += sum(ref.size for ref in refs)
+            return [StoredChunk(ref.chunk_id, ref.size, ref.checksum, reply.holders)
+                    for ref in refs]
+        if attempts <= 1:
+            raise ClientError(f"could not store chunks after {STORE_ATTEMPTS} attempts: {why}")
+        if failed not in self._failed_servers:
+            self._failed_servers.add(failed)
+            self.log.warn("{why}; placing chunks elsewhere", why=why)
+        # Chunks that landed on a live server before the failure count as held; repair adds
+        # their other copies.
+        placement = await self.session.ask(PlacementRequest(
+            chunks=[ChunkNeed(ref.chunk_id, ref.size) for ref in refs],
+            exclude=sorted(self._failed_servers)))
+        return await self._store_placed(placement, chunks, attempts - 1)
+
+
+def _packs(items: list) -> list[list]:
+    """``(ref, data)`` items in packs of at most PACK_BYTES (a larger chunk alone)."""
+    packs, pack, size = [], [], 0
+    for ref, data in items:
+        if pack and (size + ref.size > PACK_BYTES or len(pack) == PACK_CHUNKS):
+            packs.append(pack)
+            pack, size = [], 0
+        pack.append((ref, data))
+        size += ref.size
+    if pack:
+        packs.append(pack)
+    return packs
 
 
 def _first_error(failure):

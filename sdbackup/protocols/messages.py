@@ -553,6 +553,43 @@ class ChunksHeld(Message):
     chunk_ids: list = field(factory=list, validator=_hex_digests)
 
 
+@message(15)
+@frozen
+class StoreChunks(Message):
+    """Several chunks in one frame: their bytes follow each other in ``payload``.
+
+    Stored, then forwarded, then confirmed as one: a round trip and a thread hop
+    for many small files instead of one each.
+    """
+
+    request_id: int = _request_id
+    chunks: list = field(factory=list, converter=_records(ChunkRef))
+    forward_to: list = field(factory=list, validator=_strings)
+    payload: bytes = _payload
+
+    def __attrs_post_init__(self):
+        if sum(c.size for c in self.chunks) != len(self.payload):
+            raise ValueError("the chunks' sizes do not add up to the payload's length")
+
+    def pieces(self) -> list[tuple[ChunkRef, bytes]]:
+        view, offset, found = memoryview(self.payload), 0, []
+        for ref in self.chunks:
+            found.append((ref, view[offset : offset + ref.size]))
+            offset += ref.size
+        return found
+
+
+@message(16)
+@frozen
+class ChunksStored(Message):
+    """Every chunk of a StoreChunks is on disk at every server in ``holders``."""
+
+    IS_REPLY = True
+    request_id: int = _request_id
+    chunk_ids: list = field(factory=list, validator=_hex_digests)
+    holders: list = field(factory=list, validator=_strings)
+
+
 # --- codec ------------------------------------------------------------------
 
 

@@ -78,12 +78,22 @@ class ChunkStore:
         return os.path.exists(self.path_for(chunk_id))
 
     def put(self, chunk_id: str, checksum: str, payload: bytes) -> bool:
-        """Verify and store a chunk durably. False when it was already held.
+        """Verify and store a chunk durably. False when it was already held."""
+        self._check(chunk_id, checksum, payload)
+        return self._write(chunk_id, checksum, payload)
 
-        Written to ``incoming/``, fsynced, renamed into place, and the folder
-        fsynced: a crash at any point leaves either no chunk or a whole one.
+    def put_many(self, chunks: list[tuple[str, str, bytes]]) -> list[str]:
+        """Verify every chunk, then store them all; the ids that were not held before.
+
+        One bad checksum refuses the whole lot before anything is written.
         """
-        path = self.path_for(chunk_id)
+        for chunk_id, checksum, payload in chunks:
+            self._check(chunk_id, checksum, payload)
+        return [chunk_id for chunk_id, checksum, payload in chunks
+                if self._write(chunk_id, checksum, payload)]
+
+    def _check(self, chunk_id: str, checksum: str, payload: bytes):
+        self.path_for(chunk_id)
         if not hashing.is_hex_digest(checksum):
             raise ChecksumMismatch(f"not a checksum: {checksum!r}")
         actual = hashing.checksum(payload)
@@ -92,6 +102,11 @@ class ChunkStore:
                 f"chunk {chunk_id[:16]}: received bytes hash to {actual[:16]}, "
                 f"expected {checksum[:16]}"
             )
+
+    def _write(self, chunk_id: str, checksum: str, payload: bytes) -> bool:
+        """Written to ``incoming/``, fsynced, renamed into place, and the folder
+        fsynced: a crash at any point leaves either no chunk or a whole one."""
+        path = self.path_for(chunk_id)
         if os.path.exists(path):
             return False
         temp = os.path.join(self.incoming, f"{chunk_id}.{uuid.uuid4().hex}")

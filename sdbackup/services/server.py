@@ -26,11 +26,13 @@ from sdbackup.protocols.messages import (
     ChunkInventory,
     ChunksAdded,
     ChunksCorrupt,
+    ChunksStored,
     ChunkStored,
     Heartbeat,
     Message,
     RegisterServer,
     StoreChunk,
+    StoreChunks,
     VerifyReport,
 )
 from sdbackup.protocols.peer import MessageProtocol, PeerPool, RemoteError
@@ -70,13 +72,31 @@ class StorageServer:
     async def handle_StoreChunk(self, msg, connection):
         self._started(connection)
         try:
-            await self._store(msg)
+            await self._write([(msg.chunk_id, msg.checksum, msg.payload)])
             holders = [self.address]
             if msg.forward_to:
                 holders += await self._forward(msg.chunk_id, msg.checksum, msg.payload,
                                                msg.forward_to)
             return ChunkStored(request_id=msg.request_id, chunk_id=msg.chunk_id,
                                checksum=msg.checksum, holders=holders)
+        finally:
+            self._finished(connection)
+
+    async def handle_StoreChunks(self, msg, connection):
+        self._started(connection)
+        try:
+            await self._write([(ref.chunk_id, ref.checksum, piece) for ref, piece in msg.pieces()])
+            holders = [self.address]
+            if msg.forward_to:
+                following = msg.forward_to[0]
+                reply = await self._ask_next(following, StoreChunks(
+                    chunks=msg.chunks, forward_to=msg.forward_to[1:], payload=msg.payload))
+                if reply.chunk_ids != [ref.chunk_id for ref in msg.chunks]:
+                    raise RemoteError(f"replica {following} confirmed other chunks",
+                                      "replication-failed", following)
+                holders += reply.holders
+            return ChunksStored(request_id=msg.request_id,
+                                chunk_ids=[ref.chunk_id for ref in msg.chunks], holders=holders)
         finally:
             self._finished(connection)
 
@@ -94,33 +114,38 @@ class StorageServer:
         if count == MAX_STORES_PER_CONNECTION - 1 and connection.connected:
             connection.resumeProducing()
 
-    async def _store(self, msg):
+    async def _write(self, chunks: list[tuple[str, str, bytes]]):
+        """Verify and store chunks in the disk pool; tell the manager of the new ones."""
         try:
-            added = await self.disk(self.store.put, msg.chunk_id, msg.checksum, msg.payload)
+            added = await self.disk(self.store.put_many, chunks)
         except OSError as e:
             code = "disk-full" if e.errno == errno.ENOSPC else "io-error"
-            self.log.error("cannot store chunk {chunk}: {error}", chunk=msg.chunk_id, error=e)
-            raise RemoteError(f"{self.address} cannot store chunk: {e.strerror}", code) from e
-        if added:
-            self._notify(self._added, msg.chunk_id)
+            self.log.error("cannot store chunks: {error}", error=e)
+            raise RemoteError(f"{self.address} cannot store chunks: {e.strerror}", code) from e
+        for chunk_id in added:
+            self._notify(self._added, chunk_id)
 
     async def _forward(self, chunk_id: str, checksum: str, payload: bytes,
                        forward_to: list[str]) -> list[str]:
         """Send a chunk along the chain; the servers that confirmed it."""
-        following, rest = forward_to[0], forward_to[1:]
-        forward = StoreChunk(chunk_id=chunk_id, checksum=checksum, forward_to=rest, payload=payload)
+        following = forward_to[0]
+        reply = await self._ask_next(following, StoreChunk(
+            chunk_id=chunk_id, checksum=checksum, forward_to=forward_to[1:], payload=payload))
+        if reply.checksum != checksum or reply.chunk_id != chunk_id:
+            raise RemoteError(f"replica {following} confirmed a different chunk",
+                              "replication-failed", following)
+        return reply.holders
+
+    async def _ask_next(self, following: str, msg: Message) -> Message:
+        """A request to the next server of a chain; its failure names the server at fault."""
         try:
-            reply = await self.peers.request(following, forward)
+            return await self.peers.request(following, msg)
         except RemoteError as e:
             raise RemoteError(f"replica {following} refused the chunk: {e.reason}",
                               "replication-failed", e.culprit or following) from e
         except Exception as e:
             raise RemoteError(f"replica {following} unreachable: {e}", "replication-failed",
                               following) from e
-        if reply.checksum != checksum or reply.chunk_id != chunk_id:
-            raise RemoteError(f"replica {following} confirmed a different chunk",
-                              "replication-failed", following)
-        return reply.holders
 
     # --- reading -----------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from sdbackup.protocols.messages import (
     ChunksAdded,
     ChunksCorrupt,
     ChunksHeld,
+    ChunksStored,
     ChunkStored,
     ClusterStatus,
     CommitFiles,
@@ -49,6 +50,7 @@ from sdbackup.protocols.messages import (
     StageChunks,
     StatusRequest,
     StoreChunk,
+    StoreChunks,
     StoredChunk,
     VerifyChunks,
     VerifyReport,
@@ -116,6 +118,9 @@ SAMPLES = {
     CheckRequest: CheckRequest(request_id=17, read_data=False),
     CheckReport: CheckReport(request_id=17, servers_checked=["tcp:a:1"], servers_unreachable=["tcp:b:2"],
                              chunks=10, missing=1, under_replicated=2, corrupt=3),
+    StoreChunks: StoreChunks(request_id=19, chunks=[ChunkRef(H1, 3, H1), ChunkRef(H2, 2, H2)],
+                             forward_to=["tcp:b:2"], payload=b"abcde"),
+    ChunksStored: ChunksStored(request_id=19, chunk_ids=[H1, H2], holders=["tcp:a:1", "tcp:b:2"]),
     HasChunks: HasChunks(request_id=18, chunk_ids=[H1, H2]),
     ChunksHeld: ChunksHeld(request_id=18, chunk_ids=[H2]),
     StatusRequest: StatusRequest(request_id=12),
@@ -317,3 +322,12 @@ def test_deeply_nested_header_is_a_decode_error():
     with pytest.raises(DecodeError):
         decode(frame(Ack.TYPE_CODE, b'{"request_id":' + nested + b"}"))
 
+
+
+def test_store_chunks_pieces_follow_the_sizes():
+    msg = StoreChunks(chunks=[ChunkRef(H1, 3, H1), ChunkRef(H2, 2, H2)], payload=b"abcde")
+    assert [(ref.chunk_id, bytes(piece)) for ref, piece in msg.pieces()] == [(H1, b"abc"), (H2, b"de")]
+    frame = encode_frame(msg)
+    assert frame.endswith(b"abcde")
+    with pytest.raises(DecodeError, match="add up"):
+        decode(frame[:-1])
