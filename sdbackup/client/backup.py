@@ -49,6 +49,9 @@ BATCHES_IN_FLIGHT = 4
 PACK_BYTES = 4 * 1024 * 1024
 #: ... and this many chunks.
 PACK_CHUNKS = 128
+#: Files up to this size are read many at a time, up to SMALL_FILES_AT_ONCE to a thread hop.
+SMALL_FILE = 1024 * 1024
+SMALL_FILES_AT_ONCE = 64
 #: Chunk ids asked about at once when checking what the previous snapshot still has.
 HAS_CHUNKS_PAGE = 50_000
 #: Placements a chunk gets before the backup gives up on it.
@@ -102,6 +105,13 @@ def _walk_one(local: str, name: str, st: os.stat_result, warn) -> Iterator[Item]
         warn(f"skipping {local}: not a regular file, folder or link")
 
 
+def _metadata(item: Item) -> dict:
+    """The FileEntry fields every kind of entry takes from its stat."""
+    st = item.st
+    return dict(path=item.name, mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns,
+                ctime_ns=st.st_ctime_ns, inode=st.st_ino)
+
+
 @attrs.define
 class Batch:
     chunks: dict = attrs.Factory(dict)  # chunk_id -> (ChunkRef, bytes)
@@ -131,6 +141,26 @@ def _next_chunks(chunker: FileChunker, hasher) -> list[tuple[bytes, ChunkRef]]:
         data = bytes(piece)
         found.append((data, ChunkRef(hashing.chunk_id(data), len(data), hashing.checksum(data))))
     return found
+
+
+def _read_small_files(items: list[Item]) -> list:
+    """Read, cut and hash whole small files (runs in a thread): one hop for many files.
+
+    Each result is ``(chunks, file hash)``, or the OSError that stopped the read.
+    """
+    results = []
+    for item in items:
+        try:
+            with open(item.local, "rb") as f:
+                hasher = hashing.file_hasher()
+                chunker = FileChunker(f)
+                found = []
+                while not chunker.done:
+                    found += _next_chunks(chunker, hasher)
+            results.append((found, hasher.hexdigest()))
+        except OSError as e:
+            results.append(e)
+    return results
 
 
 class Backup:
@@ -167,8 +197,20 @@ class Backup:
         self.snapshot_id = begun.snapshot_id
         batch = Batch()
         try:
+            small: list[Item] = []
             for item in items:
-                batch = await self._add(item, batch)
+                if self._is_small_new_file(item):
+                    small.append(item)
+                    if len(small) < SMALL_FILES_AT_ONCE:
+                        continue
+                    item = None
+                if small:
+                    batch = await self._add_small_files(small, batch)
+                    small = []
+                if item is not None:
+                    batch = await self._add(item, batch)
+            if small:
+                batch = await self._add_small_files(small, batch)
             await self._dispatch(batch)
         finally:
             # Wait for every batch under way, and consume their failures here.
@@ -199,10 +241,27 @@ class Backup:
         return {path: entry for path, entry in files.items()
                 if all(c.chunk_id in held for c in entry.chunks)}
 
+    def _is_small_new_file(self, item: Item) -> bool:
+        return (stat.S_ISREG(item.st.st_mode) and item.st.st_size <= SMALL_FILE
+                and not self._unchanged(item))
+
+    async def _add_small_files(self, items: list[Item], batch: Batch) -> Batch:
+        """Small files are read many to a thread hop; reading them one by one waits on each."""
+        for item, result in zip(items, await deferToThread(_read_small_files, items), strict=True):
+            if isinstance(result, OSError):
+                self.warn(f"cannot read {item.local}: {result.strerror}")
+                continue
+            found, file_hash = result
+            batch = await self._add_chunks(found, batch)
+            batch.files.append(FileEntry(kind="file", size=sum(ref.size for _, ref in found),
+                                         file_hash=file_hash, chunks=[ref for _, ref in found],
+                                         **_metadata(item)))
+            self._advance(files=1)
+        return batch
+
     async def _add(self, item: Item, batch: Batch) -> Batch:
         st = item.st
-        common = dict(path=item.name, mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns,
-                      ctime_ns=st.st_ctime_ns, inode=st.st_ino)
+        common = _metadata(item)
         if stat.S_ISDIR(st.st_mode):
             batch.files.append(FileEntry(kind="dir", **common))
         elif stat.S_ISLNK(st.st_mode):
