@@ -171,6 +171,10 @@ class Restore:
         pending: deque[defer.Deferred] = deque()
         try:
             async for ref, servers in self._chunks_of(snapshot_id, entry, holders):
+                # Never wait for a slot while holding fetched chunks: write them instead, so
+                # files that share the slots cannot all wait for each other.
+                while pending and not self.chunk_slots.tokens:
+                    await self._write_next(pending, f, hasher)
                 await self.chunk_slots.acquire()
                 pending.append(defer.ensureDeferred(self._fetch(ref, servers)))
                 while pending and (len(pending) >= FILE_WINDOW or pending[0].called):

@@ -230,3 +230,17 @@ async def test_unchanged_files_are_not_read_again(cluster, tmp_path, monkeypatch
     # Another set of paths is another history: nothing is taken from this one.
     other = await backup(cluster, "src/f1")
     assert other.unchanged == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_several_large_files_restore_at_once(cluster, tmp_path, monkeypatch):
+    """Files restored side by side share a window of chunks; none may wait for another."""
+    monkeypatch.chdir(tmp_path)
+    files = {f"src/big{i}": os.urandom(12 * 1024 * 1024 + i) for i in range(5)}
+    for name, data in files.items():
+        write(name, data)
+    await backup(cluster, "src")
+    result = await restore(cluster, tmp_path / "out")
+    assert result.errors == []
+    for name, data in files.items():
+        assert (tmp_path / "out" / name).read_bytes() == data
