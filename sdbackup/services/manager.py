@@ -7,13 +7,8 @@ to a listening endpoint, the catalog file and the catalog's thread.
 import os
 
 import attrs
-from twisted.application import service
 from twisted.internet import defer, task
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import Factory
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from sdbackup.paths import check_snapshot_path
 from sdbackup.placement import ServerLoad, place_chunks
@@ -34,6 +29,7 @@ from sdbackup.protocols.messages import (
 )
 from sdbackup.protocols.peer import MessageProtocol, RemoteError
 from sdbackup.services.catalog import Catalog
+from sdbackup.services.node import NodeService, close_all
 
 #: Free space is compared in steps of this many bytes when placing chunks.
 PLACEMENT_GRANULARITY = 1024**3
@@ -378,85 +374,38 @@ class Repairer:
             await task.deferLater(self.manager.clock, start - now)
 
 
-class ManagerService(service.MultiService):
-    """The manager process: a listener, the catalog and its thread."""
+class ManagerService(NodeService):
+    """The manager process: a listener, the catalog and its thread, liveness and repair."""
 
-    log = Logger()
+    name_for_logs = "sdbackup-manager"
 
     def __init__(self, listen: str, data: str, replicas: int = 2, dead_after: float = 15.0,
                  repair_interval: float = 5.0, repair_rate: float = 50 * MiB, reactor=None):
-        super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor
-        self.reactor = reactor
-        self.listen_description = listen
+        # One catalog thread: SQLite calls are serialised, never on the reactor.
+        super().__init__(listen, "sdbackup-catalog", 1, reactor)
         self.data = data
         self.replicas = replicas
         self.dead_after = dead_after
         self.repair_interval = repair_interval
         self.repair_rate = repair_rate
-        self.port = None
-        self._loops: list[task.LoopingCall] = []
         self.manager: Manager | None = None
-        self._db_pool = ThreadPool(minthreads=1, maxthreads=1, name="sdbackup-catalog")
-
-    def run_in_db(self, f, *args, **kwargs) -> defer.Deferred:
-        return deferToThreadPool(self.reactor, self._db_pool, f, *args, **kwargs)
 
     def startService(self):
         super().startService()
         catalog = Catalog(os.path.join(self.data, "catalog.sqlite"))
-        self.manager = Manager(catalog, self.run_in_db, self.reactor, self.replicas,
+        self.manager = Manager(catalog, self.run_in_pool, self.reactor, self.replicas,
                                self.dead_after, self.repair_rate)
-        self._db_pool.start()
-        self._every(max(self.dead_after / 4, 0.05), self.manager.check_liveness)
-        self._every(self.repair_interval, self.manager.repair.soon)
-        factory = Factory.forProtocol(lambda: MessageProtocol(self.manager, "manager"))
-        endpoint = serverFromString(self.reactor, self.listen_description)
-        self._listening = endpoint.listen(factory)
-        self._listening.addCallback(self._listened)
-        self._listening.addErrback(self._listen_failed)
+        self.every(max(self.dead_after / 4, 0.05), self.manager.check_liveness, "liveness")
+        self.every(self.repair_interval, self.manager.repair.soon, "repair")
+        self.listen(self.manager, "manager")
 
-    def _every(self, seconds: float, f):
-        loop = task.LoopingCall(f)
-        loop.clock = self.reactor
-        loop.start(seconds, now=False).addErrback(
-            lambda failure: self.log.failure("periodic {name} stopped", failure, name=f.__name__))
-        self._loops.append(loop)
-
-    def _listened(self, port):
-        self.port = port
+    def listened(self, port):
         self.log.info("sdbackup-manager listening on port {port}, catalog in {data}, "
                       "replication factor {replicas}",
                       port=port.getHost().port, data=self.data, replicas=self.replicas)
-        return port
 
-    def _listen_failed(self, failure):
-        self.log.failure("sdbackup-manager cannot listen on {listen}", failure,
-                         listen=self.listen_description)
-        # Under twistd this runs before the reactor starts: stop it once it has.
-        self.reactor.callWhenRunning(self.reactor.stop)
+    async def stopping(self):
+        close_all(self.manager.connections)
 
-    def when_listening(self) -> defer.Deferred:
-        """Fires with the listening port (tests read the ephemeral port number from it)."""
-        d = defer.Deferred()
-        self._listening.addCallback(lambda port: (d.callback(port), port)[1])
-        return d
-
-    async def _stop(self):
-        try:
-            for loop in self._loops:
-                if loop.running:
-                    loop.stop()
-            if self.port is not None:
-                await defer.maybeDeferred(self.port.stopListening)
-            for connection in list(self.manager.connections):
-                connection.transport.abortConnection()
-        finally:
-            self._db_pool.stop()  # waits for the catalog call under way; its threads would
-            self.manager.catalog.close()  # keep the process alive
-
-
-    def stopService(self):
-        super().stopService()
-        return defer.ensureDeferred(self._stop())
+    def stopped(self):
+        self.manager.catalog.close()

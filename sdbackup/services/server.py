@@ -13,13 +13,11 @@ and the disk thread pool.
 
 import errno
 
-from twisted.application import internet, service
+from twisted.application import internet
 from twisted.internet import defer, error, task
-from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Factory
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from sdbackup.protocols.messages import (
     ChunkData,
@@ -37,6 +35,7 @@ from sdbackup.protocols.messages import (
 )
 from sdbackup.protocols.peer import MessageProtocol, PeerPool, RemoteError
 from sdbackup.services.chunkstore import ChunkCorrupt, ChunkMissing, ChunkStore
+from sdbackup.services.node import NodeService, close_all
 
 #: Stores one connection may have under way before the server stops reading from it.
 MAX_STORES_PER_CONNECTION = 8
@@ -232,49 +231,35 @@ class StorageServer:
         self._stores_in_flight.pop(connection, None)
 
 
-class StorageService(service.MultiService):
+class StorageService(NodeService):
     """The storage server process."""
 
-    log = Logger()
+    name_for_logs = "sdbackup-server"
 
     def __init__(self, listen: str, data: str, manager: str, advertise: str | None = None,
                  heartbeat: float = 5.0, scrub_interval: float = 86400.0,
                  scrub_rate: float = 20 * MiB, reactor=None):
-        super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor
-        self.reactor = reactor
-        self.listen_description = listen
+        super().__init__(listen, "sdbackup-disk", 4, reactor)
         self.data = data
         self.manager_description = manager
         self.advertise = advertise
         self.heartbeat_interval = heartbeat
         self.scrub_interval = scrub_interval
         self.scrub_rate = scrub_rate
-        self.port = None
         self.server: StorageServer | None = None
         self.manager_link: internet.ClientService | None = None
-        self._disk_pool = ThreadPool(minthreads=1, maxthreads=4, name="sdbackup-disk")
         self._registered = defer.Deferred()
-        self._loops: list[task.LoopingCall] = []
-
-    def run_on_disk(self, f, *args, **kwargs) -> defer.Deferred:
-        return deferToThreadPool(self.reactor, self._disk_pool, f, *args, **kwargs)
+        self._scrubbing: defer.Deferred | None = None
 
     def startService(self):
         super().startService()
         store = ChunkStore(self.data)
-        self._disk_pool.start()
         # Shorter than the client's wait, so the client hears why a replica failed.
         self.peers = PeerPool(self.reactor, None, "server", request_timeout=FORWARD_TIMEOUT)
-        self.server = StorageServer(store, self.run_on_disk, self.peers, self.reactor)
-        factory = Factory.forProtocol(lambda: MessageProtocol(self.server, "server"))
-        d = serverFromString(self.reactor, self.listen_description).listen(factory)
-        d.addCallback(self._listened)
-        d.addErrback(self._failed, "cannot listen on " + self.listen_description)
+        self.server = StorageServer(store, self.run_in_pool, self.peers, self.reactor)
+        self.listen(self.server, "server")
 
-    def _listened(self, port):
-        self.port = port
+    def listened(self, port):
         bound = port.getHost().port
         self.server.address = self.advertise or f"tcp:localhost:{bound}"
         self.log.info("sdbackup-server listening on port {port} as {address}, data in {data}",
@@ -287,15 +272,9 @@ class StorageService(service.MultiService):
             prepareConnection=self._register,
         )
         self.manager_link.setServiceParent(self)
-        self._every(self.heartbeat_interval, self._send_heartbeat, "heartbeat")
+        self.every(self.heartbeat_interval, self._send_heartbeat, "heartbeat")
         self._scrubbing = defer.ensureDeferred(self._scrub_forever())
         self._scrubbing.addErrback(lambda f: f.trap(defer.CancelledError))
-
-    def _every(self, seconds: float, f, what: str):
-        loop = task.LoopingCall(f)
-        loop.clock = self.reactor
-        loop.start(seconds, now=False).addErrback(self._failed, f"{what} stopped")
-        self._loops.append(loop)
 
     @property
     def store(self) -> ChunkStore:
@@ -351,32 +330,8 @@ class StorageService(service.MultiService):
             except Exception:
                 self.log.failure("scrub pass failed")
 
-    def _failed(self, failure, what):
-        self.log.failure("sdbackup-server: {what}", failure, what=what)
-        # Under twistd this runs before the reactor starts: stop it once it has.
-        self.reactor.callWhenRunning(self.reactor.stop)
-
-    async def _stop(self):
-        try:
-            for loop in self._loops:
-                if loop.running:
-                    loop.stop()
-            if getattr(self, "_scrubbing", None) is not None:
-                self._scrubbing.cancel()
-            if self.port is not None:
-                await defer.maybeDeferred(self.port.stopListening)
-            # Nobody may wait on a server that no longer works.
-            for connection in list(self.server.connections):
-                connection.transport.abortConnection()
-            await self.peers.close()
-        finally:
-            self._disk_pool.stop()  # its threads would keep the process alive
-
-    def stopService(self):
-        stopped = super().stopService()
-
-        async def stop_all():
-            await stopped
-            await self._stop()
-
-        return defer.ensureDeferred(stop_all())
+    async def stopping(self):
+        if self._scrubbing is not None:
+            self._scrubbing.cancel()
+        close_all(self.server.connections)
+        await self.peers.close()

@@ -40,7 +40,7 @@ async def test_a_silent_server_is_declared_dead_and_alive_again(cluster):
         loop.stop()  # it stays connected but sends no heartbeat
     await cluster.until(lambda: address not in cluster.manager.manager.live, what="death")
     # It reconnects (the manager closed its link) and registers: alive again.
-    server._every(0.2, server._send_heartbeat, "heartbeat")
+    server.every(0.2, server._send_heartbeat, "heartbeat")
     await cluster.until(lambda: address in cluster.manager.manager.live, what="return")
 
 
