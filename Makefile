@@ -27,8 +27,10 @@ lint: $(VENV)/.test-installed
 test: $(VENV)/.test-installed lint
 	$(BIN)/python -m pytest
 
+# Not part of `make test`: several minutes, a real cluster, restic and borg (apt-get installs
+# them when missing). Options go through BENCH_ARGS, e.g. make bench BENCH_ARGS="--size-mib 256".
 bench: $(VENV)/.test-installed
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/bench.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache
