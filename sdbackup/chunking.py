@@ -10,7 +10,7 @@ about 1,200 MiB/s here.
 A file is read ``READ_SIZE`` bytes at a time: every chunk that ends before
 the end of what was read is final (a cut depends only on the bytes since the
 chunk began), and the unfinished tail waits for the next read. Memory stays
-at about ``READ_SIZE + MAX_SIZE`` whatever the file's size.
+at a few times ``READ_SIZE`` whatever the file's size.
 """
 
 from collections.abc import Iterator
@@ -21,7 +21,7 @@ from fastcdc import fastcdc
 MIN_SIZE = 256 * 1024
 AVG_SIZE = 1024 * 1024
 MAX_SIZE = 4 * 1024 * 1024
-READ_SIZE = 8 * 1024 * 1024
+READ_SIZE = 4 * 1024 * 1024
 
 
 def cut(data: bytes, final: bool) -> tuple[list[memoryview], bytes]:

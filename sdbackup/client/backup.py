@@ -44,9 +44,9 @@ from sdbackup.protocols.peer import RemoteError
 
 BATCH_BYTES = 8 * 1024 * 1024
 BATCH_CHUNKS = 256
-BATCHES_IN_FLIGHT = 4
+BATCHES_IN_FLIGHT = 2
 #: Chunks sent in one StoreChunks: at most this many bytes (a larger chunk goes alone) ...
-PACK_BYTES = 4 * 1024 * 1024
+PACK_BYTES = 1024 * 1024
 #: ... and this many chunks.
 PACK_CHUNKS = 128
 #: Files up to this size are read many at a time, up to SMALL_FILES_AT_ONCE to a thread hop.
