@@ -37,19 +37,35 @@ def check_snapshot_path(path: str) -> str:
     return path
 
 
-def target_path(target: str, path: str) -> str:
-    """Where ``path`` of a snapshot lands under ``target``, never outside it.
+class TargetFolder:
+    """Where the paths of a snapshot land under a restore's target, never outside it.
 
-    Checks the name, then that the folder it will be written in resolves
-    (following any links already on disk) inside the target.
+    Each name is checked, then that the folder it will be written in resolves
+    (following any links already on disk) inside the target. A folder found
+    safe is remembered for the rest of the restore, which creates links last.
     """
-    check_snapshot_path(path)
-    root = os.path.realpath(target)
-    destination = os.path.join(root, *path.split("/"))
-    parent = os.path.realpath(os.path.dirname(destination))
-    if parent != root and not parent.startswith(root.rstrip(os.sep) + os.sep):
-        raise UnsafePath(f"{path!r} would be written outside {target} (through a link)")
-    return destination
+
+    def __init__(self, target: str):
+        self.target = target
+        self.root = os.path.realpath(target)
+        self._inside = self.root.rstrip(os.sep) + os.sep
+        self._safe = {self.root}
+
+    def path_for(self, path: str) -> str:
+        check_snapshot_path(path)
+        destination = os.path.join(self.root, *path.split("/"))
+        parent = os.path.dirname(destination)
+        if parent not in self._safe:
+            real = os.path.realpath(parent)
+            if real != self.root and not real.startswith(self._inside):
+                raise UnsafePath(f"{path!r} would be written outside {self.target} (through a link)")
+            self._safe.add(parent)
+        return destination
+
+
+def target_path(target: str, path: str) -> str:
+    """Where ``path`` of a snapshot lands under ``target``, never outside it."""
+    return TargetFolder(target).path_for(path)
 
 
 def path_in_include(path: str, includes: list[str]) -> bool:

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from sdbackup import hashing
 from sdbackup.client.progress import Progress
 from sdbackup.client.session import ClientError, Session
-from sdbackup.paths import UnsafePath, path_in_include, target_path
+from sdbackup.paths import TargetFolder, UnsafePath, path_in_include
 from sdbackup.protocols.messages import ChunkRef, FetchChunk, FileEntry, ListChunks, ListFiles
 
 #: Chunks being fetched at once, across all files: bounds memory.
@@ -31,6 +31,9 @@ FILE_WINDOW = 8
 #: Files restored at once (many small files are bound by round trips, not bytes).
 FILES_AT_ONCE = 16
 PAGE = 1000
+#: Files of at most this size (all their chunks listed) are fetched whole, then written
+#: in one thread hop.
+SMALL_FILE = 1024 * 1024
 
 
 @attrs.define
@@ -60,6 +63,16 @@ async def list_snapshot(session: Session, ref: str):
 def _write_chunk(f, hasher, data: bytes):
     f.write(data)
     hasher.update(data)
+
+
+def _write_small_file(temp: str, destination: str, entry: FileEntry, pieces: list[bytes]):
+    """A whole small file in one thread hop: write, check its hash, put it in place."""
+    hasher = hashing.file_hasher()
+    with open(temp, "wb") as f:
+        for piece in pieces:
+            f.write(piece)
+            hasher.update(piece)
+    _finish_file(f, temp, destination, entry, hasher.hexdigest())
 
 
 def _finish_file(f, temp: str, destination: str, entry: FileEntry, digest: str):
@@ -101,6 +114,8 @@ class Restore:
         self.session = session
         self.snapshot = snapshot
         self.target = os.path.abspath(target)
+        self.folder: TargetFolder | None = None
+        self._made: set[str] = set()  # folders known to exist
         self.includes = [i.strip("/") for i in includes]
         self.progress = progress
         self.chunk_slots = defer.DeferredSemaphore(CHUNKS_IN_FLIGHT)
@@ -109,6 +124,7 @@ class Restore:
 
     async def run(self) -> RestoreResult:
         os.makedirs(self.target, exist_ok=True)
+        self.folder = TargetFolder(self.target)
         result = RestoreResult(snapshot_id="")
         folders: list[FileEntry] = []
         links: list[FileEntry] = []
@@ -119,7 +135,7 @@ class Restore:
                 if not path_in_include(entry.path, self.includes):
                     continue
                 try:
-                    destination = target_path(self.target, entry.path)
+                    destination = self.folder.path_for(entry.path)
                 except UnsafePath as e:
                     result.errors.append(str(e))
                     continue
@@ -140,7 +156,7 @@ class Restore:
             self._restore_link(entry, result)
         # Folders last and deepest first: writing into a folder changes its mtime.
         for entry in sorted(folders, key=lambda e: e.path.count("/"), reverse=True):
-            destination = target_path(self.target, entry.path)
+            destination = self.folder.path_for(entry.path)
             os.chmod(destination, entry.mode)
             os.utime(destination, ns=(entry.mtime_ns, entry.mtime_ns))
         if not result.snapshot_id:
@@ -178,12 +194,16 @@ class Restore:
             seq += len(page.chunks)
 
     async def _restore_file(self, snapshot_id: str, entry: FileEntry, holders: dict):
-        destination = target_path(self.target, entry.path)
-        os.makedirs(os.path.dirname(destination), exist_ok=True)
-        destination = target_path(self.target, entry.path)  # re-check once folders exist
-        temp = os.path.join(os.path.dirname(destination),
-                            f".{os.path.basename(destination)}.sdbackup-{os.getpid()}")
-        f = open(temp, "wb")
+        destination = self.folder.path_for(entry.path)
+        parent = os.path.dirname(destination)
+        if parent not in self._made:
+            os.makedirs(parent, exist_ok=True)
+            self._made.add(parent)
+        temp = os.path.join(parent, f".{os.path.basename(destination)}.sdbackup-{os.getpid()}")
+        if entry.size <= SMALL_FILE and entry.chunk_count == len(entry.chunks):
+            await self._restore_small_file(entry, holders, temp, destination)
+            return
+        f = await deferToThread(open, temp, "wb")
         hasher = hashing.file_hasher()
         pending: deque[defer.Deferred] = deque()
         try:
@@ -207,6 +227,24 @@ class Restore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
             raise
+
+    async def _restore_small_file(self, entry: FileEntry, holders: dict, temp: str,
+                                  destination: str):
+        pieces = []
+        for ref in entry.chunks:
+            await self.chunk_slots.acquire()
+            try:
+                pieces.append(await self._fetch(ref, holders.get(ref.chunk_id, [])))
+            finally:
+                self.chunk_slots.release()
+        try:
+            await deferToThread(_write_small_file, temp, destination, entry, pieces)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+        if self.progress is not None:
+            self.progress.advance(size=entry.size)
 
     async def _write_next(self, pending: deque, f, hasher):
         d = pending.popleft()
@@ -232,7 +270,10 @@ class Restore:
             except Exception as e:
                 reasons.append(f"{server}: {getattr(e, 'reason', None) or e}")
                 continue
-            if await deferToThread(_verify, ref, reply.checksum, reply.payload):
+            # Hashing a small payload costs less than a thread hop.
+            verified = (_verify(ref, reply.checksum, reply.payload) if ref.size <= 256 * 1024
+                        else await deferToThread(_verify, ref, reply.checksum, reply.payload))
+            if verified:
                 return reply.payload
             reasons.append(f"{server}: copy does not match its checksum")
         raise ChunkUnavailable(
@@ -240,7 +281,7 @@ class Restore:
 
     def _restore_link(self, entry: FileEntry, result: RestoreResult):
         try:
-            destination = target_path(self.target, entry.path)
+            destination = self.folder.path_for(entry.path)
             if os.path.lexists(destination) and not os.path.isdir(destination):
                 os.unlink(destination)
             os.symlink(entry.link_target, destination)

@@ -62,8 +62,9 @@ class StorageServer:
         self.manager: MessageProtocol | None = None
         self._stores_in_flight: dict[MessageProtocol, int] = {}
         self.connections: set[MessageProtocol] = set()  # closed when the service stops
-        self._added: list[str] = []
-        self._corrupt: list[str] = []
+        # News for the manager not sent yet, in order (dicts used as ordered sets).
+        self._added: dict[str, None] = {}
+        self._corrupt: dict[str, None] = {}
         self._flush_call = None
 
     # --- storing ---------------------------------------------------------------
@@ -197,25 +198,31 @@ class StorageServer:
 
     async def send_inventory(self, connection: MessageProtocol):
         """Every chunk held here, in pages: the manager makes its records match."""
-        self._added.clear()  # the listing below covers them (and later ones are told later)
+        # The listing below covers the chunks added and quarantined so far; a notice about
+        # them sent later could only undo what the manager learns from it.
+        self._added.clear()
+        self._corrupt.clear()
         chunk_ids = await self.disk(lambda: list(self.store.chunk_ids()))
         for start in range(0, max(len(chunk_ids), 1), INVENTORY_PAGE):
             page = chunk_ids[start : start + INVENTORY_PAGE]
             final = start + INVENTORY_PAGE >= len(chunk_ids)
             await connection.request(ChunkInventory(chunk_ids=page, final=final))
 
-    def _notify(self, pending: list, chunk_id: str):
-        pending.append(chunk_id)
+    def _notify(self, pending: dict, chunk_id: str):
+        """Tell the manager soon; the latest news of a chunk replaces any not yet sent."""
+        self._added.pop(chunk_id, None)
+        self._corrupt.pop(chunk_id, None)
+        pending[chunk_id] = None
         if self._flush_call is None or not self._flush_call.active():
             self._flush_call = self.clock.callLater(NOTIFY_DELAY, self._flush)
 
     def _flush(self):
-        added, self._added = self._added, []
-        corrupt, self._corrupt = self._corrupt, []
+        added, self._added = list(self._added), {}
+        corrupt, self._corrupt = list(self._corrupt), {}
         manager = self.manager
         if manager is None or not manager.connected:
             return  # the inventory sent on reconnecting tells the manager all of it
-        for kind, ids in ((ChunksAdded, added), (ChunksCorrupt, corrupt)):
+        for kind, ids in ((ChunksCorrupt, corrupt), (ChunksAdded, added)):
             for start in range(0, len(ids), INVENTORY_PAGE):
                 manager.send(kind(chunk_ids=ids[start : start + INVENTORY_PAGE]))
 

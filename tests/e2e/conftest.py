@@ -16,6 +16,15 @@
 * ``no_errors_in_cluster_logs`` (autouse) fails a test during which any cluster
   process logged an error, a critical event or a traceback — what the in-process
   ``logged_errors`` fixture does for tests that run the services in pytest.
+* ``start_cluster(...)`` (one or more clusters per test, for the tests that break
+  them) starts a cluster with extra options for the manager and the servers, by
+  default the short timings of ``FAST_MANAGER_OPTIONS`` and ``FAST_SERVER_OPTIONS``;
+  at teardown it stops every process and fails the test if any of them logged an
+  error or a traceback. ``Cluster.kill`` SIGKILLs one process,
+  ``Cluster.restart_server`` starts a server again on its port with its data
+  folder, ``Cluster.kill_manager`` / ``Cluster.start_manager_again`` do the same
+  for the manager, and ``Cluster.start_sdbackup`` runs the command in the
+  background (a ``Running`` to wait for).
 """
 
 import contextlib
@@ -45,6 +54,11 @@ STOP_TIMEOUT = 10.0
 #: Seconds between a storage server's heartbeats (status shows fresh counts soon).
 HEARTBEAT = 0.5
 SERVERS = 3
+#: Short timings for the failure tests: servers seen dead in 1.5 s, repaired within a second
+#: or two, every chunk re-hashed every second.
+FAST_SERVER_OPTIONS = ("--heartbeat", 0.3, "--scrub-interval", 1, "--scrub-rate", 500)
+FAST_MANAGER_OPTIONS = ("--dead-after", 1.5, "--repair-interval", 0.5, "--repair-rate", 500)
+LOCALHOST = "interface=127.0.0.1"
 
 MANAGER_LISTENING = re.compile(r"sdbackup-manager listening on port (\d+)")
 SERVER_LISTENING = re.compile(r"sdbackup-server listening on port (\d+) as ([^\s,]+)")
@@ -199,6 +213,12 @@ class Cluster:
     manager_port: int = 0
     servers: list[Server] = attrs.Factory(list)
     stopped: list[Process] = attrs.Factory(list)
+    #: Extra ``twistd sdbackup-manager`` / ``sdbackup-server`` options (a server's own
+    #: ``--heartbeat`` replaces the default ``HEARTBEAT``).
+    manager_options: list = attrs.Factory(list)
+    server_options: list = attrs.Factory(list)
+    #: Commands started with ``start_sdbackup``; ``stop`` kills any still running.
+    clients: list = attrs.Factory(list)
 
     @property
     def manager_data(self) -> Path:
@@ -217,10 +237,7 @@ class Cluster:
         self.start_manager("tcp:0:interface=127.0.0.1")
         for index in range(servers):  # start them all, then wait: they boot in parallel
             data = self.root / f"data_{index}"
-            process = self._twistd(f"server{index}", [
-                "sdbackup-server", "--listen", "tcp:0:interface=127.0.0.1", "--data", data,
-                "--manager", self.manager_endpoint, "--heartbeat", HEARTBEAT,
-            ])
+            process = self._start_server(f"server{index}", data, "tcp:0:interface=127.0.0.1")
             self.servers.append(Server(f"server{index}", process, data))
         for server in self.servers:
             listening = server.process.wait_for(SERVER_LISTENING)
@@ -230,8 +247,17 @@ class Cluster:
     def start_manager(self, listen: str):
         self.manager = self._twistd("manager", [
             "sdbackup-manager", "--listen", listen, "--data", self.manager_data,
+            *self.manager_options,
         ])
         self.manager_port = int(self.manager.wait_for(MANAGER_LISTENING).group(1))
+
+    def _start_server(self, name: str, data: Path, listen: str) -> Process:
+        options = [str(o) for o in self.server_options]
+        heartbeat = [] if "--heartbeat" in options else ["--heartbeat", HEARTBEAT]
+        return self._twistd(name, [
+            "sdbackup-server", "--listen", listen, "--data", data,
+            "--manager", self.manager_endpoint, *heartbeat, *options,
+        ])
 
     def _twistd(self, name: str, args: list) -> Process:
         return Process(name, [TWISTD, "-n", "--pidfile=", *args], cwd=self.root,
@@ -252,6 +278,62 @@ class Cluster:
         self.start_manager(f"tcp:{self.manager_port}:interface=127.0.0.1")
         return marks
 
+    # --- failures ------------------------------------------------------------------
+
+    def server_marks(self) -> dict:
+        """Marks for ``wait_registered_since``: where each server's output is now."""
+        return {s.name: s.process.mark() for s in self.servers}
+
+    @staticmethod
+    def kill(process: Process) -> int:
+        """SIGKILL ``process`` (no clean shutdown: a crash) and wait until it is gone."""
+        process.popen.kill()
+        return process.popen.wait(STOP_TIMEOUT)
+
+    def kill_manager(self) -> dict:
+        """SIGKILL the manager; returns marks for ``wait_registered_since``."""
+        marks = self.server_marks()
+        self.kill(self.manager)
+        return marks
+
+    def start_manager_again(self):
+        """Start the (dead) manager again with its data folder, on the port it listened on."""
+        old = self.manager
+        assert not old.running(), "the manager is still running"
+        port = int(old.wait_for(MANAGER_LISTENING, timeout=0).group(1))
+        old.stop()  # closes its log; the new process appends to the same file
+        self.stopped.append(old)
+        self.start_manager(f"tcp:{port}:{LOCALHOST}")
+
+    def restart_server(self, server: Server, timeout: float = START_TIMEOUT):
+        """Start a dead server again with the same data folder, on the port it listened on.
+
+        The port is read from the old process's ``listening on port N`` line; returns once
+        the new process has registered with the manager (its chunk inventory sent).
+        """
+        old = server.process
+        assert not old.running(), f"{server.name} is still running"
+        port = int(old.wait_for(SERVER_LISTENING, timeout=0).group(1))
+        old.stop()
+        self.stopped.append(old)
+        server.process = self._start_server(server.name, server.data, f"tcp:{port}:{LOCALHOST}")
+        listening = server.process.wait_for(SERVER_LISTENING, timeout)
+        assert int(listening.group(1)) == port, listening.group(0)
+        server.port, server.address = port, listening.group(2)
+        server.process.wait_for(SERVER_REGISTERED, timeout)
+
+    def start_sdbackup(self, *args, cwd: Path) -> "Running":
+        """Start ``sdbackup ARGS`` in the background (output to files under the cluster root)."""
+        args = [str(a) for a in args]
+        name = f"client{len(self.clients)}"
+        out, err = self.root / f"{name}.stdout", self.root / f"{name}.stderr"
+        with open(out, "wb") as stdout, open(err, "wb") as stderr:
+            popen = subprocess.Popen(self.command(*args), cwd=cwd, env=self.client_env(),
+                                     stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+        running = Running(args, popen, out, err)
+        self.clients.append(running)
+        return running
+
     def wait_registered_since(self, marks: dict, timeout: float = START_TIMEOUT):
         """Wait until each server logged a registration after its line ``marks[name]``."""
         for server in self.servers:
@@ -260,6 +342,10 @@ class Cluster:
 
     def stop(self):
         problems = []
+        for client in self.clients:
+            if client.popen.poll() is None:
+                client.popen.kill()
+                client.popen.wait(STOP_TIMEOUT)
         for process in self.processes():
             try:
                 process.stop()
@@ -296,6 +382,31 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(f"=== {p.name}\n{p.output()}" for p in self.processes())
+
+
+@attrs.define
+class Running:
+    """An ``sdbackup`` command running in the background."""
+
+    args: list
+    popen: subprocess.Popen
+    stdout_path: Path
+    stderr_path: Path
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait(self, timeout: float = COMMAND_TIMEOUT) -> Result:
+        """Its ``Result`` once it exits; kills it and fails the test after ``timeout`` s."""
+        try:
+            returncode = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(STOP_TIMEOUT)
+            pytest.fail(f"sdbackup {' '.join(self.args)} did not finish within {timeout} s:\n"
+                        f"{self.stdout_path.read_text()}{self.stderr_path.read_text()}")
+        return Result(self.args, returncode, self.stdout_path.read_text(encoding="utf-8"),
+                      self.stderr_path.read_text(encoding="utf-8"))
 
 
 def run_sdbackup(*args, cwd: Path, env: dict, check: bool = True,
@@ -346,3 +457,38 @@ def no_errors_in_cluster_logs(request):
     if errors:
         pytest.fail("cluster processes logged errors during the test:\n" + "".join(errors)
                     + "\n" + running.logs())
+
+
+@pytest.fixture
+def start_cluster(tmp_path_factory):
+    """``start_cluster(servers=3, manager_options=..., server_options=...)`` -> a started ``Cluster``.
+
+    For tests that kill, restart and damage a cluster: each test gets its own, with the
+    short timings of ``FAST_MANAGER_OPTIONS`` and ``FAST_SERVER_OPTIONS`` unless told
+    otherwise. Teardown stops every process (any still running, killed or restarted) and
+    fails the test if any of them logged an error, a critical event or a traceback.
+    """
+    clusters: list[Cluster] = []
+
+    def start(servers: int = SERVERS, manager_options=FAST_MANAGER_OPTIONS,
+              server_options=FAST_SERVER_OPTIONS) -> Cluster:
+        started = Cluster(tmp_path_factory.mktemp("cluster"), manager_options=list(manager_options),
+                          server_options=list(server_options))
+        clusters.append(started)
+        started.start(servers)
+        return started
+
+    yield start
+    problems, errors = [], []
+    for started in clusters:
+        try:
+            started.stop()
+        except Exception as e:  # stop the others all the same
+            problems.append(repr(e))
+        for process in started.stopped + started.processes():
+            errors.extend(f"{process.name}: {line}" for line in process.errors_since(0))
+    assert not problems, f"could not stop the cluster: {problems}"
+    if errors:
+        logs = "\n".join(f"=== {p.name}\n{p.output()}" for c in clusters
+                         for p in c.stopped + c.processes())
+        pytest.fail("cluster processes logged errors:\n" + "".join(errors) + "\n" + logs)
