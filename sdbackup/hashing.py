@@ -4,7 +4,8 @@
 * ``checksum`` covers the bytes a server receives and holds: every hop
   verifies it.
 
-Today both are BLAKE3 of the same plaintext bytes, so they are equal. When
+Today both are BLAKE3 of the same plaintext bytes, so they are equal (and the
+client hashes each chunk once). When
 client-side encryption arrives the id becomes a keyed hash of the plaintext and
 the checksum covers the ciphertext; nothing on the wire has to change.
 

@@ -52,6 +52,7 @@ PACK_CHUNKS = 128
 #: Files up to this size are read many at a time, up to SMALL_FILES_AT_ONCE to a thread hop.
 SMALL_FILE = 1024 * 1024
 SMALL_FILES_AT_ONCE = 64
+SMALL_FILES_BYTES = 4 * 1024 * 1024
 #: Chunk ids asked about at once when checking what the previous snapshot still has.
 HAS_CHUNKS_PAGE = 50_000
 #: Placements a chunk gets before the backup gives up on it.
@@ -139,7 +140,10 @@ def _next_chunks(chunker: FileChunker, hasher) -> list[tuple[bytes, ChunkRef]]:
     for piece in chunker.next_chunks():
         hasher.update(piece)
         data = bytes(piece)
-        found.append((data, ChunkRef(hashing.chunk_id(data), len(data), hashing.checksum(data))))
+        chunk_id = hashing.chunk_id(data)
+        # Chunks travel and rest as plaintext today, so the checksum of the bytes a server
+        # holds is the chunk id itself: hashed once, not twice (hashing.py says why).
+        found.append((data, ChunkRef(chunk_id, len(data), chunk_id)))
     return found
 
 
@@ -198,15 +202,17 @@ class Backup:
         batch = Batch()
         try:
             small: list[Item] = []
+            small_bytes = 0
             for item in items:
                 if self._is_small_new_file(item):
                     small.append(item)
-                    if len(small) < SMALL_FILES_AT_ONCE:
+                    small_bytes += item.st.st_size
+                    if len(small) < SMALL_FILES_AT_ONCE and small_bytes < SMALL_FILES_BYTES:
                         continue
                     item = None
                 if small:
                     batch = await self._add_small_files(small, batch)
-                    small = []
+                    small, small_bytes = [], 0
                 if item is not None:
                     batch = await self._add(item, batch)
             if small:
