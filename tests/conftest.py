@@ -110,6 +110,12 @@ class Cluster:
                 raise AssertionError(f"{what} did not happen within {timeout} s")
             await task.deferLater(reactor, 0.05)
 
+    async def stop_server(self, server: StorageService):
+        """Stop a server and wait until the manager counts it dead."""
+        await server.stopService()
+        await self.until(lambda: server.server.address not in self.manager.manager.live,
+                         what="the manager seeing the death")
+
     async def chunk_health(self) -> tuple[int, int, int]:
         """``(chunks in use, under-replicated, missing)`` as the manager counts them now."""
         manager = self.manager.manager

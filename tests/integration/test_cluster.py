@@ -4,7 +4,6 @@ import io
 import os
 
 import pytest_twisted
-from twisted.internet import reactor, task
 
 from sdbackup import hashing
 from sdbackup.chunking import read_chunks
@@ -200,9 +199,7 @@ async def test_long_chunk_lists_travel_in_parts(cluster, tmp_path, monkeypatch):
 async def test_too_few_servers_is_said_clearly(cluster, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for server in cluster.servers[1:]:
-        await server.stopService()
-    while len(cluster.manager.manager.live) > 1:  # the manager sees the links close
-        await task.deferLater(reactor, 0.01)
+        await cluster.stop_server(server)
     write("src/a", b"one copy only")
     result = await backup(cluster, "src")
     assert any("only 1 of 2 copies" in w for w in result.warnings)

@@ -51,9 +51,7 @@ async def test_chunks_of_a_dead_server_are_copied_back_to_two(cluster, tmp_path,
     write("src/a", data)
     await backup(cluster, "src")
     victim = max(cluster.servers, key=lambda s: s.store.count())
-    await victim.stopService()
-    await cluster.until(lambda: victim.server.address not in cluster.manager.manager.live,
-                        what="the manager seeing the death")
+    await cluster.stop_server(victim)
     await cluster.until(lambda: fully_replicated(cluster), what="re-replication")
     assert set(copies(cluster).values()) == {2}
     assert len(copies(cluster)) == len(chunk_ids_of(data))
@@ -141,9 +139,7 @@ async def test_a_server_back_with_an_empty_folder_is_refilled(cluster, tmp_path,
     index = max(range(3), key=lambda i: cluster.servers[i].store.count())
     victim = cluster.servers[index]
     port = victim.port.getHost().port
-    await victim.stopService()
-    await cluster.until(lambda: victim.server.address not in cluster.manager.manager.live,
-                        what="the manager seeing the death")
+    await cluster.stop_server(victim)
     shutil.rmtree(victim.store.root)
     await cluster.add_server(index, f"tcp:{port}")
     await cluster.until(lambda: fully_replicated(cluster), what="repair")
