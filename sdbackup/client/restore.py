@@ -70,8 +70,7 @@ def _write_small_file(temp: str, destination: str, entry: FileEntry, pieces: lis
     hasher = hashing.file_hasher()
     with open(temp, "wb") as f:
         for piece in pieces:
-            f.write(piece)
-            hasher.update(piece)
+            _write_chunk(f, hasher, piece)
     _finish_file(f, temp, destination, entry, hasher.hexdigest())
 
 

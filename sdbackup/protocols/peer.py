@@ -46,10 +46,6 @@ class RemoteError(Exception):
         return self.args[0]
 
 
-class ProtocolError(Exception):
-    """The peer broke the protocol; the connection is closed."""
-
-
 class MessageProtocol(FrameReceiver):
     """Frames in, messages out; requests get Deferreds, answers resolve them."""
 

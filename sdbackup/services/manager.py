@@ -145,6 +145,11 @@ class Manager:
         server.connection.transport.abortConnection()
         self.repair.soon()
 
+    def loads(self, excluding=()) -> list[ServerLoad]:
+        """What placement needs to know of the live servers, but those in ``excluding``."""
+        return [ServerLoad(s.address, s.free_bytes, s.assigned) for s in self.live.values()
+                if s.address not in excluding]
+
     def check_liveness(self):
         """Declare dead every server silent for longer than ``dead_after`` seconds."""
         now = self._now()
@@ -161,8 +166,7 @@ class Manager:
         wanted = {c.chunk_id: c.size for c in msg.chunks if c.chunk_id not in known_set}
         if wanted and not self.live:
             raise RemoteError("no storage server is alive", "not-enough-servers")
-        loads = [ServerLoad(s.address, s.free_bytes, s.assigned) for s in self.live.values()
-                 if s.address not in msg.exclude]
+        loads = self.loads(excluding=msg.exclude)
         if wanted and not loads:
             raise RemoteError("no usable storage server is alive", "not-enough-servers")
         count = min(self.replicas, len(loads))
@@ -332,8 +336,7 @@ class Repairer:
 
     async def _copy(self, chunk_id: str, size: int, holders: list[str], wanted: int) -> bool:
         manager = self.manager
-        loads = [ServerLoad(s.address, s.free_bytes, s.assigned) for s in manager.live.values()
-                 if s.address not in holders]
+        loads = manager.loads(excluding=holders)
         need = min(wanted - len(holders), len(loads))
         if need < 1:
             return False
