@@ -32,6 +32,12 @@ def chunk_id(data: bytes) -> str:
     return blake3.blake3(data).hexdigest()
 
 
+def object_id(kind: str, data: bytes) -> str:
+    """The id of a tree, chunk list or snapshot object: BLAKE3 in key-derivation mode with
+    a context per kind, so no object id can equal a file chunk's id or another kind's."""
+    return blake3.blake3(data, derive_key_context=f"sdbackup 2026-11 {kind} object id").hexdigest()
+
+
 def file_hasher() -> "blake3.blake3":
     """An incremental hasher for a whole file's contents."""
     return blake3.blake3()

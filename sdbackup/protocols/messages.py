@@ -17,7 +17,7 @@ from attrs.validators import deep_iterable, ge, in_, instance_of, le
 
 from sdbackup.hashing import is_hex_digest
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: The largest chunk a client may send; with CDC this is the maximum chunk size.
 MAX_CHUNK_SIZE = 8 * 1024 * 1024
@@ -43,6 +43,9 @@ def _hex_digests(instance, attribute, value):
 
 
 _int = instance_of(int)
+#: What a stored chunk is (``sdbackup.objects.Kind``): raw file data, or an object.
+CHUNK_KINDS = ("data", "tree", "list", "snapshot")
+_kind = field(default="data", validator=in_(CHUNK_KINDS))
 _non_negative = [_int, ge(0)]
 _str = instance_of(str)
 _bool = instance_of(bool)
@@ -111,52 +114,39 @@ class ChunkRef(Record):
 
 
 @frozen
-class StoredChunk(Record):
-    """A chunk the client has seen confirmed by every server in ``holders``."""
+class SnapshotSummary(Record):
+    """A snapshot as the manager's index lists it (read from its object on the servers).
 
-    chunk_id: str = field(validator=_hex_digest)
-    size: int = field(validator=[_int, ge(0), le(MAX_CHUNK_SIZE)])
-    checksum: str = field(validator=_hex_digest)
-    holders: list = field(validator=_strings)
-
-
-FILE_KINDS = ("file", "dir", "symlink")
-
-
-@frozen
-class FileEntry(Record):
-    """A file, folder or symbolic link of a snapshot, with what restores it.
-
-    A large file's chunk list does not travel whole: ``chunks`` holds the
-    ones from ``first_chunk`` on (the earlier ones were sent with
-    ``StageChunks``), and a listing holds the first ones of ``chunk_count``
-    (the rest come with ``ListChunks``). Memory and frames stay bounded
-    whatever the file's size.
+    ``paths`` are escaped with ``sdbackup.names.escape`` (names are bytes).
     """
 
-    path: str = field(validator=_str)
-    kind: str = field(validator=in_(FILE_KINDS))
-    mode: int = field(validator=_non_negative)
-    mtime_ns: int = field(validator=_int)
-    size: int = field(default=0, validator=_non_negative)
-    file_hash: str = field(default="", validator=_str)
-    link_target: str = field(default="", validator=_str)
-    chunks: list = field(factory=list, converter=_records(ChunkRef))
-    first_chunk: int = field(default=0, validator=_non_negative)
-    chunk_count: int = field(default=0, validator=_non_negative)
-    #: With size and mtime, what tells a later backup that the file is unchanged.
-    ctime_ns: int = field(default=0, validator=_int)
-    inode: int = field(default=0, validator=_non_negative)
-
-
-@frozen
-class SnapshotSummary(Record):
-    snapshot_id: str = field(validator=_str)
+    snapshot_id: str = field(validator=_hex_digest)
     time: float = field(validator=instance_of((int, float)))
     host: str = field(validator=_str)
     paths: list = field(validator=_strings)
-    files: int = field(validator=_non_negative)
-    bytes: int = field(validator=_non_negative)
+    tree: str = field(validator=_hex_digest)
+    tags: list = field(factory=list, validator=_strings)
+    parent: str = field(default="", validator=_str)
+    files: int = field(default=0, validator=_non_negative)
+    dirs: int = field(default=0, validator=_non_negative)
+    bytes: int = field(default=0, validator=_non_negative)
+
+
+@frozen
+class HeldChunk(Record):
+    """A chunk a server holds, and the size of its payload."""
+
+    chunk_id: str = field(validator=_hex_digest)
+    size: int = field(validator=[_int, ge(0), le(MAX_CHUNK_SIZE)])
+
+    def to_wire(self):
+        return [self.chunk_id, self.size]
+
+    @classmethod
+    def from_wire(cls, value):
+        if not isinstance(value, list) or len(value) != 2:
+            raise ValueError("a held chunk is [chunk_id, size]")
+        return cls(*value)
 
 
 @frozen
@@ -250,6 +240,7 @@ class StoreChunk(Message):
     chunk_id: str = field(default="", validator=_hex_digest)
     checksum: str = field(default="", validator=_hex_digest)
     forward_to: list = field(factory=list, validator=_strings)
+    kind: str = _kind
     payload: bytes = _payload
 
 
@@ -279,6 +270,7 @@ class ChunkData(Message):
     request_id: int = _request_id
     chunk_id: str = field(default="", validator=_hex_digest)
     checksum: str = field(default="", validator=_hex_digest)
+    kind: str = _kind
     payload: bytes = _payload
 
 
@@ -296,10 +288,15 @@ class RegisterServer(Message):
 @message(21)
 @frozen
 class ChunkInventory(Message):
-    """A page of the chunks a server holds; ``final`` closes the report."""
+    """A page of what a server holds; ``final`` closes the report.
+
+    ``snapshots`` are the snapshot objects among them: from these the manager
+    rebuilds its list of snapshots when its catalog is lost.
+    """
 
     request_id: int = _request_id
-    chunk_ids: list = field(factory=list, validator=_hex_digests)
+    chunks: list = field(factory=list, converter=_records(HeldChunk))
+    snapshots: list = field(factory=list, validator=_hex_digests)
     final: bool = field(default=True, validator=_bool)
 
 
@@ -337,41 +334,16 @@ class Placement(Message):
 
 @message(32)
 @frozen
-class BeginSnapshot(Message):
+class CommitSnapshot(Message):
+    """A snapshot object is stored: the manager reads it from a holder and lists it."""
+
     request_id: int = _request_id
-    host: str = field(default="", validator=_str)
-    paths: list = field(factory=list, validator=_strings)
+    snapshot_id: str = field(default="", validator=_hex_digest)
 
 
 @message(33)
 @frozen
-class SnapshotBegun(Message):
-    IS_REPLY = True
-    request_id: int = _request_id
-    snapshot_id: str = field(default="", validator=_str)
-
-
-@message(34)
-@frozen
-class CommitFiles(Message):
-    """Record confirmed chunks and the files they complete, in one transaction."""
-
-    request_id: int = _request_id
-    snapshot_id: str = field(default="", validator=_str)
-    chunks: list = field(factory=list, converter=_records(StoredChunk))
-    files: list = field(factory=list, converter=_records(FileEntry))
-
-
-@message(35)
-@frozen
-class FinishSnapshot(Message):
-    request_id: int = _request_id
-    snapshot_id: str = field(default="", validator=_str)
-
-
-@message(36)
-@frozen
-class SnapshotFinished(Message):
+class SnapshotCommitted(Message):
     IS_REPLY = True
     request_id: int = _request_id
     snapshot: SnapshotSummary = field(default=None, converter=_record(SnapshotSummary))
@@ -393,26 +365,22 @@ class SnapshotList(Message):
 
 @message(39)
 @frozen
-class ListFiles(Message):
-    """A page of a snapshot's files, after ``after`` in path order."""
+class Locate(Message):
+    """Where these chunks or objects are (read-only; places nothing)."""
 
     request_id: int = _request_id
-    snapshot: str = field(default="latest", validator=_str)
-    after: str = field(default="", validator=_str)
-    limit: int = field(default=1000, validator=[_int, ge(1), le(100_000)])
+    chunk_ids: list = field(factory=list, validator=_hex_digests)
 
 
 @message(40)
 @frozen
-class FileList(Message):
-    """Files with every chunk's current holders, so a restore needs no other lookup."""
+class Locations(Message):
+    """The live holders of each chunk asked about (all recorded ones when none is live);
+    a chunk with no recorded copy is left out."""
 
     IS_REPLY = True
     request_id: int = _request_id
-    snapshot_id: str = field(default="", validator=_str)
-    files: list = field(factory=list, converter=_records(FileEntry))
     holders: dict = field(factory=dict, converter=_holders_map)
-    more: bool = field(default=False, validator=_bool)
 
 
 @message(41)
@@ -426,46 +394,15 @@ class StatusRequest(Message):
 class ClusterStatus(Message):
     IS_REPLY = True
     request_id: int = _request_id
+    #: "starting" while the manager waits for servers to report after a start, then "ready".
+    state: str = field(default="ready", validator=in_(("starting", "ready")))
     replicas: int = field(default=2, validator=_non_negative)
     servers: list = field(factory=list, converter=_records(ServerState))
+    snapshots: int = field(default=0, validator=_non_negative)
     chunks: int = field(default=0, validator=_non_negative)
     under_replicated: int = field(default=0, validator=_non_negative)
     #: Chunks in use with no live copy at all.
     missing: int = field(default=0, validator=_non_negative)
-
-
-@message(43)
-@frozen
-class StageChunks(Message):
-    """Part of a large file's chunk list, before the file itself is committed."""
-
-    request_id: int = _request_id
-    snapshot_id: str = field(default="", validator=_str)
-    path: str = field(default="", validator=_str)
-    first_chunk: int = field(default=0, validator=_non_negative)
-    chunks: list = field(factory=list, converter=_records(ChunkRef))
-
-
-@message(44)
-@frozen
-class ListChunks(Message):
-    """A page of one file's chunk list, from ``first_chunk`` on."""
-
-    request_id: int = _request_id
-    snapshot_id: str = field(default="", validator=_str)
-    path: str = field(default="", validator=_str)
-    first_chunk: int = field(default=0, validator=_non_negative)
-    limit: int = field(default=4096, validator=[_int, ge(1), le(100_000)])
-
-
-@message(45)
-@frozen
-class ChunkList(Message):
-    IS_REPLY = True
-    request_id: int = _request_id
-    chunks: list = field(factory=list, converter=_records(ChunkRef))
-    holders: dict = field(factory=dict, converter=_holders_map)
-    more: bool = field(default=False, validator=_bool)
 
 
 @message(14)
@@ -481,10 +418,12 @@ class ReplicateChunk(Message):
 @message(23)
 @frozen
 class ChunksAdded(Message):
-    """One-way, server to manager: chunks this server has just stored."""
+    """One-way, server to manager: chunks this server has just stored (``snapshots``: the
+    snapshot objects among them)."""
 
     request_id: int = _request_id
-    chunk_ids: list = field(factory=list, validator=_hex_digests)
+    chunks: list = field(factory=list, converter=_records(HeldChunk))
+    snapshots: list = field(factory=list, validator=_hex_digests)
 
 
 @message(24)
@@ -514,6 +453,18 @@ class VerifyReport(Message):
     corrupt: list = field(factory=list, validator=_hex_digests)
 
 
+@message(27)
+@frozen
+class SyncNotices(Message):
+    """From the manager: send every ChunksAdded not sent yet, then answer (Ack).
+
+    The manager asks before it lists a snapshot, so its index knows every
+    copy a client was told of, without taking the client's word for it.
+    """
+
+    request_id: int = _request_id
+
+
 @message(46)
 @frozen
 class CheckRequest(Message):
@@ -531,9 +482,15 @@ class CheckReport(Message):
     servers_checked: list = field(factory=list, validator=_strings)
     servers_unreachable: list = field(factory=list, validator=_strings)
     chunks: int = field(default=0, validator=_non_negative)
+    #: Chunks and objects that snapshots reference and no live server holds.
     missing: int = field(default=0, validator=_non_negative)
     under_replicated: int = field(default=0, validator=_non_negative)
     corrupt: int = field(default=0, validator=_non_negative)
+    snapshots: int = field(default=0, validator=_non_negative)
+    #: Tree and chunk list objects read while walking every snapshot.
+    trees: int = field(default=0, validator=_non_negative)
+    #: Snapshots that reference something missing (they cannot be fully restored).
+    damaged: list = field(factory=list, validator=_strings)
 
 
 @message(48)
@@ -565,6 +522,7 @@ class StoreChunks(Message):
     request_id: int = _request_id
     chunks: list = field(factory=list, converter=_records(ChunkRef))
     forward_to: list = field(factory=list, validator=_strings)
+    kind: str = _kind
     payload: bytes = _payload
 
     def __attrs_post_init__(self):

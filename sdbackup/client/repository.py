@@ -1,0 +1,150 @@
+"""The cluster as a client reads it: snapshots, trees and chunks, each verified.
+
+``Repository`` asks the manager where chunks and objects are (``Locate``),
+fetches them from any holder, trying the next when a copy is missing or bad,
+and checks every one against its id before anyone uses it: a file chunk must
+hash to its id, an object must hash to its id under its kind's context. A
+lying or broken server can make a read fail, never make it return wrong
+bytes. ``ls``, ``restore``, ``check`` and the backup's parent lookup all read
+the cluster through it.
+"""
+
+from collections import OrderedDict
+
+from twisted.internet.threads import deferToThread
+
+from sdbackup import hashing, objects
+from sdbackup.client.session import ClientError, Session
+from sdbackup.names import unescape
+from sdbackup.objects import Kind
+from sdbackup.protocols.messages import FetchChunk, ListSnapshots, Locate, SnapshotSummary
+
+#: Ids asked about in one Locate.
+LOCATE_PAGE = 10_000
+#: Payloads up to this size are hashed on the reactor; larger ones in a thread.
+HASH_INLINE = 256 * 1024
+#: Decoded trees kept, so walking a path or a parent does not fetch a tree twice.
+TREE_CACHE = 256
+
+
+class ChunkUnavailable(ClientError):
+    """No holder could give a good copy."""
+
+
+def verify(kind: str, chunk_id: str, checksum: str, payload: bytes) -> bool:
+    """True when ``payload`` is the chunk or object ``chunk_id`` and matches ``checksum``."""
+    actual = hashing.checksum(payload)
+    if actual != checksum:
+        return False
+    if kind == Kind.DATA:
+        return actual == chunk_id
+    return hashing.object_id(kind, payload) == chunk_id
+
+
+class Repository:
+    def __init__(self, session: Session):
+        self.session = session
+        self._trees: OrderedDict[bytes, objects.Tree] = OrderedDict()
+        self._turn = 0
+
+    # --- snapshots --------------------------------------------------------------
+
+    async def snapshots(self) -> list[SnapshotSummary]:
+        """Every snapshot, oldest first."""
+        return (await self.session.ask(ListSnapshots())).snapshots
+
+    async def resolve(self, ref: str) -> SnapshotSummary:
+        """A snapshot from ``latest``, its id, or a unique prefix of its id."""
+        found = await self.snapshots()
+        if ref == "latest":
+            if not found:
+                raise ClientError("there are no snapshots yet")
+            return found[-1]
+        matches = [s for s in found if ref and s.snapshot_id.startswith(ref)]
+        if len(matches) != 1:
+            raise ClientError(f"no snapshot {ref!r}" if not matches
+                              else f"{ref!r} names several snapshots")
+        return matches[0]
+
+    async def load_snapshot(self, snapshot_id: str) -> objects.Snapshot:
+        data = await self.fetch_object(Kind.SNAPSHOT, snapshot_id)
+        return objects.decode_snapshot(data)
+
+    # --- trees --------------------------------------------------------------------
+
+    async def load_tree(self, tree_id: bytes) -> objects.Tree:
+        tree = self._trees.get(tree_id)
+        if tree is not None:
+            self._trees.move_to_end(tree_id)
+            return tree
+        data = await self.fetch_object(Kind.TREE, tree_id.hex())
+        try:
+            tree = objects.decode_tree(data)
+        except objects.ObjectFormatError as e:
+            raise ClientError(f"tree {tree_id.hex()[:16]} cannot be read: {e}") from None
+        self._trees[tree_id] = tree
+        if len(self._trees) > TREE_CACHE:
+            self._trees.popitem(last=False)
+        return tree
+
+    async def find(self, tree_id: bytes, path: bytes) -> objects.Node | None:
+        """The node at ``path`` (``a/b/c``, bytes) under the tree ``tree_id``, or None."""
+        node = None
+        for part in [p for p in path.split(b"/") if p]:
+            if node is not None:
+                if node.type != "dir":
+                    return None
+                tree_id = node.subtree
+            node = (await self.load_tree(tree_id)).find(part)
+            if node is None:
+                return None
+        return node
+
+    async def find_text(self, tree_id: bytes, path: str) -> objects.Node | None:
+        """``find`` for a path typed by a user (escapes as ``ls`` shows them)."""
+        return await self.find(tree_id, unescape(path))
+
+    async def content(self, node: objects.Node):
+        """A file's chunk ids (bytes), in order, reading its chunk lists when it has them."""
+        for chunk_id in node.content:
+            yield chunk_id
+        for list_id in node.content_lists:
+            data = await self.fetch_object(Kind.LIST, list_id.hex())
+            for chunk_id in objects.decode_chunk_list(data):
+                yield chunk_id
+
+    # --- chunks and objects -------------------------------------------------------
+
+    async def locate(self, chunk_ids: list[str]) -> dict[str, list[str]]:
+        """The holders of each id (an id no server holds is left out)."""
+        holders: dict[str, list[str]] = {}
+        for start in range(0, len(chunk_ids), LOCATE_PAGE):
+            page = chunk_ids[start : start + LOCATE_PAGE]
+            holders.update((await self.session.ask(Locate(chunk_ids=page))).holders)
+        return holders
+
+    async def fetch_object(self, kind: str, object_id: str) -> bytes:
+        holders = (await self.locate([object_id])).get(object_id, [])
+        return await self.fetch(kind, object_id, holders)
+
+    async def fetch(self, kind: str, chunk_id: str, holders: list[str]) -> bytes:
+        """The verified bytes of ``chunk_id`` from the first holder with a good copy."""
+        if not holders:
+            raise ChunkUnavailable(f"no server holds {kind} {chunk_id[:16]}")
+        # Start at a different holder each time, so reads spread over the servers.
+        self._turn += 1
+        start = self._turn % len(holders)
+        reasons = []
+        for server in holders[start:] + holders[:start]:
+            try:
+                reply = await self.session.servers.request(server, FetchChunk(chunk_id=chunk_id))
+            except Exception as e:
+                reasons.append(f"{server}: {getattr(e, 'reason', None) or e}")
+                continue
+            payload = reply.payload
+            good = (verify(kind, chunk_id, reply.checksum, payload) if len(payload) <= HASH_INLINE
+                    else await deferToThread(verify, kind, chunk_id, reply.checksum, payload))
+            if good:
+                return payload
+            reasons.append(f"{server}: its copy does not match the id")
+        raise ChunkUnavailable(f"no good copy of {kind} {chunk_id[:16]}: " + "; ".join(reasons))

@@ -1,0 +1,400 @@
+"""The objects a cluster stores besides file data: trees, chunk lists and snapshots.
+
+Pure encode and decode functions, no I/O. Like git's tree and commit objects,
+an object's id is the hash of its canonical bytes, so the same folder state
+always gives the same tree id and an unchanged folder stores nothing new.
+
+Every object is an *envelope*::
+
+    magic "SDBO" | format version (1 byte) | kind (1 byte)
+    | tree ref count (4 bytes) | data ref count (4 bytes)
+    | tree refs (32 bytes each) | data refs (32 bytes each) | body
+
+The refs are the ids the object points to, in a part the cluster reads
+without any key: *tree refs* are objects to walk further (subtrees, chunk
+lists, a snapshot's root tree), *data refs* are leaves (file chunks). Repair,
+``check`` and, later, garbage collection walk the graph through them alone;
+the body (msgpack, canonical: maps with sorted keys, defaults left out) is
+what a client reads, and is what client-side encryption will seal.
+
+Names, link targets and extended attributes are bytes: a Linux name is any
+bytes but ``/`` and NUL, and comes back exactly.
+"""
+
+import struct
+from collections.abc import Iterable
+
+import attrs
+import msgpack
+from attrs import field, frozen
+
+from sdbackup import hashing
+
+MAGIC = b"SDBO"
+FORMAT_VERSION = 1
+_HEAD = struct.Struct("!4sBBII")
+ID_SIZE = hashing.DIGEST_SIZE
+
+
+class Kind:
+    """What a stored chunk is. Data chunks are raw file bytes, never an envelope."""
+
+    DATA = "data"
+    TREE = "tree"
+    LIST = "list"
+    SNAPSHOT = "snapshot"
+
+
+KINDS = (Kind.DATA, Kind.TREE, Kind.LIST, Kind.SNAPSHOT)
+_KIND_CODES = {Kind.TREE: 1, Kind.LIST: 2, Kind.SNAPSHOT: 3}
+_KIND_NAMES = {code: name for name, code in _KIND_CODES.items()}
+
+#: Node types. Sockets are not backed up (nothing can restore one meaningfully).
+NODE_TYPES = ("file", "dir", "symlink", "fifo", "chardev", "blockdev")
+#: A file with more chunks than this keeps them in chunk list objects, this many a list.
+INLINE_CONTENT = 16_384
+
+
+class ObjectFormatError(ValueError):
+    """Bytes that are not a valid object of the expected kind and version."""
+
+    code = "bad-object"
+
+
+# --- envelope ------------------------------------------------------------------
+
+
+@frozen
+class Envelope:
+    kind: str
+    tree_refs: tuple
+    data_refs: tuple
+    body: bytes
+    version: int = FORMAT_VERSION
+
+
+def seal(kind: str, tree_refs: Iterable[bytes], data_refs: Iterable[bytes], body: bytes) -> bytes:
+    """The canonical bytes of an object: refs sorted and unique, then the body."""
+    trees = sorted(set(tree_refs))
+    data = sorted(set(data_refs))
+    for ref in (*trees, *data):
+        if len(ref) != ID_SIZE:
+            raise ValueError(f"an object ref is {ID_SIZE} bytes, not {len(ref)}")
+    return b"".join((_HEAD.pack(MAGIC, FORMAT_VERSION, _KIND_CODES[kind], len(trees), len(data)),
+                     *trees, *data, body))
+
+
+def open_envelope(data: bytes, kind: str | None = None) -> Envelope:
+    """The envelope in ``data``; ``ObjectFormatError`` says why it is not one."""
+    if len(data) < _HEAD.size:
+        raise ObjectFormatError("too short for an object")
+    magic, version, code, tree_count, data_count = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise ObjectFormatError("not an sdbackup object")
+    if version != FORMAT_VERSION:
+        raise ObjectFormatError(f"object format version {version} is not {FORMAT_VERSION}; "
+                                f"a newer sdbackup wrote it")
+    found = _KIND_NAMES.get(code)
+    if found is None:
+        raise ObjectFormatError(f"unknown object kind {code}")
+    if kind is not None and found != kind:
+        raise ObjectFormatError(f"expected a {kind} object, found a {found}")
+    start = _HEAD.size
+    end = start + (tree_count + data_count) * ID_SIZE
+    if end > len(data):
+        raise ObjectFormatError("refs run past the end of the object")
+    refs = [bytes(data[i : i + ID_SIZE]) for i in range(start, end, ID_SIZE)]
+    return Envelope(found, tuple(refs[:tree_count]), tuple(refs[tree_count:]),
+                    bytes(data[end:]), version)
+
+
+def object_id(kind: str, data: bytes) -> str:
+    """The id (hex) of an object's bytes: a hash kept apart from file-chunk ids by kind."""
+    return hashing.object_id(kind, data)
+
+
+# --- canonical msgpack -------------------------------------------------------------
+
+
+def _pack(value) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def _unpack(body: bytes, what: str):
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        raise ObjectFormatError(f"{what} body is not valid: {e}") from None
+
+
+def _canonical_map(fields: dict, defaults: dict) -> dict:
+    """Sorted keys, defaults left out: one state, one encoding."""
+    return {k: fields[k] for k in sorted(fields) if fields[k] != defaults.get(k)}
+
+
+def _check_id(value, what: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) != ID_SIZE:
+        raise ObjectFormatError(f"{what} is not a {ID_SIZE}-byte id")
+    return value
+
+
+# --- nodes and trees ------------------------------------------------------------------
+
+
+def _name(instance, attribute, value):
+    if not isinstance(value, bytes) or not value or b"/" in value or b"\0" in value:
+        raise ValueError(f"a name is non-empty bytes without '/' or NUL: {value!r}")
+    if value in (b".", b".."):
+        raise ValueError(f"{value!r} cannot be a name")
+
+
+def _ids(instance, attribute, value):
+    if not isinstance(value, tuple) or not all(
+            isinstance(v, bytes) and len(v) == ID_SIZE for v in value):
+        raise ValueError(f"{attribute.name} must be a tuple of {ID_SIZE}-byte ids")
+
+
+def _xattrs(instance, attribute, value):
+    if not isinstance(value, tuple) or not all(
+            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], bytes) and p[0]
+            and isinstance(p[1], bytes) for p in value):
+        raise ValueError("xattrs must be a tuple of (name, value) byte pairs")
+    names = [p[0] for p in value]
+    if names != sorted(set(names)):
+        raise ValueError("xattrs must be sorted by name, each name once")
+
+
+_int = attrs.validators.instance_of(int)
+_str = attrs.validators.instance_of(str)
+_bytes = attrs.validators.instance_of(bytes)
+
+
+@frozen
+class Node:
+    """One entry of a folder, with everything a faithful restore needs.
+
+    ``content`` holds a file's chunk ids in order, or, for a very long file,
+    ``content_lists`` holds the ids of chunk list objects that hold them.
+    ``dev``, ``inode`` and ``links`` tell hard links apart; ``rdev`` is a
+    device's number; ``hash`` is the whole file's BLAKE3, checked on restore.
+    """
+
+    name: bytes = field(validator=_name)
+    type: str = field(validator=attrs.validators.in_(NODE_TYPES))
+    mode: int = field(default=0, validator=_int)
+    uid: int = field(default=0, validator=_int)
+    gid: int = field(default=0, validator=_int)
+    user: str = field(default="", validator=_str)
+    group: str = field(default="", validator=_str)
+    mtime_ns: int = field(default=0, validator=_int)
+    atime_ns: int = field(default=0, validator=_int)
+    ctime_ns: int = field(default=0, validator=_int)
+    size: int = field(default=0, validator=_int)
+    dev: int = field(default=0, validator=_int)
+    inode: int = field(default=0, validator=_int)
+    links: int = field(default=0, validator=_int)
+    rdev: int = field(default=0, validator=_int)
+    target: bytes = field(default=b"", validator=_bytes)
+    xattrs: tuple = field(default=(), validator=_xattrs)
+    content: tuple = field(default=(), validator=_ids)
+    content_lists: tuple = field(default=(), validator=_ids)
+    hash: bytes = field(default=b"", validator=_bytes)
+    subtree: bytes = field(default=b"", validator=_bytes)
+
+    def tree_refs(self) -> tuple:
+        return ((self.subtree,) if self.subtree else ()) + self.content_lists
+
+    def data_refs(self) -> tuple:
+        return self.content
+
+
+#: Wire key of each Node field (short keys keep trees compact) and back.
+_NODE_KEYS = {
+    "name": "n", "type": "t", "mode": "m", "uid": "u", "gid": "g", "user": "U", "group": "G",
+    "mtime_ns": "mt", "atime_ns": "at", "ctime_ns": "ct", "size": "s", "dev": "d", "inode": "i",
+    "links": "l", "rdev": "r", "target": "T", "xattrs": "x", "content": "c",
+    "content_lists": "C", "hash": "h", "subtree": "st",
+}
+_NODE_FIELDS = {key: name for name, key in _NODE_KEYS.items()}
+_NODE_DEFAULTS = {
+    _NODE_KEYS[a.name]: a.default for a in attrs.fields(Node)
+    if a.default is not attrs.NOTHING
+}
+_NODE_DEFAULTS["x"] = []
+_NODE_DEFAULTS["c"] = []
+_NODE_DEFAULTS["C"] = []
+
+
+def _node_to_map(node: Node) -> dict:
+    fields = {_NODE_KEYS[a.name]: getattr(node, a.name) for a in attrs.fields(Node)}
+    fields["x"] = [list(pair) for pair in node.xattrs]
+    fields["c"] = list(node.content)
+    fields["C"] = list(node.content_lists)
+    return _canonical_map(fields, _NODE_DEFAULTS)
+
+
+def _node_from_map(value) -> Node:
+    if not isinstance(value, dict):
+        raise ObjectFormatError("a node is a map")
+    unknown = set(value) - set(_NODE_FIELDS)
+    if unknown:
+        raise ObjectFormatError(f"unknown node fields {sorted(unknown)}")
+    fields = {_NODE_FIELDS[k]: v for k, v in value.items()}
+    try:
+        for name in ("xattrs", "content", "content_lists"):
+            if name in fields:
+                items = fields[name]
+                if not isinstance(items, list):
+                    raise ValueError(f"{name} is a list")
+                fields[name] = tuple(tuple(p) if isinstance(p, list) else p for p in items)
+        return Node(**fields)
+    except (TypeError, ValueError) as e:
+        raise ObjectFormatError(f"bad node: {e}") from None
+
+
+@frozen
+class Tree:
+    """A folder's entries, sorted by name bytes, each name once."""
+
+    nodes: tuple
+
+    def __attrs_post_init__(self):
+        names = [n.name for n in self.nodes]
+        if names != sorted(set(names)):
+            raise ValueError("a tree's nodes are sorted by name, each name once")
+
+    def find(self, name: bytes) -> Node | None:
+        lo, hi = 0, len(self.nodes)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.nodes[mid].name < name:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < len(self.nodes) and self.nodes[lo].name == name:
+            return self.nodes[lo]
+        return None
+
+
+def make_tree(nodes: Iterable[Node]) -> Tree:
+    """A tree of ``nodes`` in any order (a repeated name is an error)."""
+    return Tree(tuple(sorted(nodes, key=lambda n: n.name)))
+
+
+def encode_tree(tree: Tree) -> bytes:
+    tree_refs = [ref for n in tree.nodes for ref in n.tree_refs()]
+    data_refs = [ref for n in tree.nodes for ref in n.data_refs()]
+    body = _pack([_node_to_map(n) for n in tree.nodes])
+    return seal(Kind.TREE, tree_refs, data_refs, body)
+
+
+def decode_tree(data: bytes) -> Tree:
+    envelope = open_envelope(data, Kind.TREE)
+    items = _unpack(envelope.body, "tree")
+    if not isinstance(items, list):
+        raise ObjectFormatError("a tree body is a list of nodes")
+    try:
+        tree = Tree(tuple(_node_from_map(item) for item in items))
+    except ValueError as e:
+        raise ObjectFormatError(str(e)) from None
+    refs = {r for n in tree.nodes for r in n.tree_refs()}, {r for n in tree.nodes for r in n.data_refs()}
+    if refs != (set(envelope.tree_refs), set(envelope.data_refs)):
+        raise ObjectFormatError("a tree's refs do not match its nodes")
+    return tree
+
+
+# --- chunk lists ----------------------------------------------------------------------
+
+
+def encode_chunk_list(chunk_ids: Iterable[bytes]) -> bytes:
+    """Part of a very long file's chunk ids, in order (the body keeps the order and repeats)."""
+    ids = list(chunk_ids)
+    return seal(Kind.LIST, [], ids, _pack(ids))
+
+
+def decode_chunk_list(data: bytes) -> tuple:
+    envelope = open_envelope(data, Kind.LIST)
+    ids = _unpack(envelope.body, "chunk list")
+    if not isinstance(ids, list):
+        raise ObjectFormatError("a chunk list body is a list of ids")
+    found = tuple(_check_id(i, "a chunk list entry") for i in ids)
+    if set(found) != set(envelope.data_refs):
+        raise ObjectFormatError("a chunk list's refs do not match its body")
+    return found
+
+
+# --- snapshots --------------------------------------------------------------------------
+
+
+def _paths(instance, attribute, value):
+    if not isinstance(value, tuple) or not all(isinstance(p, bytes) and p for p in value):
+        raise ValueError("paths must be a tuple of non-empty byte strings")
+
+
+def _tags(instance, attribute, value):
+    if not isinstance(value, tuple) or not all(isinstance(t, str) for t in value):
+        raise ValueError("tags must be a tuple of strings")
+
+
+def _summary(instance, attribute, value):
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) for k, v in value.items()):
+        raise ValueError("a summary maps names to counts")
+
+
+@frozen
+class Snapshot:
+    """What one backup saved: its root tree and how it was made.
+
+    ``paths`` are the backed-up paths as the snapshot names them (bytes);
+    ``parent`` is the snapshot whose trees told which files were unchanged.
+    """
+
+    time_ns: int = field(validator=_int)
+    host: str = field(validator=_str)
+    paths: tuple = field(validator=_paths)
+    tree: bytes = field(validator=_bytes)
+    tags: tuple = field(default=(), validator=_tags)
+    parent: bytes = field(default=b"", validator=_bytes)
+    user: str = field(default="", validator=_str)
+    summary: dict = field(factory=dict, validator=_summary)
+
+    def __attrs_post_init__(self):
+        if len(self.tree) != ID_SIZE or (self.parent and len(self.parent) != ID_SIZE):
+            raise ValueError(f"tree and parent are {ID_SIZE}-byte ids")
+
+
+_SNAPSHOT_DEFAULTS = {"tags": [], "parent": b"", "user": "", "summary": {}}
+
+
+def encode_snapshot(snapshot: Snapshot) -> bytes:
+    fields = {
+        "time_ns": snapshot.time_ns, "host": snapshot.host, "paths": sorted(snapshot.paths),
+        "tree": snapshot.tree, "tags": sorted(snapshot.tags), "parent": snapshot.parent,
+        "user": snapshot.user,
+        "summary": {k: snapshot.summary[k] for k in sorted(snapshot.summary)},
+    }
+    body = _pack(_canonical_map(fields, _SNAPSHOT_DEFAULTS))
+    return seal(Kind.SNAPSHOT, [snapshot.tree], [], body)
+
+
+def decode_snapshot(data: bytes) -> Snapshot:
+    envelope = open_envelope(data, Kind.SNAPSHOT)
+    fields = _unpack(envelope.body, "snapshot")
+    if not isinstance(fields, dict):
+        raise ObjectFormatError("a snapshot body is a map")
+    unknown = set(fields) - {a.name for a in attrs.fields(Snapshot)}
+    if unknown:
+        raise ObjectFormatError(f"unknown snapshot fields {sorted(unknown)}")
+    try:
+        for name in ("paths", "tags"):
+            if name in fields:
+                if not isinstance(fields[name], list):
+                    raise ValueError(f"{name} is a list")
+                fields[name] = tuple(fields[name])
+        snapshot = Snapshot(**fields)
+    except (TypeError, ValueError) as e:
+        raise ObjectFormatError(f"bad snapshot: {e}") from None
+    if envelope.tree_refs != (snapshot.tree,):
+        raise ObjectFormatError("a snapshot's refs do not match its tree")
+    return snapshot
