@@ -4,7 +4,11 @@
   unhandled error in a Deferred — the check trial did and pytest-twisted does not.
 * ``cluster`` starts a manager and three storage servers inside the test
   process, on loopback ports chosen by the kernel (``tcp:0``), with real
-  sockets, real SQLite and real chunk files under ``tmp_path``.
+  sockets, real SQLite and real chunk files under ``tmp_path``, and waits
+  until the manager is ready (out of its safe mode); ``make_cluster`` starts
+  clusters with other options.
+* ``wire_client`` talks to that cluster with protocol messages alone (place,
+  store, commit), for tests of the services that use no client code.
 """
 
 import gc
@@ -15,9 +19,14 @@ import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
+from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.logger import globalLogPublisher, textFileLogObserver
 
+from sdbackup import hashing
 from sdbackup.client.session import Session
+from sdbackup.objects import Kind
+from sdbackup.protocols.messages import ChunkNeed, ChunkRef, CommitSnapshot, PlacementRequest, StoreChunks
+from sdbackup.protocols.peer import MessageProtocol, PeerPool
 from sdbackup.services.manager import ManagerService
 from sdbackup.services.server import StorageService
 
@@ -69,20 +78,44 @@ class Cluster:
     manager: ManagerService
     manager_address: str
     servers: list = attrs.Factory(list)
+    options: dict = attrs.Factory(dict)
 
     @classmethod
     async def start(cls, root, servers: int = 3, replicas: int = 2, dead_after: float = 2.0,
-                    repair_interval: float = 0.2) -> "Cluster":
-        manager = ManagerService("tcp:0:interface=127.0.0.1", os.path.join(root, "manager"),
-                                 replicas=replicas, dead_after=dead_after,
-                                 repair_interval=repair_interval, repair_rate=1024**3,
-                                 reactor=reactor)
-        manager.startService()
-        port = await manager.when_listening()
-        cluster = cls(str(root), manager, f"tcp:127.0.0.1:{port.getHost().port}")
+                    repair_interval: float = 0.2, safe_mode_timeout: float = 10.0,
+                    safe_mode_settle: float = 0.5) -> "Cluster":
+        """A manager and ``servers`` fresh servers; returns once the manager is ready (a fresh
+        cluster is ready as soon as its first, empty, server reports)."""
+        options = dict(replicas=replicas, dead_after=dead_after, repair_interval=repair_interval,
+                       repair_rate=1024**3, safe_mode_timeout=safe_mode_timeout,
+                       safe_mode_settle=safe_mode_settle)
+        cluster = cls(str(root), None, "", options=options)
+        port = await cluster.start_manager("tcp:0", os.path.join(root, "manager"))
+        cluster.manager_address = f"tcp:127.0.0.1:{port}"
         for _ in range(servers):
             await cluster.add_server()
+        if servers:
+            await cluster.until_ready()
         return cluster
+
+    async def start_manager(self, listen: str, data: str) -> int:
+        """Start a manager (again: give the ``listen`` port it had); its port."""
+        self.manager = ManagerService(f"{listen}:interface=127.0.0.1", data, reactor=reactor,
+                                      **self.options)
+        self.manager.startService()
+        port = await self.manager.when_listening()
+        return port.getHost().port
+
+    async def restart_manager(self, data: str | None = None):
+        """Stop the manager and start it again on its port, with its data folder or ``data``
+        (a new folder: a lost catalog). The servers reconnect by themselves."""
+        old = self.manager
+        await old.stopService()
+        await self.start_manager(f"tcp:{self.manager_address.rsplit(':', 1)[1]}",
+                                 data or old.data)
+
+    async def until_ready(self, timeout: float = 20.0):
+        await self.until(lambda: self.manager.manager.ready, timeout, "the manager being ready")
 
     async def add_server(self, index: int | None = None, listen: str = "tcp:0") -> StorageService:
         """Start a server (again, with ``index`` and the ``listen`` port it had: a restart)."""
@@ -91,7 +124,8 @@ class Cluster:
             self.servers.append(None)
         server = StorageService(f"{listen}:interface=127.0.0.1",
                                 os.path.join(self.root, f"server{index}"),
-                                self.manager_address, heartbeat=0.2, reactor=reactor)
+                                self.manager_address, heartbeat=0.2, reconnect_delay=0.2,
+                                reactor=reactor)
         self.servers[index] = server
         server.startService()
         await server.when_registered()
@@ -117,7 +151,7 @@ class Cluster:
                          what="the manager seeing the death")
 
     async def chunk_health(self) -> tuple[int, int, int]:
-        """``(chunks in use, under-replicated, missing)`` as the manager counts them now."""
+        """``(chunks known, under-replicated, missing)`` as the manager counts them now."""
         manager = self.manager.manager
         return await manager.db(manager.catalog.chunk_stats, set(manager.live), manager.replicas)
 
@@ -127,13 +161,65 @@ class Cluster:
     async def session(self) -> Session:
         return await Session(reactor, self.manager_address).connect()
 
+    async def wire_client(self) -> "WireClient":
+        return await WireClient.connect(self)
+
     async def stop(self):
         try:
             for server in self.servers:
                 if server.running:
                     await server.stopService()
         finally:
-            await self.manager.stopService()
+            if self.manager.running:
+                await self.manager.stopService()
+
+
+class WireClient:
+    """A client made of protocol messages: a connection to the manager and a pool of
+    connections to the servers (tests of the services use no client code)."""
+
+    def __init__(self, manager: MessageProtocol, servers: PeerPool):
+        self.manager = manager
+        self.servers = servers
+
+    @classmethod
+    async def connect(cls, cluster) -> "WireClient":
+        endpoint = clientFromString(reactor, cluster.manager_address)
+        proto = await connectProtocol(endpoint, MessageProtocol(None, "client"))
+        await proto.ready
+        return cls(proto, PeerPool(reactor, None, "client", request_timeout=30))
+
+    async def ask(self, msg):
+        return await self.manager.request(msg, 30, reactor)
+
+    async def store(self, kind: str, pieces: list[tuple[str, bytes]]):
+        """Place and store ``(id, bytes)`` of one kind, each on its servers, chained."""
+        sizes = {chunk_id: len(data) for chunk_id, data in pieces}
+        placement = await self.ask(PlacementRequest(
+            chunks=[ChunkNeed(chunk_id, size) for chunk_id, size in sizes.items()]))
+        chains: dict[tuple, list[tuple[str, bytes]]] = {}
+        for chunk_id, data in pieces:
+            if chunk_id in placement.assignments:
+                chains.setdefault(tuple(placement.assignments[chunk_id]), []).append(
+                    (chunk_id, data))
+        for chain, pack in chains.items():
+            reply = await self.servers.request(chain[0], StoreChunks(
+                chunks=[ChunkRef(c, len(d), hashing.checksum(d)) for c, d in pack],
+                forward_to=list(chain[1:]), kind=kind, payload=b"".join(d for _, d in pack)))
+            assert reply.holders == list(chain)
+        return placement
+
+    async def backup(self, backup):
+        """Store everything of ``backup``, bottom up, then commit its snapshot."""
+        await self.store(Kind.DATA, backup.data)
+        await self.store(Kind.LIST, backup.lists)
+        await self.store(Kind.TREE, backup.trees)
+        await self.store(Kind.SNAPSHOT, [(backup.snapshot_id, backup.snapshot)])
+        return (await self.ask(CommitSnapshot(snapshot_id=backup.snapshot_id))).snapshot
+
+    async def close(self):
+        await self.servers.close()
+        self.manager.transport.loseConnection()
 
 
 @pytest_twisted.async_yield_fixture
@@ -143,3 +229,30 @@ async def cluster(tmp_path):
         yield started
     finally:
         await started.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def make_cluster(tmp_path):
+    """Start clusters with other options (``Cluster.start``'s); each is stopped after the test."""
+    started = []
+
+    async def make(servers: int = 3, **options) -> Cluster:
+        cluster = await Cluster.start(tmp_path / f"cluster{len(started)}", servers, **options)
+        started.append(cluster)
+        return cluster
+
+    try:
+        yield make
+    finally:
+        for cluster in started:
+            await cluster.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def wire_client(cluster):
+    """A ``WireClient`` of the ``cluster``."""
+    connected = await cluster.wire_client()
+    try:
+        yield connected
+    finally:
+        await connected.close()

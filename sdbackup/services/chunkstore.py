@@ -3,12 +3,15 @@
 Layout under the data folder::
 
     incoming/             chunks being written (a crash leaves only these)
-    chunks/ab/abcdef...   one file per chunk, sharded by the id's first byte
+    chunks/ab/abcdef...   data chunks, tree and chunk list objects, sharded by the id's first byte
+    snapshots/abcdef...   snapshot objects: a server lists them without opening any chunk
     quarantine/           copies that failed verification, kept for inspection
 
-A chunk file is ``MAGIC | checksum (32 bytes) | payload``: the checksum of the
-bytes held travels with them, so a server can verify a chunk without asking
-anyone, even once chunk ids are keyed hashes that it cannot recompute.
+A chunk file is ``MAGIC | kind (1 byte) | checksum (32 bytes) | payload``: the
+checksum of the bytes held travels with them, so a server can verify a chunk
+without asking anyone, even once chunk ids are keyed hashes that it cannot
+recompute. The kind says what the payload is (``sdbackup.objects.Kind``); an
+object's payload is an envelope of that kind, checked before it is stored.
 
 Every method here blocks: the storage service calls them in a thread pool.
 """
@@ -18,10 +21,15 @@ import threading
 import uuid
 from collections.abc import Iterator
 
-from sdbackup import hashing
+from sdbackup import hashing, objects
+from sdbackup.objects import Kind
 
-MAGIC = b"SDBCHNK1"
-_HEADER_SIZE = len(MAGIC) + hashing.DIGEST_SIZE
+MAGIC = b"SDBCHNK2"
+#: Kind codes a single flipped bit can never turn into one another (pairwise two bits apart),
+#: so a damaged kind byte reads as a damaged header, not as another kind.
+KIND_CODES = {Kind.DATA: 0x00, Kind.TREE: 0x03, Kind.LIST: 0x05, Kind.SNAPSHOT: 0x06}
+_KIND_NAMES = {code: kind for kind, code in KIND_CODES.items()}
+HEADER_SIZE = len(MAGIC) + 1 + hashing.DIGEST_SIZE
 
 
 class ChunkStoreError(Exception):
@@ -34,6 +42,18 @@ class InvalidChunkId(ChunkStoreError):
 
 class ChecksumMismatch(ChunkStoreError):
     code = "checksum-mismatch"
+
+
+class BadObject(ChunkStoreError):
+    """An object whose bytes are not an envelope of the kind it was sent as."""
+
+    code = "bad-object"
+
+
+class KindConflict(ChunkStoreError):
+    """An id already held here as another kind."""
+
+    code = "kind-conflict"
 
 
 class ChunkMissing(ChunkStoreError):
@@ -52,6 +72,11 @@ def _fsync_dir(path: str):
         os.close(fd)
 
 
+def _check_id(chunk_id: str):
+    if not hashing.is_hex_digest(chunk_id):
+        raise InvalidChunkId(f"not a chunk id: {chunk_id!r}")
+
+
 class ChunkStore:
     """Verified, durable, content-addressed chunk files in one folder."""
 
@@ -59,8 +84,9 @@ class ChunkStore:
         self.root = os.path.abspath(root)
         self.incoming = os.path.join(self.root, "incoming")
         self.chunks = os.path.join(self.root, "chunks")
+        self.snapshots = os.path.join(self.root, "snapshots")
         self.quarantine = os.path.join(self.root, "quarantine")
-        for folder in (self.root, self.incoming, self.chunks, self.quarantine):
+        for folder in (self.root, self.incoming, self.chunks, self.snapshots, self.quarantine):
             os.makedirs(folder, exist_ok=True)
         # Anything left in incoming/ was never renamed into place: never acknowledged.
         for leftover in os.listdir(self.incoming):
@@ -68,32 +94,54 @@ class ChunkStore:
         self._lock = threading.Lock()
         self._count = sum(1 for _ in self.chunk_ids())
 
-    def path_for(self, chunk_id: str) -> str:
-        """The file of ``chunk_id``; refuses anything that is not a hex digest."""
-        if not hashing.is_hex_digest(chunk_id):
-            raise InvalidChunkId(f"not a chunk id: {chunk_id!r}")
+    # --- where chunks live ---------------------------------------------------------
+
+    def _home(self, kind: str, chunk_id: str) -> str:
+        """Where a chunk of ``kind`` is kept."""
+        _check_id(chunk_id)
+        if kind == Kind.SNAPSHOT:
+            return os.path.join(self.snapshots, chunk_id)
         return os.path.join(self.chunks, chunk_id[:2], chunk_id)
 
+    def _find(self, chunk_id: str) -> str | None:
+        """The file holding ``chunk_id``, whatever its kind; None when none does."""
+        for kind in (Kind.DATA, Kind.SNAPSHOT):
+            path = self._home(kind, chunk_id)
+            if os.path.exists(path):
+                return path
+        return None
+
+    def path_for(self, chunk_id: str) -> str:
+        """The file of ``chunk_id`` (where a data chunk would be, when it is not held);
+        refuses anything that is not a hex digest."""
+        return self._find(chunk_id) or self._home(Kind.DATA, chunk_id)
+
     def has(self, chunk_id: str) -> bool:
-        return os.path.exists(self.path_for(chunk_id))
+        return self._find(chunk_id) is not None
 
-    def put(self, chunk_id: str, checksum: str, payload: bytes) -> bool:
-        """Verify and store a chunk durably. False when it was already held."""
-        self._check(chunk_id, checksum, payload)
-        return self._write(chunk_id, checksum, payload)
+    # --- storing --------------------------------------------------------------------
 
-    def put_many(self, chunks: list[tuple[str, str, bytes]]) -> list[str]:
-        """Verify every chunk, then store them all; the ids that were not held before.
+    def put(self, kind: str, chunk_id: str, checksum: str, payload: bytes) -> bool:
+        """Verify and store one chunk durably. False when it was already held."""
+        return bool(self.put_many(kind, [(chunk_id, checksum, payload)]))
 
-        One bad checksum refuses the whole lot before anything is written.
+    def put_many(self, kind: str, chunks: list[tuple[str, str, bytes]]) -> list[tuple[str, int]]:
+        """Verify every chunk of ``kind``, then store them all; ``(id, size)`` of those not
+        held before.
+
+        One bad checksum, malformed object or id held as another kind refuses the whole lot
+        before anything is written.
         """
+        if kind not in KIND_CODES:
+            raise BadObject(f"unknown chunk kind {kind!r}")
         for chunk_id, checksum, payload in chunks:
-            self._check(chunk_id, checksum, payload)
-        return [chunk_id for chunk_id, checksum, payload in chunks
-                if self._write(chunk_id, checksum, payload)]
+            self._check(kind, chunk_id, checksum, payload)
+            self._held_already(kind, chunk_id)  # an id held as another kind refuses the lot
+        return [(chunk_id, len(payload)) for chunk_id, checksum, payload in chunks
+                if self._write(kind, chunk_id, checksum, payload)]
 
-    def _check(self, chunk_id: str, checksum: str, payload: bytes):
-        self.path_for(chunk_id)
+    def _check(self, kind: str, chunk_id: str, checksum: str, payload: bytes):
+        _check_id(chunk_id)
         if not hashing.is_hex_digest(checksum):
             raise ChecksumMismatch(f"not a checksum: {checksum!r}")
         actual = hashing.checksum(payload)
@@ -102,18 +150,24 @@ class ChunkStore:
                 f"chunk {chunk_id[:16]}: received bytes hash to {actual[:16]}, "
                 f"expected {checksum[:16]}"
             )
+        if kind != Kind.DATA:
+            try:
+                objects.open_envelope(payload, kind)
+            except objects.ObjectFormatError as e:
+                raise BadObject(f"{kind} object {chunk_id[:16]} is not valid: {e}") from None
 
-    def _write(self, chunk_id: str, checksum: str, payload: bytes) -> bool:
+    def _write(self, kind: str, chunk_id: str, checksum: str, payload: bytes) -> bool:
         """Written to ``incoming/``, fsynced, renamed into place, and the folder
         fsynced: a crash at any point leaves either no chunk or a whole one."""
-        path = self.path_for(chunk_id)
-        if os.path.exists(path):
+        path = self._home(kind, chunk_id)
+        if self._held_already(kind, chunk_id):
             return False
         temp = os.path.join(self.incoming, f"{chunk_id}.{uuid.uuid4().hex}")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb", closefd=False) as f:
                 f.write(MAGIC)
+                f.write(bytes((KIND_CODES[kind],)))
                 f.write(bytes.fromhex(checksum))
                 f.write(payload)
                 f.flush()
@@ -123,9 +177,9 @@ class ChunkStore:
             os.unlink(temp)
             raise
         os.close(fd)
-        shard = os.path.dirname(path)
-        if not os.path.isdir(shard):
-            os.makedirs(shard, exist_ok=True)
+        folder = os.path.dirname(path)
+        if not os.path.isdir(folder):
+            os.makedirs(folder, exist_ok=True)
             _fsync_dir(self.chunks)
         with self._lock:
             if os.path.exists(path):
@@ -133,33 +187,53 @@ class ChunkStore:
                 return False
             os.replace(temp, path)
             self._count += 1
-        _fsync_dir(shard)
+        _fsync_dir(folder)
         return True
 
-    def get(self, chunk_id: str) -> tuple[str, bytes]:
-        """The checksum and payload of a chunk, verified; a bad copy is quarantined."""
-        path = self.path_for(chunk_id)
+    def _held_already(self, kind: str, chunk_id: str) -> bool:
+        """True when the chunk is held as ``kind``; ``KindConflict`` when it is held as another."""
+        path = self._find(chunk_id)
+        if path is None:
+            return False
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(MAGIC) + 1)
+        except FileNotFoundError:
+            return False  # quarantined meanwhile
+        held = _KIND_NAMES.get(head[-1]) if len(head) == len(MAGIC) + 1 else None
+        if head.startswith(MAGIC) and held is not None and held != kind:
+            raise KindConflict(f"chunk {chunk_id[:16]} is held here as {held}, not {kind}")
+        return True  # a damaged copy is found bad by the next read or scrub, then stored again
+
+    # --- reading ---------------------------------------------------------------------
+
+    def get(self, chunk_id: str) -> tuple[str, str, bytes]:
+        """The kind, checksum and payload of a chunk, verified; a bad copy is quarantined."""
+        path = self._find(chunk_id)
+        if path is None:
+            raise ChunkMissing(f"chunk {chunk_id[:16]} is not held here")
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             raise ChunkMissing(f"chunk {chunk_id[:16]} is not held here") from None
-        checksum = self._verify(chunk_id, data)
-        return checksum, data[_HEADER_SIZE:]
+        kind, checksum = self._verify(path, chunk_id, data)
+        return kind, checksum, data[HEADER_SIZE:]
 
-    def _verify(self, chunk_id: str, data: bytes) -> str:
-        if len(data) < _HEADER_SIZE or not data.startswith(MAGIC):
-            self._quarantine(chunk_id)
+    def _verify(self, path: str, chunk_id: str, data: bytes) -> tuple[str, str]:
+        kind = _KIND_NAMES.get(data[len(MAGIC)]) if len(data) >= HEADER_SIZE else None
+        if kind is None or not data.startswith(MAGIC) or self._home(kind, chunk_id) != path:
+            self._quarantine(path, chunk_id)
             raise ChunkCorrupt(f"chunk {chunk_id[:16]} has a damaged header")
-        expected = data[len(MAGIC) : _HEADER_SIZE].hex()
-        if hashing.checksum(memoryview(data)[_HEADER_SIZE:]) != expected:
-            self._quarantine(chunk_id)
+        expected = data[len(MAGIC) + 1 : HEADER_SIZE].hex()
+        payload = memoryview(data)[HEADER_SIZE:]
+        if hashing.checksum(payload) != expected:
+            self._quarantine(path, chunk_id)
             raise ChunkCorrupt(f"chunk {chunk_id[:16]} does not match its checksum")
-        return expected
+        return kind, expected
 
-    def _quarantine(self, chunk_id: str):
+    def _quarantine(self, path: str, chunk_id: str):
         """Move a bad copy aside: never served again, never silently deleted."""
-        path = self.path_for(chunk_id)
         try:
             os.replace(path, os.path.join(self.quarantine, f"{chunk_id}.{uuid.uuid4().hex}"))
         except FileNotFoundError:
@@ -167,14 +241,49 @@ class ChunkStore:
         with self._lock:
             self._count -= 1
 
+    # --- listing ----------------------------------------------------------------------
+
+    def _scan(self, folder: str) -> Iterator[os.DirEntry]:
+        try:
+            entries = os.scandir(folder)
+        except FileNotFoundError:
+            return
+        with entries:
+            for entry in entries:
+                if hashing.is_hex_digest(entry.name) and entry.is_file(follow_symlinks=False):
+                    yield entry
+
+    def _entries(self) -> Iterator[tuple[os.DirEntry, bool]]:
+        """Every chunk file, and whether it is a snapshot object."""
+        with os.scandir(self.chunks) as shards:
+            folders = sorted(e.path for e in shards if e.is_dir(follow_symlinks=False))
+        for folder in folders:
+            for entry in self._scan(folder):
+                yield entry, False
+        for entry in self._scan(self.snapshots):
+            yield entry, True
+
     def chunk_ids(self) -> Iterator[str]:
-        for shard in sorted(os.listdir(self.chunks)):
-            shard_path = os.path.join(self.chunks, shard)
-            if not os.path.isdir(shard_path):
-                continue
-            for name in sorted(os.listdir(shard_path)):
-                if hashing.is_hex_digest(name):
-                    yield name
+        """The id of every chunk held (snapshot objects included)."""
+        for entry, _ in self._entries():
+            yield entry.name
+
+    def listing(self) -> tuple[list[tuple[str, int]], list[str]]:
+        """``(id, payload size)`` of every chunk held, and the ids of the snapshot objects
+        among them."""
+        held, snapshots = [], []
+        for entry, is_snapshot in self._entries():
+            try:
+                size = entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue  # quarantined since the folder was read
+            held.append((entry.name, max(size - HEADER_SIZE, 0)))
+            if is_snapshot:
+                snapshots.append(entry.name)
+        return held, snapshots
+
+    def snapshot_ids(self) -> list[str]:
+        return [entry.name for entry in self._scan(self.snapshots)]
 
     def count(self) -> int:
         return self._count

@@ -1,44 +1,50 @@
-"""The manager: places chunks, keeps the catalog, knows which servers are alive.
+"""The manager: places chunks, keeps the index of what the servers hold, knows which are alive.
 
-``Manager`` holds the logic and answers messages; ``ManagerService`` wires it
-to a listening endpoint, the catalog file and the catalog's thread.
+``Manager`` answers messages and hands the work to one module per capability:
+
+* ``safemode``: when a starting manager may serve clients;
+* ``indexer``: the list of snapshots, read from the snapshot objects the servers hold;
+* ``dagcheck``: ``check``'s walk from every snapshot through the objects it references;
+* ``repair``: copies of chunks left with too few live copies.
+
+Its catalog is an index: locations come from the servers' own reports, never
+from a client's word, and everything in it can be rebuilt from what the
+servers hold. ``ManagerService`` wires it to a listening endpoint, the catalog
+file and the catalog's thread.
 """
 
+import functools
 import os
 
 import attrs
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
-from sdbackup.paths import check_snapshot_path
 from sdbackup.placement import ServerLoad, place_chunks
 from sdbackup.protocols.messages import (
     Ack,
     CheckReport,
-    ChunkList,
     ChunksHeld,
     ClusterStatus,
-    FileList,
+    Locations,
     Placement,
-    ReplicateChunk,
     ServerState,
-    SnapshotBegun,
-    SnapshotFinished,
+    SnapshotCommitted,
     SnapshotList,
+    SyncNotices,
     VerifyChunks,
 )
 from sdbackup.protocols.peer import MessageProtocol, RemoteError
 from sdbackup.services.catalog import Catalog
+from sdbackup.services.dagcheck import DagCheck
+from sdbackup.services.indexer import SnapshotIndexer
 from sdbackup.services.node import NodeService, close_all
+from sdbackup.services.repair import PLACEMENT_GRANULARITY, Repairer
+from sdbackup.services.safemode import SafeMode
 
-#: Free space is compared in steps of this many bytes when placing chunks.
-PLACEMENT_GRANULARITY = 1024**3
 MiB = 1024 * 1024
-#: Under-replicated chunks fetched from the catalog at a time, and copies under way at once.
-REPAIR_BATCH = 256
-REPAIR_COPIES_AT_ONCE = 4
-#: Seconds the manager waits for one repair copy.
-REPAIR_TIMEOUT = 120.0
+#: Seconds the manager waits for a server to send its pending notices before a commit.
+SYNC_TIMEOUT = 30.0
 
 
 @attrs.define
@@ -50,9 +56,25 @@ class LiveServer:
     free_bytes: int
     chunk_count: int
     last_seen: float
-    inventory: set = attrs.Factory(set)
     #: Bytes placed on it since it connected: evens out servers with equal free space.
     assigned: int = 0
+    #: An inventory of it is under way: chunks it adds meanwhile count as reported in it.
+    reporting: bool = True
+    #: Chunks and snapshots in the inventory under way so far.
+    reported_chunks: int = 0
+    reported_snapshots: int = 0
+
+
+def when_ready(handler):
+    """A client request: refused with code "starting" while the manager is in safe mode."""
+
+    @functools.wraps(handler)
+    def gated(self, msg, connection):
+        if not self.ready:
+            raise RemoteError(self.starting_reason(), "starting")
+        return handler(self, msg, connection)
+
+    return gated
 
 
 class Manager:
@@ -61,15 +83,24 @@ class Manager:
     log = Logger()
 
     def __init__(self, catalog: Catalog, run_in_db, clock, replicas: int = 2,
-                 dead_after: float = 15.0, repair_rate: float = 50 * MiB):
+                 dead_after: float = 15.0, repair_rate: float = 50 * MiB,
+                 expected_servers=(), safe_mode_timeout: float = 30.0,
+                 safe_mode_settle: float = 3.0):
         self.catalog = catalog
         self.db = run_in_db
         self.replicas = replicas
         self.clock = clock
         self.dead_after = dead_after
         self.live: dict[str, LiveServer] = {}
-        self.repair = Repairer(self, repair_rate)
         self.connections: set[MessageProtocol] = set()  # closed when the service stops
+        self.safe_mode = SafeMode(frozenset(expected_servers), clock.seconds(),
+                                  safe_mode_timeout, safe_mode_settle)
+        #: False while starting (safe mode): client requests are answered "starting".
+        self.ready = False
+        self._leaving: defer.Deferred | None = None
+        self._safe_mode_call = None
+        self.indexer = SnapshotIndexer(self)
+        self.repair = Repairer(self, repair_rate)
 
     def _now(self) -> float:
         return self.clock.seconds()
@@ -79,6 +110,59 @@ class Manager:
             if server.connection is connection:
                 return server
         raise RemoteError("this connection has not registered as a server", "not-registered")
+
+    # --- safe mode ---------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return "ready" if self.ready else "starting"
+
+    def start(self):
+        """Begin the safe mode: wait for the servers (or the time) to allow serving clients."""
+        if self.safe_mode.expected:
+            self.log.info("sdbackup-manager starting: waiting for {servers} known servers to "
+                          "report", servers=len(self.safe_mode.expected))
+        else:
+            self.log.info("sdbackup-manager starting with a new catalog: waiting for storage "
+                          "servers to report")
+        self.check_ready()
+
+    def stop(self):
+        if self._safe_mode_call is not None and self._safe_mode_call.active():
+            self._safe_mode_call.cancel()
+
+    def starting_reason(self) -> str:
+        if self._leaving is not None:
+            return f"the manager is starting: indexing {self.indexer.pending} snapshots"
+        return f"the manager is starting: {self.safe_mode.waiting_for()}"
+
+    def check_ready(self):
+        """Leave safe mode if the policy allows it now; else look again when time may allow it."""
+        if self.ready or self._leaving is not None:
+            return
+        now = self._now()
+        why = self.safe_mode.ready_reason(now)
+        if why is None:
+            later = self.safe_mode.next_check(now)
+            if self._safe_mode_call is not None and self._safe_mode_call.active():
+                self._safe_mode_call.cancel()
+            if later is not None:
+                # (A millisecond more: a call on time must not find the time a hair short.)
+                self._safe_mode_call = self.clock.callLater(later - now + 0.001, self.check_ready)
+            return
+        self._leaving = defer.ensureDeferred(self._leave_safe_mode(why))
+        self._leaving.addErrback(lambda f: self.log.failure("leaving safe mode", f))
+
+    async def _leave_safe_mode(self, why: str):
+        # Every snapshot the servers reported is listed before the first client asks.
+        await self.indexer.idle()
+        count = await self.db(self.catalog.snapshot_count)
+        self.ready = True
+        self.stop()
+        self.log.info("sdbackup-manager ready: {servers} servers reported, {snapshots} snapshots "
+                      "indexed ({why})", servers=len(self.safe_mode.reported), snapshots=count,
+                      why=why)
+        self.repair.soon()
 
     # --- storage servers ---------------------------------------------------
 
@@ -93,6 +177,8 @@ class Manager:
         self.live[msg.address] = LiveServer(
             msg.address, connection, msg.free_bytes, msg.chunk_count, self._now()
         )
+        self.safe_mode.server_registered(msg.address, self._now())
+        await self.db(self.catalog.begin_report, msg.address)
         await self.db(self.catalog.record_server, msg.address, msg.free_bytes, msg.chunk_count,
                       self._now())
         self.log.info("server {address} registered: {chunks} chunks, {free} bytes free",
@@ -101,17 +187,31 @@ class Manager:
 
     async def handle_ChunkInventory(self, msg, connection):
         server = self._server_of(connection)
-        server.inventory.update(msg.chunk_ids)
+        server.reporting = True
+        server.reported_chunks += len(msg.chunks)
+        server.reported_snapshots += len(msg.snapshots)
+        await self.db(self.catalog.report_page, server.address,
+                      [(c.chunk_id, c.size) for c in msg.chunks], msg.final)
+        await self.indexer.learn(msg.snapshots)
         if msg.final:
-            reported, server.inventory = server.inventory, set()
-            await self.db(self.catalog.replace_locations, server.address, reported)
-            self.log.info("server {address} reported {count} chunks",
-                          address=server.address, count=len(reported))
+            self.log.info("server {address} reported {count} chunks, {snapshots} of them "
+                          "snapshots", address=server.address, count=server.reported_chunks,
+                          snapshots=server.reported_snapshots)
+            self.safe_mode.server_reported(server.address, server.reported_chunks)
+            server.reporting = False
+            server.reported_chunks = server.reported_snapshots = 0
+            self.repair.soon()
+            self.check_ready()
         return Ack(request_id=msg.request_id)
 
     async def handle_ChunksAdded(self, msg, connection):
         server = self._server_of(connection)
-        await self.db(self.catalog.add_locations, server.address, msg.chunk_ids)
+        # The write is queued on the catalog thread before anything else happens here: a
+        # commit that asked SyncNotices reads the catalog after it (one thread, in order).
+        await self.db(self.catalog.add_locations, server.address,
+                      [(c.chunk_id, c.size) for c in msg.chunks], server.reporting)
+        self.repair.needed = True  # a chunk stored with fewer copies than wanted
+        await self.indexer.learn(msg.snapshots)
 
     async def handle_ChunksCorrupt(self, msg, connection):
         server = self._server_of(connection)
@@ -141,9 +241,11 @@ class Manager:
         if self.live.get(server.address) is not server:
             return
         del self.live[server.address]
+        self.safe_mode.server_lost(server.address)
         self.log.warn("server {address} declared dead: {why}", address=server.address, why=why)
         server.connection.transport.abortConnection()
         self.repair.soon()
+        self.check_ready()
 
     def loads(self, excluding=()) -> list[ServerLoad]:
         """What placement needs to know of the live servers, but those in ``excluding``."""
@@ -159,6 +261,7 @@ class Manager:
 
     # --- backups -------------------------------------------------------------
 
+    @when_ready
     async def handle_PlacementRequest(self, msg, connection):
         ids = [c.chunk_id for c in msg.chunks]
         known = await self._held(ids)
@@ -179,6 +282,7 @@ class Manager:
         return Placement(request_id=msg.request_id, known=known, assignments=assignments,
                          replicas=self.replicas)
 
+    @when_ready
     async def handle_HasChunks(self, msg, connection):
         return ChunksHeld(request_id=msg.request_id, chunk_ids=await self._held(msg.chunk_ids))
 
@@ -187,55 +291,39 @@ class Manager:
         holders = await self.db(self.catalog.holders, chunk_ids)
         return [c for c in chunk_ids if any(h in self.live for h in holders.get(c, ()))]
 
-    async def handle_BeginSnapshot(self, msg, connection):
-        snapshot_id = await self.db(self.catalog.begin_snapshot, msg.host, msg.paths, self._now())
-        self.log.info("snapshot {snapshot} begun by {host}", snapshot=snapshot_id, host=msg.host)
-        return SnapshotBegun(request_id=msg.request_id, snapshot_id=snapshot_id)
+    @when_ready
+    async def handle_CommitSnapshot(self, msg, connection):
+        """List a stored snapshot: every server first tells what it stored (so the index has
+        every copy from the servers themselves), then the object is read, verified, indexed."""
+        await self._sync_notices()
+        summary = await self.indexer.ensure(msg.snapshot_id)
+        self.log.info("snapshot {snapshot} committed: {host}, {files} files, {size} bytes",
+                      snapshot=summary.snapshot_id[:16], host=summary.host, files=summary.files,
+                      size=summary.bytes)
+        return SnapshotCommitted(request_id=msg.request_id, snapshot=summary)
 
-    async def handle_CommitFiles(self, msg, connection):
-        for entry in msg.files:
-            check_snapshot_path(entry.path)
-        await self.db(self.catalog.commit_files, msg.snapshot_id, msg.chunks, msg.files)
-        return Ack(request_id=msg.request_id)
-
-    async def handle_StageChunks(self, msg, connection):
-        check_snapshot_path(msg.path)
-        await self.db(self.catalog.stage_chunks, msg.snapshot_id, msg.path, msg.first_chunk,
-                      msg.chunks)
-        return Ack(request_id=msg.request_id)
-
-    async def handle_FinishSnapshot(self, msg, connection):
-        summary = await self.db(self.catalog.finish_snapshot, msg.snapshot_id)
-        self.log.info("snapshot {snapshot} finished: {files} files, {size} bytes",
-                      snapshot=summary.snapshot_id, files=summary.files, size=summary.bytes)
-        return SnapshotFinished(request_id=msg.request_id, snapshot=summary)
+    async def _sync_notices(self):
+        """Ask every live server to send its pending ChunksAdded; a failing one is skipped."""
+        servers = list(self.live.values())
+        replies = await defer.DeferredList(
+            [s.connection.request(SyncNotices(), SYNC_TIMEOUT, self.clock) for s in servers],
+            consumeErrors=True)
+        for server, (ok, result) in zip(servers, replies, strict=True):
+            if not ok:
+                self.log.warn("server {address} did not sync its notices: {why}",
+                              address=server.address, why=result.getErrorMessage())
 
     # --- reading ---------------------------------------------------------------
 
+    @when_ready
     async def handle_ListSnapshots(self, msg, connection):
         snapshots = await self.db(self.catalog.snapshots)
         return SnapshotList(request_id=msg.request_id, snapshots=snapshots)
 
-    async def handle_ListFiles(self, msg, connection):
-        def page():
-            snapshot_id = self.catalog.resolve_snapshot(msg.snapshot)
-            files, more = self.catalog.list_files(snapshot_id, msg.after, msg.limit)
-            holders = self.catalog.holders({c.chunk_id for f in files for c in f.chunks})
-            return snapshot_id, files, more, holders
-
-        snapshot_id, files, more, holders = await self.db(page)
-        return FileList(request_id=msg.request_id, snapshot_id=snapshot_id, files=files,
-                        holders=self._live_holders(holders), more=more)
-
-    async def handle_ListChunks(self, msg, connection):
-        def page():
-            chunks, more = self.catalog.list_chunks(msg.snapshot_id, msg.path, msg.first_chunk,
-                                                    msg.limit)
-            return chunks, more, self.catalog.holders({c.chunk_id for c in chunks})
-
-        chunks, more, holders = await self.db(page)
-        return ChunkList(request_id=msg.request_id, chunks=chunks,
-                         holders=self._live_holders(holders), more=more)
+    @when_ready
+    async def handle_Locate(self, msg, connection):
+        holders = await self.db(self.catalog.holders, msg.chunk_ids)
+        return Locations(request_id=msg.request_id, holders=self._live_holders(holders))
 
     def _live_holders(self, holders: dict[str, list[str]]) -> dict[str, list[str]]:
         """The live holders of each chunk; all of them when none is live (one may be back)."""
@@ -248,6 +336,7 @@ class Manager:
         alive = set(self.live)
         known = await self.db(self.catalog.servers)
         chunks, under, missing = await self.db(self.catalog.chunk_stats, alive, self.replicas)
+        snapshots = await self.db(self.catalog.snapshot_count)
         states = []
         for address, last_seen, free_bytes, chunk_count in known:
             live = self.live.get(address)
@@ -256,13 +345,21 @@ class Manager:
                                                       live.last_seen)
             states.append(ServerState(address, live is not None, free_bytes, chunk_count,
                                       last_seen))
-        return ClusterStatus(request_id=msg.request_id, replicas=self.replicas, servers=states,
-                             chunks=chunks, under_replicated=under, missing=missing)
+        return ClusterStatus(request_id=msg.request_id, state=self.state, replicas=self.replicas,
+                             servers=states, snapshots=snapshots, chunks=chunks,
+                             under_replicated=under, missing=missing)
 
+    @when_ready
     async def handle_CheckRequest(self, msg, connection):
         """Have every live server verify (and with ``read_data`` re-hash) what it holds and
-        report it again, then count the chunks in use that lack copies."""
+        report it again, then walk every snapshot's objects for what has no live copy."""
         servers = list(self.live.values())
+        begun = []
+        for server in servers:
+            if not server.reporting:  # (one reporting already finishes before it reports again)
+                await self.db(self.catalog.begin_report, server.address)
+                server.reporting = True
+                begun.append(server)
         replies = await defer.DeferredList(
             [defer.ensureDeferred(s.connection.request(VerifyChunks(read_data=msg.read_data)))
              for s in servers], consumeErrors=True)
@@ -273,108 +370,15 @@ class Manager:
                 corrupt += len(result.corrupt)
             else:
                 unreachable.append(server.address)
-        chunks, under, missing = await self.db(self.catalog.chunk_stats, set(self.live),
-                                               self.replicas)
+                if server in begun:
+                    server.reporting = False
+        walk = await DagCheck(self).run(await self.db(self.catalog.snapshots))
+        chunks, under, _ = await self.db(self.catalog.chunk_stats, set(self.live), self.replicas)
         self.repair.soon()
         return CheckReport(request_id=msg.request_id, servers_checked=checked,
-                           servers_unreachable=unreachable, chunks=chunks, missing=missing,
-                           under_replicated=under, corrupt=corrupt)
-
-
-class Repairer:
-    """Brings chunks back to the replication factor: copies from a live holder to other servers.
-
-    A pass runs when a server is declared dead, a copy is reported corrupt, a
-    check ends, and every ``repair_interval`` seconds. Copies are paced to
-    ``rate`` bytes a second, with a few under way at once, so repairs never
-    starve client traffic.
-    """
-
-    log = Logger()
-
-    def __init__(self, manager: Manager, rate: float):
-        self.manager = manager
-        self.rate = rate
-        self.running: defer.Deferred | None = None
-        self._next_start = 0.0
-
-    def soon(self):
-        """Start a pass unless one is under way (it goes on until nothing is left to do)."""
-        if self.running is None:
-            self.running = defer.ensureDeferred(self._pass())
-            self.running.addErrback(lambda f: self.log.failure("repair pass failed", f))
-            self.running.addBoth(self._done)
-        return self.running
-
-    def _done(self, result):
-        self.running = None
-        return result
-
-    async def _pass(self):
-        manager = self.manager
-        repaired = 0
-        while manager.live:
-            wanted = min(manager.replicas, len(manager.live))
-            work = await manager.db(manager.catalog.under_replicated, set(manager.live), wanted,
-                                    REPAIR_BATCH)
-            if not work:
-                break
-            # A few workers share the batch (a semaphore would nest a callback per chunk).
-            pending = iter(work)
-
-            async def worker(wanted=wanted, pending=pending):
-                return sum([await self._copy(*w, wanted) for w in pending])
-
-            results = await defer.gatherResults(
-                [defer.ensureDeferred(worker()) for _ in range(REPAIR_COPIES_AT_ONCE)])
-            done = sum(results)
-            repaired += done
-            if not done:
-                break  # nothing could be copied now; the next pass tries again
-        if repaired:
-            self.log.info("repair: copied {count} chunks", count=repaired)
-
-    async def _copy(self, chunk_id: str, size: int, holders: list[str], wanted: int) -> bool:
-        manager = self.manager
-        loads = manager.loads(excluding=holders)
-        need = min(wanted - len(holders), len(loads))
-        if need < 1:
-            return False
-        targets = place_chunks(loads, [(chunk_id, size)], need, PLACEMENT_GRANULARITY)[chunk_id]
-        await self._pace(size)
-        for source in holders:
-            server = manager.live.get(source)
-            if server is None:
-                continue
-            try:
-                reply = await server.connection.request(
-                    ReplicateChunk(chunk_id=chunk_id, forward_to=targets), REPAIR_TIMEOUT,
-                    manager.clock)
-            except RemoteError as e:
-                if e.code in ("chunk-corrupt", "chunk-missing"):
-                    await manager.db(manager.catalog.remove_locations, source, [chunk_id])
-                    continue  # try the next holder
-                self.log.warn("repair of {chunk} from {source} failed: {why}",
-                              chunk=chunk_id[:16], source=source, why=e.reason)
-                return False
-            except Exception as e:
-                self.log.warn("repair of {chunk} from {source} failed: {why}",
-                              chunk=chunk_id[:16], source=source, why=str(e))
-                continue
-            for address in reply.holders:
-                if address in manager.live:
-                    manager.live[address].assigned += size
-                await manager.db(manager.catalog.add_locations, address, [chunk_id])
-            return True
-        return False
-
-    async def _pace(self, size: int):
-        """Reserve ``size`` bytes of the repair rate; wait for the reservation's turn."""
-        now = self.manager.clock.seconds()
-        start = max(now, self._next_start)
-        self._next_start = start + size / self.rate
-        if start > now:
-            await task.deferLater(self.manager.clock, start - now)
+                           servers_unreachable=unreachable, chunks=chunks,
+                           missing=len(walk.missing), under_replicated=under, corrupt=corrupt,
+                           snapshots=walk.snapshots, trees=walk.trees, damaged=walk.damaged)
 
 
 class ManagerService(NodeService):
@@ -383,7 +387,8 @@ class ManagerService(NodeService):
     name_for_logs = "sdbackup-manager"
 
     def __init__(self, listen: str, data: str, replicas: int = 2, dead_after: float = 15.0,
-                 repair_interval: float = 5.0, repair_rate: float = 50 * MiB, reactor=None):
+                 repair_interval: float = 5.0, repair_rate: float = 50 * MiB,
+                 safe_mode_timeout: float = 30.0, safe_mode_settle: float = 3.0, reactor=None):
         # One catalog thread: SQLite calls are serialised, never on the reactor.
         super().__init__(listen, "sdbackup-catalog", 1, reactor)
         self.data = data
@@ -391,23 +396,31 @@ class ManagerService(NodeService):
         self.dead_after = dead_after
         self.repair_interval = repair_interval
         self.repair_rate = repair_rate
+        self.safe_mode_timeout = safe_mode_timeout
+        self.safe_mode_settle = safe_mode_settle
         self.manager: Manager | None = None
 
     def startService(self):
         super().startService()
+        # Opening is quick (a schema check, a rename at most) and must precede everything.
         catalog = Catalog(os.path.join(self.data, "catalog.sqlite"))
         self.manager = Manager(catalog, self.run_in_pool, self.reactor, self.replicas,
-                               self.dead_after, self.repair_rate)
+                               self.dead_after, self.repair_rate,
+                               expected_servers=catalog.server_addresses(),
+                               safe_mode_timeout=self.safe_mode_timeout,
+                               safe_mode_settle=self.safe_mode_settle)
         self.every(max(self.dead_after / 4, 0.05), self.manager.check_liveness, "liveness")
-        self.every(self.repair_interval, self.manager.repair.soon, "repair")
+        self.every(self.repair_interval, self.manager.repair.tick, "repair")
         self.listen(self.manager, "manager")
 
     def listened(self, port):
         self.log.info("sdbackup-manager listening on port {port}, catalog in {data}, "
                       "replication factor {replicas}",
                       port=port.getHost().port, data=self.data, replicas=self.replicas)
+        self.manager.start()
 
     async def stopping(self):
+        self.manager.stop()
         close_all(self.manager.connections)
 
     def stopped(self):

@@ -1,17 +1,21 @@
 """A storage server: verified chunk files, replication, scrubbing, and its link to the manager.
 
-``StorageServer`` answers StoreChunk and FetchChunk from clients and other
-servers, and ReplicateChunk and VerifyChunks from the manager. A chunk is
-stored and verified on this server's disk, then forwarded to the next server
-the manager named; the client hears ``ChunkStored`` only once every server in
-the chain confirmed the same checksum. A bad copy, found by a read or by the
-background scrub, is quarantined and reported, so the manager repairs it from
-a good copy. ``StorageService`` wires it to a listening endpoint, the manager
-link (``ClientService``, reconnecting with backoff), the heartbeat, the scrub
-and the disk thread pool.
+``StorageServer`` answers StoreChunk(s) and FetchChunk from clients and other
+servers, and ReplicateChunk, VerifyChunks, SyncNotices and FetchChunk from the
+manager. A chunk (file data, or a tree, chunk list or snapshot object: its
+``kind`` travels with it) is stored and verified on this server's disk, then
+forwarded to the next server the manager named; the client hears
+``ChunkStored`` only once every server in the chain confirmed the same
+checksum. The manager hears of every chunk stored here (``ChunksAdded``, with
+sizes and which are snapshots), from the server itself, never from a client.
+A bad copy, found by a read or by the background scrub, is quarantined and
+reported, so the manager repairs it from a good copy. ``StorageService`` wires
+it to a listening endpoint, the manager link (``ClientService``, reconnecting
+with backoff), the heartbeat, the scrub and the disk thread pool.
 """
 
 import errno
+import random
 
 from twisted.application import internet
 from twisted.internet import defer, error, task
@@ -19,7 +23,10 @@ from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from sdbackup.objects import Kind
 from sdbackup.protocols.messages import (
+    MAX_CHUNK_SIZE,
+    Ack,
     ChunkData,
     ChunkInventory,
     ChunksAdded,
@@ -27,6 +34,7 @@ from sdbackup.protocols.messages import (
     ChunksStored,
     ChunkStored,
     Heartbeat,
+    HeldChunk,
     Message,
     RegisterServer,
     StoreChunk,
@@ -41,8 +49,9 @@ from sdbackup.services.node import NodeService, close_all
 MAX_STORES_PER_CONNECTION = 8
 #: Seconds a primary waits for its replica's confirmation.
 FORWARD_TIMEOUT = 60.0
-#: Chunk ids per inventory page (about 3.3 MB of JSON).
-INVENTORY_PAGE = 50_000
+#: Chunks per inventory or notice page: about 3 MB of JSON for ``[id, size]`` pairs, plus as
+#: much again at most for the snapshot ids among them, well under the 8 MiB header limit.
+INVENTORY_PAGE = 40_000
 #: Seconds new chunk ids are gathered before the manager is told of them.
 NOTIFY_DELAY = 0.2
 MiB = 1024 * 1024
@@ -62,8 +71,9 @@ class StorageServer:
         self.manager: MessageProtocol | None = None
         self._stores_in_flight: dict[MessageProtocol, int] = {}
         self.connections: set[MessageProtocol] = set()  # closed when the service stops
-        # News for the manager not sent yet, in order (dicts used as ordered sets).
-        self._added: dict[str, None] = {}
+        # News for the manager not sent yet, in order: id -> (size, is a snapshot) for added
+        # chunks, id -> None for corrupt ones.
+        self._added: dict[str, tuple[int, bool]] = {}
         self._corrupt: dict[str, None] = {}
         self._flush_call = None
 
@@ -72,10 +82,10 @@ class StorageServer:
     async def handle_StoreChunk(self, msg, connection):
         self._started(connection)
         try:
-            await self._write([(msg.chunk_id, msg.checksum, msg.payload)])
+            await self._write(msg.kind, [(msg.chunk_id, msg.checksum, msg.payload)])
             holders = [self.address]
             if msg.forward_to:
-                holders += await self._forward(msg.chunk_id, msg.checksum, msg.payload,
+                holders += await self._forward(msg.kind, msg.chunk_id, msg.checksum, msg.payload,
                                                msg.forward_to)
             return ChunkStored(request_id=msg.request_id, chunk_id=msg.chunk_id,
                                checksum=msg.checksum, holders=holders)
@@ -85,12 +95,14 @@ class StorageServer:
     async def handle_StoreChunks(self, msg, connection):
         self._started(connection)
         try:
-            await self._write([(ref.chunk_id, ref.checksum, piece) for ref, piece in msg.pieces()])
+            await self._write(msg.kind, [(ref.chunk_id, ref.checksum, piece)
+                                         for ref, piece in msg.pieces()])
             holders = [self.address]
             if msg.forward_to:
                 following = msg.forward_to[0]
                 reply = await self._ask_next(following, StoreChunks(
-                    chunks=msg.chunks, forward_to=msg.forward_to[1:], payload=msg.payload))
+                    chunks=msg.chunks, forward_to=msg.forward_to[1:], kind=msg.kind,
+                    payload=msg.payload))
                 if reply.chunk_ids != [ref.chunk_id for ref in msg.chunks]:
                     raise RemoteError(f"replica {following} confirmed other chunks",
                                       "replication-failed", following)
@@ -114,23 +126,24 @@ class StorageServer:
         if count == MAX_STORES_PER_CONNECTION - 1 and connection.connected:
             connection.resumeProducing()
 
-    async def _write(self, chunks: list[tuple[str, str, bytes]]):
+    async def _write(self, kind: str, chunks: list[tuple[str, str, bytes]]):
         """Verify and store chunks in the disk pool; tell the manager of the new ones."""
         try:
-            added = await self.disk(self.store.put_many, chunks)
+            added = await self.disk(self.store.put_many, kind, chunks)
         except OSError as e:
             code = "disk-full" if e.errno == errno.ENOSPC else "io-error"
             self.log.error("cannot store chunks: {error}", error=e)
             raise RemoteError(f"{self.address} cannot store chunks: {e.strerror}", code) from e
-        for chunk_id in added:
-            self._notify(self._added, chunk_id)
+        for chunk_id, size in added:
+            self._notify(self._added, chunk_id, (size, kind == Kind.SNAPSHOT))
 
-    async def _forward(self, chunk_id: str, checksum: str, payload: bytes,
+    async def _forward(self, kind: str, chunk_id: str, checksum: str, payload: bytes,
                        forward_to: list[str]) -> list[str]:
         """Send a chunk along the chain; the servers that confirmed it."""
         following = forward_to[0]
         reply = await self._ask_next(following, StoreChunk(
-            chunk_id=chunk_id, checksum=checksum, forward_to=forward_to[1:], payload=payload))
+            chunk_id=chunk_id, checksum=checksum, forward_to=forward_to[1:], kind=kind,
+            payload=payload))
         if reply.checksum != checksum or reply.chunk_id != chunk_id:
             raise RemoteError(f"replica {following} confirmed a different chunk",
                               "replication-failed", following)
@@ -149,24 +162,26 @@ class StorageServer:
 
     # --- reading -----------------------------------------------------------------
 
-    async def _read(self, chunk_id: str) -> tuple[str, bytes]:
-        """A verified copy; a bad one is quarantined by the store and reported here."""
+    async def _read(self, chunk_id: str) -> tuple[str, str, bytes]:
+        """A verified copy: kind, checksum, payload. A bad one is quarantined by the store and
+        reported here."""
         try:
             return await self.disk(self.store.get, chunk_id)
         except ChunkCorrupt:
             self.log.warn("chunk {chunk} is corrupt: quarantined", chunk=chunk_id)
-            self._notify(self._corrupt, chunk_id)
+            self._notify(self._corrupt, chunk_id, None)
             raise
 
     async def handle_FetchChunk(self, msg, connection):
-        checksum, payload = await self._read(msg.chunk_id)
+        kind, checksum, payload = await self._read(msg.chunk_id)
         return ChunkData(request_id=msg.request_id, chunk_id=msg.chunk_id, checksum=checksum,
-                         payload=payload)
+                         kind=kind, payload=payload)
 
     async def handle_ReplicateChunk(self, msg, connection):
-        """Re-replication: copy a chunk held here to the servers the manager named."""
-        checksum, payload = await self._read(msg.chunk_id)
-        holders = await self._forward(msg.chunk_id, checksum, payload, msg.forward_to)
+        """Re-replication: copy a chunk held here, as the kind it is, to the servers the
+        manager named."""
+        kind, checksum, payload = await self._read(msg.chunk_id)
+        holders = await self._forward(kind, msg.chunk_id, checksum, payload, msg.forward_to)
         return ChunkStored(request_id=msg.request_id, chunk_id=msg.chunk_id, checksum=checksum,
                            holders=holders)
 
@@ -177,7 +192,7 @@ class StorageServer:
         corrupt = []
         for chunk_id in await self.disk(lambda: list(self.store.chunk_ids())):
             try:
-                _, payload = await self._read(chunk_id)
+                _, _, payload = await self._read(chunk_id)
             except ChunkCorrupt:
                 corrupt.append(chunk_id)
                 continue
@@ -197,34 +212,55 @@ class StorageServer:
     # --- telling the manager -------------------------------------------------------
 
     async def send_inventory(self, connection: MessageProtocol):
-        """Every chunk held here, in pages: the manager makes its records match."""
+        """Every chunk held here, with sizes, in pages: the manager makes its records match,
+        and indexes the snapshot objects among them that it does not know."""
         # The listing below covers the chunks added and quarantined so far; a notice about
         # them sent later could only undo what the manager learns from it.
         self._added.clear()
         self._corrupt.clear()
-        chunk_ids = await self.disk(lambda: list(self.store.chunk_ids()))
-        for start in range(0, max(len(chunk_ids), 1), INVENTORY_PAGE):
-            page = chunk_ids[start : start + INVENTORY_PAGE]
-            final = start + INVENTORY_PAGE >= len(chunk_ids)
-            await connection.request(ChunkInventory(chunk_ids=page, final=final))
+        held, snapshots = await self.disk(self.store.listing)
+        snapshot_ids = set(snapshots)
+        for start in range(0, max(len(held), 1), INVENTORY_PAGE):
+            page = held[start : start + INVENTORY_PAGE]
+            await connection.request(ChunkInventory(
+                chunks=[_held(chunk_id, size) for chunk_id, size in page],
+                snapshots=[chunk_id for chunk_id, _ in page if chunk_id in snapshot_ids],
+                final=start + INVENTORY_PAGE >= len(held)))
 
-    def _notify(self, pending: dict, chunk_id: str):
+    def _notify(self, pending: dict, chunk_id: str, news):
         """Tell the manager soon; the latest news of a chunk replaces any not yet sent."""
         self._added.pop(chunk_id, None)
         self._corrupt.pop(chunk_id, None)
-        pending[chunk_id] = None
+        pending[chunk_id] = news
         if self._flush_call is None or not self._flush_call.active():
-            self._flush_call = self.clock.callLater(NOTIFY_DELAY, self._flush)
+            self._flush_call = self.clock.callLater(NOTIFY_DELAY, self.flush)
 
-    def _flush(self):
-        added, self._added = list(self._added), {}
-        corrupt, self._corrupt = list(self._corrupt), {}
-        manager = self.manager
+    def flush(self, connection: MessageProtocol | None = None):
+        """Send the news gathered so far on ``connection`` (the manager link by default).
+
+        Without a link the news waits: the inventory sent on registering tells the
+        manager all of it.
+        """
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        manager = connection or self.manager
         if manager is None or not manager.connected:
-            return  # the inventory sent on reconnecting tells the manager all of it
-        for kind, ids in ((ChunksCorrupt, corrupt), (ChunksAdded, added)):
-            for start in range(0, len(ids), INVENTORY_PAGE):
-                manager.send(kind(chunk_ids=ids[start : start + INVENTORY_PAGE]))
+            return
+        added, self._added = list(self._added.items()), {}
+        corrupt, self._corrupt = list(self._corrupt), {}
+        for start in range(0, len(corrupt), INVENTORY_PAGE):
+            manager.send(ChunksCorrupt(chunk_ids=corrupt[start : start + INVENTORY_PAGE]))
+        for start in range(0, len(added), INVENTORY_PAGE):
+            page = added[start : start + INVENTORY_PAGE]
+            manager.send(ChunksAdded(
+                chunks=[_held(chunk_id, size) for chunk_id, (size, _) in page],
+                snapshots=[chunk_id for chunk_id, (_, is_snapshot) in page if is_snapshot]))
+
+    def handle_SyncNotices(self, msg, connection):
+        """Send every notice not sent yet, then answer: the manager reads them first, as they
+        travel ahead of the answer on the same link."""
+        self.flush(connection)
+        return Ack(request_id=msg.request_id)
 
     def tell_manager(self, msg: Message):
         if self.manager is not None and self.manager.connected:
@@ -245,7 +281,7 @@ class StorageService(NodeService):
 
     def __init__(self, listen: str, data: str, manager: str, advertise: str | None = None,
                  heartbeat: float = 5.0, scrub_interval: float = 86400.0,
-                 scrub_rate: float = 20 * MiB, reactor=None):
+                 scrub_rate: float = 20 * MiB, reconnect_delay: float = 5.0, reactor=None):
         super().__init__(listen, "sdbackup-disk", 4, reactor)
         self.data = data
         self.manager_description = manager
@@ -253,6 +289,8 @@ class StorageService(NodeService):
         self.heartbeat_interval = heartbeat
         self.scrub_interval = scrub_interval
         self.scrub_rate = scrub_rate
+        #: The longest wait between tries to reach the manager again.
+        self.reconnect_delay = reconnect_delay
         self.server: StorageServer | None = None
         self.manager_link: internet.ClientService | None = None
         self._registered = defer.Deferred()
@@ -275,7 +313,9 @@ class StorageService(NodeService):
             clientFromString(self.reactor, self.manager_description),
             # The manager asks this server to replicate and to verify: same handler as peers.
             Factory.forProtocol(lambda: MessageProtocol(self.server, "server")),
-            retryPolicy=internet.backoffPolicy(maxDelay=5.0),
+            retryPolicy=internet.backoffPolicy(
+                initialDelay=min(1.0, self.reconnect_delay), maxDelay=self.reconnect_delay,
+                jitter=lambda: random.random() * min(1.0, self.reconnect_delay)),
             prepareConnection=self._register,
         )
         self.manager_link.setServiceParent(self)
@@ -294,6 +334,7 @@ class StorageService(NodeService):
             chunk_count=self.store.count()))
         await self.server.send_inventory(connection)
         self.server.manager = connection
+        self.server.flush()  # what was stored while the inventory was under way
         self.log.info("sdbackup-server registered with the manager at {manager}",
                       manager=self.manager_description)
         if not self._registered.called:
@@ -342,3 +383,8 @@ class StorageService(NodeService):
             self._scrubbing.cancel()
         close_all(self.server.connections)
         await self.peers.close()
+
+
+def _held(chunk_id: str, size: int) -> HeldChunk:
+    # A file larger than any chunk can only be a damaged one: the scrub will find it.
+    return HeldChunk(chunk_id, min(size, MAX_CHUNK_SIZE))

@@ -1,4 +1,4 @@
-"""Bad input gets a clear error and loses nothing; servers keep serving."""
+"""Bad input gets a clear error and loses nothing; servers and the manager keep serving."""
 
 import os
 import socket
@@ -9,18 +9,23 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
+from sdbackup import hashing, objects
 from sdbackup.client.session import ClientError
+from sdbackup.objects import Kind
 from sdbackup.protocols.messages import (
     PROTOCOL_VERSION,
-    CommitFiles,
-    FileEntry,
+    ChunkInventory,
+    ChunkRef,
+    FetchChunk,
     Hello,
     StoreChunk,
+    StoreChunks,
     encode_frame,
 )
 from sdbackup.protocols.peer import RemoteError
 
-from .test_cluster import backup, restore, write
+from .backups import make_backup
+from .test_manager_index import listed
 
 
 def port_of(address: str) -> int:
@@ -49,6 +54,18 @@ def send_raw(port: int, data: bytes, wait_for_close: bool = True) -> bytes:
 HELLO = frame(encode_frame(Hello(version=PROTOCOL_VERSION, role="client")))
 
 
+def nothing_stored(cluster) -> bool:
+    return all(s.store.count() == 0 and os.listdir(s.store.incoming) == []
+               for s in cluster.servers)
+
+
+async def still_serving(cluster, wire_client):
+    """A whole backup still goes through and is listed."""
+    backup = make_backup("still serving")
+    await wire_client.backup(backup)
+    assert backup.snapshot_id in await listed(wire_client)
+
+
 @pytest.mark.parametrize("bad", [
     pytest.param(HELLO + struct.pack("!I", 2**31), id="oversized-frame"),
     pytest.param(HELLO + frame(b"\xff\xff garbage that is not a message"), id="unknown-type"),
@@ -57,117 +74,90 @@ HELLO = frame(encode_frame(Hello(version=PROTOCOL_VERSION, role="client")))
                  id="no-handshake"),
     pytest.param(HELLO + frame(encode_frame(Hello(version=PROTOCOL_VERSION, role="client"))),
                  id="unexpected-message"),
+    pytest.param(HELLO + frame(b"\x00\x0a\x00\x00\x00\x20" + b'{"kind":"secret","chunk_id":"x"}'),
+                 id="unknown-kind"),
 ])
 @pytest_twisted.ensureDeferred
-async def test_bad_frames_close_only_that_connection(cluster, tmp_path, monkeypatch, bad):
-    server = cluster.servers[0]
-    # The server answers with its own Hello at most, then closes the connection.
-    received = await deferToThread(send_raw, port_of(server.server.address), bad)
-    assert len(received) <= len(HELLO)
-    # The server closed that connection and still serves everyone else.
-    monkeypatch.chdir(tmp_path)
-    write("src/a", os.urandom(100_000))
-    await backup(cluster, "src")
-    await restore(cluster, tmp_path / "out")
-    assert (tmp_path / "out/src/a").read_bytes() == (tmp_path / "src/a").read_bytes()
+async def test_bad_frames_close_only_that_connection(cluster, wire_client, bad):
+    for role, address in (("server", cluster.servers[0].server.address),
+                          ("manager", cluster.manager_address)):
+        # The peer answers with its own Hello at most, then closes the connection.
+        received = await deferToThread(send_raw, port_of(address), bad)
+        assert frame(encode_frame(Hello(version=PROTOCOL_VERSION, role=role))).startswith(received)
+    await still_serving(cluster, wire_client)
 
 
 @pytest_twisted.ensureDeferred
-async def test_peer_vanishing_mid_chunk_leaves_nothing(cluster, tmp_path, monkeypatch):
+async def test_peer_vanishing_mid_chunk_leaves_nothing(cluster, wire_client):
     server = cluster.servers[0]
     data = os.urandom(1024 * 1024)
     whole = frame(encode_frame(StoreChunk(chunk_id="c" * 64, checksum="c" * 64, payload=data)))
     await deferToThread(send_raw, port_of(server.server.address), HELLO + whole[: len(whole) // 2],
                         wait_for_close=False)
-    # The server keeps serving others...
-    monkeypatch.chdir(tmp_path)
-    write("src/a", b"still here")
-    await backup(cluster, "src")
-    await restore(cluster, tmp_path / "out")
-    assert (tmp_path / "out/src/a").read_bytes() == b"still here"
-    # ...and the half-sent chunk left no trace.
+    await still_serving(cluster, wire_client)
+    # The half-sent chunk left no trace.
     assert os.listdir(server.store.incoming) == []
     assert not server.store.has("c" * 64)
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_chunk_with_a_wrong_checksum_is_refused(cluster):
-    session = await cluster.session()
-    try:
-        address = cluster.servers[0].server.address
-        with pytest.raises(RemoteError) as caught:
-            await session.servers.request(address, StoreChunk(
-                chunk_id="d" * 64, checksum="d" * 64, payload=b"not what the checksum says"))
-        assert caught.value.code == "checksum-mismatch"
-        assert cluster.servers[0].store.count() == 0
-    finally:
-        await session.close()
+async def test_a_chunk_with_a_wrong_checksum_is_refused(cluster, wire_client):
+    address = cluster.servers[0].server.address
+    with pytest.raises(RemoteError) as caught:
+        await wire_client.servers.request(address, StoreChunk(
+            chunk_id="d" * 64, checksum="d" * 64, payload=b"not what the checksum says"))
+    assert caught.value.code == "checksum-mismatch"
+    assert nothing_stored(cluster)
 
 
 @pytest_twisted.ensureDeferred
-async def test_manager_refuses_unsafe_paths(cluster):
-    session = await cluster.session()
-    try:
-        from sdbackup.protocols.messages import BeginSnapshot
-        begun = await session.ask(BeginSnapshot(host="h", paths=["x"]))
-        for path in ["../escape", "/etc/passwd", "a/../../b"]:
-            with pytest.raises(RemoteError) as caught:
-                await session.ask(CommitFiles(snapshot_id=begun.snapshot_id, files=[
-                    FileEntry(path=path, kind="file", mode=0o644, mtime_ns=0)]))
-            assert caught.value.code == "unsafe-path"
-    finally:
-        await session.close()
+async def test_a_bogus_tree_is_refused_by_the_first_server(cluster, wire_client):
+    first, second = (s.server.address for s in cluster.servers[:2])
+    good = objects.encode_tree(objects.make_tree([objects.Node(name=b"ok", type="file")]))
+    bogus = b"a tree, says the sender"
+    pack = [(objects.object_id(Kind.TREE, good), good), (hashing.object_id(Kind.TREE, bogus), bogus)]
+    with pytest.raises(RemoteError) as caught:
+        await wire_client.servers.request(first, StoreChunks(
+            chunks=[ChunkRef(i, len(d), hashing.checksum(d)) for i, d in pack],
+            forward_to=[second], kind=Kind.TREE, payload=good + bogus))
+    assert caught.value.code == "bad-object"
+    assert "tree" in caught.value.reason
+    with pytest.raises(RemoteError) as caught:
+        await wire_client.servers.request(first, StoreChunk(
+            chunk_id=pack[1][0], checksum=hashing.checksum(bogus), kind=Kind.TREE, payload=bogus))
+    assert caught.value.code == "bad-object"
+    # Nothing of the pack was stored, here or on the replica.
+    assert nothing_stored(cluster)
+    await still_serving(cluster, wire_client)
 
 
 @pytest_twisted.ensureDeferred
-async def test_restore_never_writes_outside_the_target(cluster, tmp_path, monkeypatch):
-    """A tampered catalog (paths with .., a link out of the target) cannot escape it."""
-    monkeypatch.chdir(tmp_path)
-    write("src/ok", b"fine")
-    result = await backup(cluster, "src")
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    db = cluster.manager.manager.catalog.db
-    chunk_row = db.execute("SELECT chunk_id, size, checksum FROM file_chunks").fetchone()
-    rows = [
-        ("../escape", "file"),
-        ("src/link", "symlink"),
-        ("src/link/evil", "file"),
-    ]
-    for path, kind in rows:
-        db.execute("INSERT INTO files (snapshot_id, path, kind, mode, mtime_ns, size, file_hash,"
-                   " link_target) VALUES (?, ?, ?, 420, 0, 4, ?, ?)",
-                   (result.snapshot_id, path, kind, "", str(outside) if kind == "symlink" else ""))
-        if kind == "file":
-            db.execute("INSERT INTO file_chunks VALUES (?, ?, 0, ?, ?, ?)",
-                       (result.snapshot_id, path, *chunk_row))
-    # The link exists before the restore writes through it: a second restore would meet it.
-    target = tmp_path / "out"
-    (target / "src").mkdir(parents=True)
-    os.symlink(outside, target / "src/link")
-    restored = await restore(cluster, target)
-    assert (target / "src/ok").read_bytes() == b"fine"
-    assert os.listdir(outside) == []
-    assert not (tmp_path / "escape").exists()
-    assert len(restored.errors) >= 2
+async def test_an_object_sent_as_another_kind_is_refused(cluster, wire_client):
+    tree = objects.encode_tree(objects.make_tree([objects.Node(name=b"x", type="file")]))
+    tree_id = objects.object_id(Kind.TREE, tree)
+    address = cluster.servers[0].server.address
+    with pytest.raises(RemoteError) as caught:
+        await wire_client.servers.request(address, StoreChunk(
+            chunk_id=tree_id, checksum=hashing.checksum(tree), kind=Kind.SNAPSHOT, payload=tree))
+    assert caught.value.code == "bad-object"
+    assert nothing_stored(cluster)
+    # Stored as a tree, the same id cannot then be passed off as file data.
+    await wire_client.servers.request(address, StoreChunk(
+        chunk_id=tree_id, checksum=hashing.checksum(tree), kind=Kind.TREE, payload=tree))
+    with pytest.raises(RemoteError) as caught:
+        await wire_client.servers.request(address, StoreChunk(
+            chunk_id=tree_id, checksum=hashing.checksum(b"data"), kind=Kind.DATA, payload=b"data"))
+    assert caught.value.code == "kind-conflict"
+    reply = await wire_client.servers.request(address, FetchChunk(chunk_id=tree_id))
+    assert (reply.kind, reply.payload) == (Kind.TREE, tree)
 
 
 @pytest_twisted.ensureDeferred
-async def test_backup_fails_over_from_an_unreachable_server(cluster, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    data = os.urandom(6 * 1024 * 1024)
-    write("src/a", data)
-    # One server stays registered with the manager but stops accepting connections.
-    unreachable = cluster.servers[2]
-    await unreachable.port.stopListening()
-    result = await backup(cluster, "src")
-    # The chunks went to the two other servers instead, two copies each.
-    assert not any("copies" in w for w in result.warnings)
-    assert unreachable.store.count() == 0
-    held = [set(server.store.chunk_ids()) for server in cluster.servers[:2]]
-    assert held[0] and held[0] == held[1]
-    await restore(cluster, tmp_path / "out")
-    assert (tmp_path / "out/src/a").read_bytes() == data
+async def test_a_client_cannot_report_chunks_as_a_server(cluster, wire_client):
+    with pytest.raises(RemoteError) as caught:
+        await wire_client.ask(ChunkInventory(chunks=[], snapshots=[], final=True))
+    assert caught.value.code == "not-registered"
+    await still_serving(cluster, wire_client)
 
 
 @pytest_twisted.ensureDeferred

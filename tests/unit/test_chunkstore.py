@@ -4,21 +4,41 @@ import os
 
 import pytest
 
-from sdbackup import hashing
+from sdbackup import hashing, objects
 from sdbackup.services.chunkstore import (
+    HEADER_SIZE,
+    KIND_CODES,
     MAGIC,
+    BadObject,
     ChecksumMismatch,
     ChunkCorrupt,
     ChunkMissing,
     ChunkStore,
     InvalidChunkId,
+    KindConflict,
 )
 
-HEADER = len(MAGIC) + hashing.DIGEST_SIZE
+HEADER = HEADER_SIZE
+DATA = "data"
 
 
 def chunk(data: bytes) -> tuple[str, str, bytes]:
     return hashing.chunk_id(data), hashing.checksum(data), data
+
+
+def an_object(kind: str, data: bytes) -> tuple[str, str, bytes]:
+    return hashing.object_id(kind, data), hashing.checksum(data), data
+
+
+def a_tree(*names: bytes) -> bytes:
+    return objects.encode_tree(objects.make_tree(
+        objects.Node(name=n, type="file", content=(hashing.DIGEST_SIZE * b"\x01",)) for n in names))
+
+
+def a_snapshot(host: str = "host") -> bytes:
+    return objects.encode_snapshot(objects.Snapshot(
+        time_ns=1_700_000_000_000_000_000, host=host, paths=(b"/home",),
+        tree=bytes.fromhex(an_object("tree", a_tree(b"a"))[0]), summary={"files": 1}))
 
 
 def files_under(folder) -> list[str]:
@@ -37,25 +57,25 @@ def store(data_dir):
 
 def test_put_then_get_returns_the_bytes_and_checksum(store):
     chunk_id, checksum, payload = chunk(b"some bytes worth keeping" * 100)
-    assert store.put(chunk_id, checksum, payload) is True
+    assert store.put(DATA, chunk_id, checksum, payload) is True
     assert store.has(chunk_id)
-    assert store.get(chunk_id) == (checksum, payload)
+    assert store.get(chunk_id) == (DATA, checksum, payload)
     assert store.count() == 1
 
 
 def test_empty_chunk(store):
     chunk_id, checksum, payload = chunk(b"")
-    assert store.put(chunk_id, checksum, payload)
-    assert store.get(chunk_id) == (checksum, b"")
+    assert store.put(DATA, chunk_id, checksum, payload)
+    assert store.get(chunk_id) == (DATA, checksum, b"")
 
 
 def test_chunk_file_lands_in_its_shard(store, data_dir):
     chunk_id, checksum, payload = chunk(b"sharded")
-    store.put(chunk_id, checksum, payload)
+    store.put(DATA, chunk_id, checksum, payload)
     path = data_dir / "chunks" / chunk_id[:2] / chunk_id
     assert files_under(data_dir) == [str(path.relative_to(data_dir))]
     data = path.read_bytes()
-    assert data == MAGIC + bytes.fromhex(checksum) + payload
+    assert data == MAGIC + bytes([KIND_CODES[DATA]]) + bytes.fromhex(checksum) + payload
     assert store.path_for(chunk_id) == str(path)
 
 
@@ -63,7 +83,7 @@ def test_wrong_checksum_is_refused_and_leaves_nothing(store, data_dir):
     chunk_id, _, payload = chunk(b"what the client meant")
     wrong = hashing.checksum(b"what arrived")
     with pytest.raises(ChecksumMismatch) as raised:
-        store.put(chunk_id, wrong, payload)
+        store.put(DATA, chunk_id, wrong, payload)
     assert raised.value.code == "checksum-mismatch"
     assert files_under(data_dir) == []
     assert not store.has(chunk_id)
@@ -74,14 +94,14 @@ def test_malformed_checksum_is_refused(store, data_dir):
     chunk_id, checksum, payload = chunk(b"payload")
     for bad in ("", "nothex", checksum.upper(), checksum[:-2], bytes.fromhex(checksum)):
         with pytest.raises(ChecksumMismatch):
-            store.put(chunk_id, bad, payload)
+            store.put(DATA, chunk_id, bad, payload)
     assert files_under(data_dir) == []
 
 
 def test_put_of_a_held_chunk_returns_false(store, data_dir):
     chunk_id, checksum, payload = chunk(b"twice")
-    assert store.put(chunk_id, checksum, payload) is True
-    assert store.put(chunk_id, checksum, payload) is False
+    assert store.put(DATA, chunk_id, checksum, payload) is True
+    assert store.put(DATA, chunk_id, checksum, payload) is False
     assert store.count() == 1
     assert len(files_under(data_dir)) == 1
     assert os.listdir(data_dir / "incoming") == []
@@ -107,7 +127,7 @@ def test_invalid_chunk_ids_are_refused_and_nothing_is_written(subtests, tmp_path
     for bad_id in BAD_IDS:
         with subtests.test(chunk_id=bad_id):
             with pytest.raises(InvalidChunkId) as raised:
-                store.put(bad_id, checksum, payload)
+                store.put(DATA, bad_id, checksum, payload)
             assert raised.value.code == "invalid-chunk-id"
             with pytest.raises(InvalidChunkId):
                 store.get(bad_id)
@@ -130,7 +150,7 @@ def _damage_payload(data: bytes) -> bytes:
 
 def _damage_checksum(data: bytes) -> bytes:
     flipped = bytearray(data)
-    flipped[len(MAGIC) + 3] ^= 0x80
+    flipped[len(MAGIC) + 1 + 3] ^= 0x80
     return bytes(flipped)
 
 
@@ -142,6 +162,9 @@ DAMAGE = {
     "truncated inside the header": lambda data: data[: HEADER - 5],
     "truncated to nothing": lambda data: b"",
     "damaged magic": lambda data: b"X" + data[1:],
+    "flipped kind bit": lambda data: data[: len(MAGIC)] + bytes([data[len(MAGIC)] ^ 0x01])
+    + data[len(MAGIC) + 1 :],
+    "old format": lambda data: b"SDBCHNK1" + data[len(MAGIC) + 1 :],
     "appended bytes": lambda data: data + b"\x00",
 }
 
@@ -156,8 +179,8 @@ def _check_quarantine(data_dir, damage):
     store = ChunkStore(str(data_dir))
     chunk_id, checksum, payload = chunk(bytes(range(256)) * 8)
     other_id, other_checksum, other_payload = chunk(b"an intact neighbour")
-    store.put(chunk_id, checksum, payload)
-    store.put(other_id, other_checksum, other_payload)
+    store.put(DATA, chunk_id, checksum, payload)
+    store.put(DATA, other_id, other_checksum, other_payload)
     path = data_dir / "chunks" / chunk_id[:2] / chunk_id
     damaged = damage(path.read_bytes())
     path.write_bytes(damaged)
@@ -175,18 +198,18 @@ def _check_quarantine(data_dir, damage):
     assert list(store.chunk_ids()) == [other_id]
     with pytest.raises(ChunkMissing):
         store.get(chunk_id)
-    assert store.get(other_id) == (other_checksum, other_payload)
+    assert store.get(other_id) == (DATA, other_checksum, other_payload)
 
 
 def test_quarantined_chunk_can_be_stored_again(store, data_dir):
     chunk_id, checksum, payload = chunk(b"repairable")
-    store.put(chunk_id, checksum, payload)
+    store.put(DATA, chunk_id, checksum, payload)
     path = data_dir / "chunks" / chunk_id[:2] / chunk_id
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(ChunkCorrupt):
         store.get(chunk_id)
-    assert store.put(chunk_id, checksum, payload) is True
-    assert store.get(chunk_id) == (checksum, payload)
+    assert store.put(DATA, chunk_id, checksum, payload) is True
+    assert store.get(chunk_id) == (DATA, checksum, payload)
     assert store.count() == 1
     assert len(list((data_dir / "quarantine").iterdir())) == 1
 
@@ -195,7 +218,7 @@ def test_every_quarantined_copy_is_kept(store, data_dir):
     chunk_id, checksum, payload = chunk(b"damaged twice over")
     path = data_dir / "chunks" / chunk_id[:2] / chunk_id
     for _ in range(2):
-        store.put(chunk_id, checksum, payload)
+        store.put(DATA, chunk_id, checksum, payload)
         path.write_bytes(b"garbage")
         with pytest.raises(ChunkCorrupt):
             store.get(chunk_id)
@@ -205,11 +228,11 @@ def test_every_quarantined_copy_is_kept(store, data_dir):
 def test_leftovers_in_incoming_are_removed_when_a_store_opens(data_dir):
     store = ChunkStore(str(data_dir))
     kept_id, kept_checksum, kept_payload = chunk(b"completed before the crash")
-    store.put(kept_id, kept_checksum, kept_payload)
+    store.put(DATA, kept_id, kept_checksum, kept_payload)
     # A crash mid-write leaves a partial file in incoming/, never renamed into chunks/.
     half_id, half_checksum, half_payload = chunk(b"interrupted" * 1000)
     partial = data_dir / "incoming" / f"{half_id}.0123456789abcdef"
-    partial.write_bytes(MAGIC + bytes.fromhex(half_checksum) + half_payload[:100])
+    partial.write_bytes(MAGIC + b"\x00" + bytes.fromhex(half_checksum) + half_payload[:100])
     (data_dir / "incoming" / "stray").write_bytes(b"x")
 
     reopened = ChunkStore(str(data_dir))
@@ -217,14 +240,14 @@ def test_leftovers_in_incoming_are_removed_when_a_store_opens(data_dir):
     assert not reopened.has(half_id)
     assert list(reopened.chunk_ids()) == [kept_id]
     assert reopened.count() == 1
-    assert reopened.get(kept_id) == (kept_checksum, kept_payload)
+    assert reopened.get(kept_id) == (DATA, kept_checksum, kept_payload)
 
 
 def test_chunk_ids_lists_held_chunks(store):
     ids = []
     for i in range(20):
         chunk_id, checksum, payload = chunk(f"chunk {i}".encode())
-        store.put(chunk_id, checksum, payload)
+        store.put(DATA, chunk_id, checksum, payload)
         ids.append(chunk_id)
     assert sorted(store.chunk_ids()) == sorted(ids)
     assert len(set(store.chunk_ids())) == 20
@@ -232,7 +255,7 @@ def test_chunk_ids_lists_held_chunks(store):
 
 def test_chunk_ids_ignores_foreign_files(store, data_dir):
     chunk_id, checksum, payload = chunk(b"real")
-    store.put(chunk_id, checksum, payload)
+    store.put(DATA, chunk_id, checksum, payload)
     (data_dir / "chunks" / "README").write_text("not a shard")
     (data_dir / "chunks" / chunk_id[:2] / "notes.txt").write_text("not a chunk")
     assert list(store.chunk_ids()) == [chunk_id]
@@ -242,14 +265,129 @@ def test_chunk_ids_ignores_foreign_files(store, data_dir):
 def test_count_survives_reopening(data_dir):
     store = ChunkStore(str(data_dir))
     for i in range(5):
-        store.put(*chunk(f"persistent {i}".encode()))
+        store.put(DATA, *chunk(f"persistent {i}".encode()))
     assert store.count() == 5
     reopened = ChunkStore(str(data_dir))
     assert reopened.count() == 5
     assert sorted(reopened.chunk_ids()) == sorted(store.chunk_ids())
-    assert reopened.put(*chunk(b"persistent 0")) is False
+    assert reopened.put(DATA, *chunk(b"persistent 0")) is False
     assert reopened.count() == 5
 
 
 def test_free_bytes_is_reported(store):
     assert store.free_bytes() > 0
+
+
+# --- kinds -------------------------------------------------------------------------
+
+
+def test_objects_keep_their_kind(store, data_dir):
+    tree = an_object("tree", a_tree(b"a", b"b"))
+    chunk_list = an_object("list", objects.encode_chunk_list([b"\x02" * 32, b"\x03" * 32]))
+    snapshot = an_object("snapshot", a_snapshot())
+    assert store.put_many("tree", [tree]) == [(tree[0], len(tree[2]))]
+    assert store.put_many("list", [chunk_list]) == [(chunk_list[0], len(chunk_list[2]))]
+    assert store.put_many("snapshot", [snapshot]) == [(snapshot[0], len(snapshot[2]))]
+    assert store.get(tree[0]) == ("tree", tree[1], tree[2])
+    assert store.get(chunk_list[0]) == ("list", chunk_list[1], chunk_list[2])
+    assert store.get(snapshot[0]) == ("snapshot", snapshot[1], snapshot[2])
+    # Trees and lists are sharded with the data; snapshots have a folder of their own.
+    assert files_under(data_dir) == sorted([
+        f"chunks/{tree[0][:2]}/{tree[0]}", f"chunks/{chunk_list[0][:2]}/{chunk_list[0]}",
+        f"snapshots/{snapshot[0]}"])
+    assert store.path_for(snapshot[0]) == str(data_dir / "snapshots" / snapshot[0])
+    assert store.count() == 3
+
+
+@pytest.mark.parametrize("kind", ["tree", "list", "snapshot"])
+def test_an_object_that_is_not_an_envelope_of_its_kind_is_refused(subtests, store, data_dir, kind):
+    wrong = {
+        "raw bytes": b"just some file bytes",
+        "empty": b"",
+        "an envelope of another kind": a_tree(b"x") if kind != "tree" else a_snapshot(),
+        "a truncated envelope": a_tree(b"x", b"y")[:20],
+    }
+    good = an_object(kind, {"tree": a_tree(b"ok"), "list": objects.encode_chunk_list([b"\x04" * 32]),
+                            "snapshot": a_snapshot("good")}[kind])
+    for case, payload in wrong.items():
+        with subtests.test(msg=case):
+            bad = an_object(kind, payload)
+            with pytest.raises(BadObject) as raised:
+                store.put_many(kind, [good, bad])
+            assert raised.value.code == "bad-object"
+            assert kind in str(raised.value)
+            # Nothing of the pack was written, the good object neither.
+            assert files_under(data_dir) == []
+            assert store.count() == 0
+
+
+def test_data_chunks_may_hold_any_bytes(store):
+    # File bytes that happen to look like an object stay file bytes.
+    looks_like_a_tree = chunk(a_tree(b"x"))
+    assert store.put_many(DATA, [looks_like_a_tree]) == [(looks_like_a_tree[0], len(looks_like_a_tree[2]))]
+    assert store.get(looks_like_a_tree[0])[0] == DATA
+
+
+def test_an_unknown_kind_is_refused(store, data_dir):
+    with pytest.raises(BadObject):
+        store.put_many("secret", [chunk(b"x")])
+    assert files_under(data_dir) == []
+
+
+def test_an_id_held_as_another_kind_is_refused(store):
+    tree = an_object("tree", a_tree(b"a"))
+    store.put("tree", *tree)
+    # The same id sent again as data (or as a snapshot) must not pass for the tree.
+    with pytest.raises(KindConflict) as raised:
+        store.put(DATA, tree[0], tree[1], tree[2])
+    assert raised.value.code == "kind-conflict"
+    snapshot = an_object("snapshot", a_snapshot())
+    store.put("snapshot", *snapshot)
+    with pytest.raises(KindConflict):
+        store.put(DATA, snapshot[0], hashing.checksum(b"y"), b"y")
+    assert store.put("tree", *tree) is False
+    assert store.get(tree[0])[0] == "tree"
+    # A pack with one conflicting id stores none of the others.
+    fresh = chunk(b"innocent bystander")
+    with pytest.raises(KindConflict):
+        store.put_many(DATA, [fresh, (tree[0], tree[1], tree[2])])
+    assert not store.has(fresh[0])
+
+
+def test_a_snapshot_found_among_the_chunks_is_corrupt(store, data_dir):
+    # A snapshot's file lives in snapshots/; anywhere else it was not put there by the store.
+    snapshot = an_object("snapshot", a_snapshot())
+    store.put("snapshot", *snapshot)
+    moved = data_dir / "chunks" / snapshot[0][:2] / snapshot[0]
+    moved.parent.mkdir()
+    (data_dir / "snapshots" / snapshot[0]).rename(moved)
+    with pytest.raises(ChunkCorrupt):
+        store.get(snapshot[0])
+    assert not moved.exists()
+
+
+def test_listing_gives_payload_sizes_and_the_snapshots(store, data_dir):
+    data = [chunk(bytes([i]) * (1000 * i)) for i in range(5)]
+    store.put_many(DATA, data)
+    tree = an_object("tree", a_tree(b"t"))
+    store.put("tree", *tree)
+    snapshots = [an_object("snapshot", a_snapshot(f"host{i}")) for i in range(3)]
+    store.put_many("snapshot", snapshots)
+    (data_dir / "chunks" / "README").write_text("not a shard")
+    (data_dir / "snapshots" / "notes.txt").write_text("not a snapshot")
+    held, snapshot_ids = store.listing()
+    expected = {c[0]: len(c[2]) for c in [*data, tree, *snapshots]}
+    assert dict(held) == expected
+    assert len(held) == len(expected)
+    assert sorted(snapshot_ids) == sorted(s[0] for s in snapshots)
+    assert sorted(store.snapshot_ids()) == sorted(snapshot_ids)
+    assert sorted(store.chunk_ids()) == sorted(expected)
+    assert ChunkStore(str(data_dir)).count() == len(expected)
+
+
+def test_a_truncated_file_lists_with_size_zero(store, data_dir):
+    chunk_id, checksum, payload = chunk(b"soon damaged")
+    store.put(DATA, chunk_id, checksum, payload)
+    path = data_dir / "chunks" / chunk_id[:2] / chunk_id
+    path.write_bytes(path.read_bytes()[:5])
+    assert store.listing() == ([(chunk_id, 0)], [])

@@ -8,15 +8,14 @@ import pytest
 
 from sdbackup import hashing
 from sdbackup.protocols.messages import (
+    MAX_CHUNK_SIZE,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
     Ack,
-    BeginSnapshot,
     CheckReport,
     CheckRequest,
     ChunkData,
     ChunkInventory,
-    ChunkList,
     ChunkNeed,
     ChunkRef,
     ChunksAdded,
@@ -25,33 +24,29 @@ from sdbackup.protocols.messages import (
     ChunksStored,
     ChunkStored,
     ClusterStatus,
-    CommitFiles,
+    CommitSnapshot,
     DecodeError,
     ErrorReply,
     FetchChunk,
-    FileEntry,
-    FileList,
-    FinishSnapshot,
     HasChunks,
     Heartbeat,
+    HeldChunk,
     Hello,
-    ListChunks,
-    ListFiles,
     ListSnapshots,
+    Locate,
+    Locations,
     Placement,
     PlacementRequest,
     RegisterServer,
     ReplicateChunk,
     ServerState,
-    SnapshotBegun,
-    SnapshotFinished,
+    SnapshotCommitted,
     SnapshotList,
     SnapshotSummary,
-    StageChunks,
     StatusRequest,
     StoreChunk,
     StoreChunks,
-    StoredChunk,
+    SyncNotices,
     VerifyChunks,
     VerifyReport,
     decode,
@@ -63,14 +58,11 @@ HEAD = Struct("!HI")
 H1 = hashing.chunk_id(b"one")
 H2 = hashing.chunk_id(b"two")
 H3 = hashing.chunk_id(b"three")
+S1 = hashing.object_id("snapshot", b"a snapshot")
+T1 = hashing.object_id("tree", b"a tree")
 PAYLOAD = bytes(range(256)) * 4 + b'{"json": "lookalike"}\x00\xff'
-SUMMARY = SnapshotSummary("0a1b2c3d", 1700000000.25, "hôst-ü", ["home/ü/docs", "etc"], 3, 4096)
-FILES = [
-    FileEntry(path="home/ü/日本語.txt", kind="file", mode=0o100644, mtime_ns=1_700_000_000_123_456_789,
-              size=20, file_hash=H3, chunks=[ChunkRef(H1, 10, H1), ChunkRef(H2, 10, H2)]),
-    FileEntry(path="home/ü", kind="dir", mode=0o40755, mtime_ns=-5),
-    FileEntry(path="home/link", kind="symlink", mode=0o120777, mtime_ns=0, link_target="../ü/日本語.txt"),
-]
+SUMMARY = SnapshotSummary(S1, 1700000000.25, "hôst-ü", ["/home/ü/docs", "odd\\x01name", "etc"], T1,
+                          tags=["daily", "ünï"], parent=H3, files=3, dirs=2, bytes=4096)
 
 SAMPLES = {
     Hello: Hello(version=PROTOCOL_VERSION, role="client"),
@@ -78,55 +70,49 @@ SAMPLES = {
                            culprit="tcp:b:2"),
     Ack: Ack(request_id=3),
     StoreChunk: StoreChunk(request_id=9, chunk_id=H1, checksum=H2,
-                           forward_to=["tcp:host-b:5001", "tcp:host-c:5001"], payload=PAYLOAD),
+                           forward_to=["tcp:host-b:5001", "tcp:host-c:5001"], kind="tree",
+                           payload=PAYLOAD),
     ChunkStored: ChunkStored(request_id=9, chunk_id=H1, checksum=H1, holders=["tcp:a:1", "tcp:b:2"]),
     FetchChunk: FetchChunk(request_id=2, chunk_id=H3),
-    ChunkData: ChunkData(request_id=2, chunk_id=H3, checksum=H3, payload=b"\x00\xff\r\n" * 100),
+    ChunkData: ChunkData(request_id=2, chunk_id=H3, checksum=H3, kind="snapshot",
+                         payload=b"\x00\xff\r\n" * 100),
     RegisterServer: RegisterServer(request_id=1, address="tcp:127.0.0.1:5001", free_bytes=10**13,
                                    chunk_count=12),
-    ChunkInventory: ChunkInventory(request_id=4, chunk_ids=[H1, H2], final=False),
+    ChunkInventory: ChunkInventory(request_id=4, chunks=[HeldChunk(H1, 10), HeldChunk(S1, 0)],
+                                   snapshots=[S1], final=False),
     Heartbeat: Heartbeat(request_id=5, free_bytes=123, chunk_count=2),
     PlacementRequest: PlacementRequest(request_id=6, chunks=[ChunkNeed(H1, 10), ChunkNeed(H2, 0)],
                                        exclude=["tcp:c:3"]),
     Placement: Placement(request_id=6, known=[H1], assignments={H2: ["tcp:a:1", "tcp:b:2"]},
                          replicas=3),
-    BeginSnapshot: BeginSnapshot(request_id=7, host="hôst-ü", paths=["home/ü/docs", "etc"]),
-    SnapshotBegun: SnapshotBegun(request_id=7, snapshot_id="0a1b2c3d"),
-    CommitFiles: CommitFiles(request_id=8, snapshot_id="0a1b2c3d",
-                             chunks=[StoredChunk(H1, 10, H1, ["tcp:a:1", "tcp:b:2"]),
-                                     StoredChunk(H2, 10, H2, ["tcp:c:3"])],
-                             files=FILES),
-    FinishSnapshot: FinishSnapshot(request_id=9, snapshot_id="0a1b2c3d"),
-    SnapshotFinished: SnapshotFinished(request_id=9, snapshot=SUMMARY),
+    CommitSnapshot: CommitSnapshot(request_id=7, snapshot_id=S1),
+    SnapshotCommitted: SnapshotCommitted(request_id=7, snapshot=SUMMARY),
     ListSnapshots: ListSnapshots(request_id=10),
     SnapshotList: SnapshotList(request_id=10, snapshots=[
-        SUMMARY, SnapshotSummary("ffeeddcc", 1700000100, "other", [], 0, 0)]),
-    ListFiles: ListFiles(request_id=11, snapshot="0a1b", after="home/ü", limit=50),
-    FileList: FileList(request_id=11, snapshot_id="0a1b2c3d", files=FILES,
-                       holders={H1: ["tcp:a:1"], H2: ["tcp:b:2", "tcp:c:3"]}, more=True),
-    StageChunks: StageChunks(request_id=13, snapshot_id="0a1b2c3d", path="home/ü/big",
-                             first_chunk=4096, chunks=[ChunkRef(H1, 10, H1), ChunkRef(H2, 10, H2)]),
-    ListChunks: ListChunks(request_id=14, snapshot_id="0a1b2c3d", path="home/ü/big", first_chunk=4096,
-                           limit=100),
-    ChunkList: ChunkList(request_id=14, chunks=[ChunkRef(H1, 10, H1)], holders={H1: ["tcp:a:1"]},
-                         more=True),
+        SUMMARY, SnapshotSummary(H2, 1700000100, "other", [], T1)]),
+    Locate: Locate(request_id=11, chunk_ids=[H1, S1]),
+    Locations: Locations(request_id=11, holders={H1: ["tcp:a:1"], S1: ["tcp:b:2", "tcp:c:3"]}),
     ReplicateChunk: ReplicateChunk(request_id=15, chunk_id=H1, forward_to=["tcp:b:2", "tcp:c:3"]),
-    ChunksAdded: ChunksAdded(chunk_ids=[H1, H2]),
+    ChunksAdded: ChunksAdded(chunks=[HeldChunk(H1, MAX_CHUNK_SIZE), HeldChunk(S1, 300)],
+                             snapshots=[S1]),
     ChunksCorrupt: ChunksCorrupt(chunk_ids=[H3]),
     VerifyChunks: VerifyChunks(request_id=16, read_data=True),
     VerifyReport: VerifyReport(request_id=16, held=12, corrupt=[H2]),
+    SyncNotices: SyncNotices(request_id=20),
     CheckRequest: CheckRequest(request_id=17, read_data=False),
     CheckReport: CheckReport(request_id=17, servers_checked=["tcp:a:1"], servers_unreachable=["tcp:b:2"],
-                             chunks=10, missing=1, under_replicated=2, corrupt=3),
+                             chunks=10, missing=1, under_replicated=2, corrupt=3, snapshots=4,
+                             trees=12, damaged=[S1]),
     StoreChunks: StoreChunks(request_id=19, chunks=[ChunkRef(H1, 3, H1), ChunkRef(H2, 2, H2)],
-                             forward_to=["tcp:b:2"], payload=b"abcde"),
+                             forward_to=["tcp:b:2"], kind="list", payload=b"abcde"),
     ChunksStored: ChunksStored(request_id=19, chunk_ids=[H1, H2], holders=["tcp:a:1", "tcp:b:2"]),
     HasChunks: HasChunks(request_id=18, chunk_ids=[H1, H2]),
     ChunksHeld: ChunksHeld(request_id=18, chunk_ids=[H2]),
     StatusRequest: StatusRequest(request_id=12),
-    ClusterStatus: ClusterStatus(request_id=12, replicas=2, servers=[
+    ClusterStatus: ClusterStatus(request_id=12, state="starting", replicas=2, servers=[
         ServerState("tcp:a:1", True, 1000, 3, 1700000000.5),
-        ServerState("tcp:b:2", False, 0, 0, 0)], chunks=3, under_replicated=1, missing=1),
+        ServerState("tcp:b:2", False, 0, 0, 0)], snapshots=5, chunks=3, under_replicated=1,
+        missing=1),
 }
 
 
@@ -153,14 +139,40 @@ def test_round_trip(subtests):
 
 
 def test_round_trip_keeps_nested_records_typed():
-    decoded = decode(encode_frame(SAMPLES[CommitFiles]))
-    assert all(isinstance(c, StoredChunk) for c in decoded.chunks)
-    assert all(isinstance(f, FileEntry) for f in decoded.files)
-    assert decoded.files[0].chunks == [ChunkRef(H1, 10, H1), ChunkRef(H2, 10, H2)]
-    assert decoded.files[0].path == "home/ü/日本語.txt"
+    inventory = decode(encode_frame(SAMPLES[ChunkInventory]))
+    assert inventory.chunks == [HeldChunk(H1, 10), HeldChunk(S1, 0)]
+    assert all(isinstance(c, HeldChunk) for c in inventory.chunks)
+    added = decode(encode_frame(SAMPLES[ChunksAdded]))
+    assert all(isinstance(c, HeldChunk) for c in added.chunks)
     status = decode(encode_frame(SAMPLES[ClusterStatus]))
     assert all(isinstance(s, ServerState) for s in status.servers)
-    assert isinstance(decode(encode_frame(SAMPLES[SnapshotFinished])).snapshot, SnapshotSummary)
+    committed = decode(encode_frame(SAMPLES[SnapshotCommitted]))
+    assert isinstance(committed.snapshot, SnapshotSummary)
+    assert committed.snapshot.paths == ["/home/ü/docs", "odd\\x01name", "etc"]
+    listed = decode(encode_frame(SAMPLES[SnapshotList]))
+    assert all(isinstance(s, SnapshotSummary) for s in listed.snapshots)
+
+
+def test_held_chunks_are_compact_pairs():
+    header = header_of(encode_frame(SAMPLES[ChunksAdded]))
+    assert header["chunks"] == [[H1, MAX_CHUNK_SIZE], [S1, 300]]
+    assert header["snapshots"] == [S1]
+
+
+def test_a_chunk_kind_defaults_to_data_and_travels():
+    assert StoreChunk(chunk_id=H1, checksum=H1).kind == "data"
+    assert decode(encode_frame(SAMPLES[StoreChunks])).kind == "list"
+    assert header_of(encode_frame(SAMPLES[ChunkData]))["kind"] == "snapshot"
+
+
+def test_an_inventory_page_of_the_largest_size_fits_a_header():
+    from sdbackup.protocols.messages import MAX_HEADER_SIZE
+    from sdbackup.services.server import INVENTORY_PAGE
+
+    ids = [hashing.chunk_id(str(i).encode()) for i in range(INVENTORY_PAGE)]
+    page = ChunkInventory(chunks=[HeldChunk(i, MAX_CHUNK_SIZE) for i in ids], snapshots=ids)
+    _, length = HEAD.unpack_from(encode_frame(page))
+    assert length < MAX_HEADER_SIZE
 
 
 def test_type_codes_are_on_the_wire():
@@ -187,7 +199,7 @@ def test_empty_payload_round_trips():
 
 
 def test_non_ascii_text_is_utf8_not_escaped():
-    data = encode_frame(SAMPLES[BeginSnapshot])
+    data = encode_frame(SAMPLES[SnapshotCommitted])
     assert "hôst-ü".encode() in data
 
 
@@ -207,7 +219,7 @@ def test_frame_shorter_than_a_head():
 
 
 def test_truncated_frame():
-    data = encode_frame(SAMPLES[CommitFiles])
+    data = encode_frame(SAMPLES[SnapshotList])
     with pytest.raises(DecodeError):
         decode(data[:-1])
 
@@ -264,11 +276,32 @@ BAD_HEADERS = {
     "address not a string": (RegisterServer, {"request_id": 1, "address": ["a"]}),
     "forward_to not strings": (StoreChunk, {"chunk_id": H1, "checksum": H1, "forward_to": [1]}),
     "forward_to a string": (StoreChunk, {"chunk_id": H1, "checksum": H1, "forward_to": "tcp:a:1"}),
-    "final not a bool": (ChunkInventory, {"chunk_ids": [], "final": "yes"}),
-    "inventory not hex": (ChunkInventory, {"chunk_ids": ["nothex"]}),
-    "inventory not a list": (ChunkInventory, {"chunk_ids": H1}),
-    "limit zero": (ListFiles, {"limit": 0}),
-    "limit huge": (ListFiles, {"limit": 10**9}),
+    "final not a bool": (ChunkInventory, {"chunks": [], "final": "yes"}),
+    "inventory id not hex": (ChunkInventory, {"chunks": [["nothex", 1]]}),
+    "inventory not a list": (ChunkInventory, {"chunks": H1}),
+    "inventory without sizes": (ChunkInventory, {"chunks": [H1]}),
+    "inventory negative size": (ChunkInventory, {"chunks": [[H1, -1]]}),
+    "inventory size over the maximum": (ChunkInventory, {"chunks": [[H1, MAX_CHUNK_SIZE + 1]]}),
+    "inventory snapshots not hex": (ChunkInventory, {"snapshots": ["../x"]}),
+    "added as plain ids": (ChunksAdded, {"chunks": [H1]}),
+    "added snapshots a string": (ChunksAdded, {"snapshots": S1}),
+    "unknown kind": (StoreChunk, {"chunk_id": H1, "checksum": H1, "kind": "secret"}),
+    "kind not a string": (StoreChunks, {"chunks": [], "kind": 1}),
+    "chunk data kind": (ChunkData, {"chunk_id": H1, "checksum": H1, "kind": "file"}),
+    "commit snapshot id not hex": (CommitSnapshot, {"snapshot_id": "0a1b2c3d"}),
+    "locate ids not hex": (Locate, {"chunk_ids": ["latest"]}),
+    "locations not a map": (Locations, {"holders": [[H1, ["a"]]]}),
+    "locations key not hex": (Locations, {"holders": {"x": ["a"]}}),
+    "status state": (ClusterStatus, {"state": "sleeping"}),
+    "check damaged not strings": (CheckReport, {"damaged": [1]}),
+    "summary paths not strings": (SnapshotList, {"snapshots": [
+        {"snapshot_id": S1, "time": 1, "host": "h", "paths": [b"x".hex(), 1], "tree": T1}]}),
+    "summary negative files": (SnapshotList, {"snapshots": [
+        {"snapshot_id": S1, "time": 1, "host": "h", "paths": [], "tree": T1, "files": -1}]}),
+    "summary tree not hex": (SnapshotList, {"snapshots": [
+        {"snapshot_id": S1, "time": 1, "host": "h", "paths": [], "tree": "root"}]}),
+    "summary unknown field": (SnapshotList, {"snapshots": [
+        {"snapshot_id": S1, "time": 1, "host": "h", "paths": [], "tree": T1, "owner": "me"}]}),
     "unknown role": (Hello, {"version": 1, "role": "admin"}),
     "missing version": (Hello, {"role": "client"}),
     "string version": (Hello, {"version": "1", "role": "client"}),
@@ -281,26 +314,10 @@ BAD_HEADERS = {
     "assignment not a list": (Placement, {"assignments": {H1: "tcp:a:1"}}),
     "assignment holders not strings": (Placement, {"assignments": {H1: [1]}}),
     "assignments a list": (Placement, {"assignments": [H1]}),
-    "file kind": (CommitFiles, {"files": [{"path": "a", "kind": "device", "mode": 0, "mtime_ns": 0}]}),
-    "file negative size": (CommitFiles, {"files": [
-        {"path": "a", "kind": "file", "mode": 0, "mtime_ns": 0, "size": -1}]}),
-    "file unknown field": (CommitFiles, {"files": [
-        {"path": "a", "kind": "file", "mode": 0, "mtime_ns": 0, "owner": "root"}]}),
-    "file not an object": (CommitFiles, {"files": ["a"]}),
-    "file path not a string": (CommitFiles, {"files": [
-        {"path": 1, "kind": "file", "mode": 0, "mtime_ns": 0}]}),
-    "file chunk ref bad id": (CommitFiles, {"files": [
-        {"path": "a", "kind": "file", "mode": 0, "mtime_ns": 0, "chunks": [["x", 1, H1]]}]}),
-    "file chunk ref negative size": (CommitFiles, {"files": [
-        {"path": "a", "kind": "file", "mode": 0, "mtime_ns": 0, "chunks": [[H1, -1, H1]]}]}),
-    "stored chunk holders not a list": (CommitFiles, {"chunks": [
-        {"chunk_id": H1, "size": 1, "checksum": H1, "holders": "tcp:a:1"}]}),
-    "stored chunk missing holders": (CommitFiles, {"chunks": [{"chunk_id": H1, "size": 1, "checksum": H1}]}),
-    "summary missing": (SnapshotFinished, {"request_id": 1}),
-    "summary wrong type": (SnapshotFinished, {"snapshot": "0a1b2c3d"}),
+    "summary missing": (SnapshotCommitted, {"request_id": 1}),
+    "summary wrong type": (SnapshotCommitted, {"snapshot": "0a1b2c3d"}),
     "server state alive not bool": (ClusterStatus, {"servers": [
         {"address": "a", "alive": 1, "free_bytes": 0, "chunks": 0, "last_seen": 0}]}),
-    "holders map not a map": (FileList, {"holders": [[H1, ["a"]]]}),
 }
 
 

@@ -12,15 +12,16 @@ from sdbackup import hashing
 from sdbackup.protocols.messages import (
     PROTOCOL_VERSION,
     Ack,
-    BeginSnapshot,
     ChunkData,
+    CommitSnapshot,
     ErrorReply,
     FetchChunk,
     Heartbeat,
     Hello,
     ListSnapshots,
-    SnapshotBegun,
+    SnapshotCommitted,
     SnapshotList,
+    SnapshotSummary,
     StatusRequest,
     decode,
     encode_frame,
@@ -29,6 +30,8 @@ from sdbackup.protocols.peer import MessageProtocol, RemoteError
 
 H1 = hashing.chunk_id(b"one")
 H2 = hashing.chunk_id(b"two")
+SNAPSHOT = hashing.object_id("snapshot", b"a snapshot")
+SUMMARY = SnapshotSummary(SNAPSHOT, 1.5, "h", ["/home"], hashing.object_id("tree", b"a tree"))
 
 
 class Refused(Exception):
@@ -66,7 +69,7 @@ class Handler:
     def handle_Ack(self, msg, connection):  # pragma: no cover - Ack is a reply, never dispatched
         raise AssertionError("a reply was dispatched to a handler")
 
-    async def handle_BeginSnapshot(self, msg, connection):
+    async def handle_CommitSnapshot(self, msg, connection):
         self.received.append(msg)
         d = self.later[msg.request_id] = defer.Deferred()
         return await d
@@ -333,21 +336,22 @@ def test_refused_notification_is_not_logged_as_an_error():
 def test_asynchronous_handler_answers_when_it_finishes():
     handler = Handler()
     proto, transport = greeted(handler)
-    deliver(proto, BeginSnapshot(request_id=3, host="h"), BeginSnapshot(request_id=4, host="h"))
+    deliver(proto, CommitSnapshot(request_id=3, snapshot_id=SNAPSHOT),
+            CommitSnapshot(request_id=4, snapshot_id=SNAPSHOT))
     assert sent(transport) == []
     handler.later[4].errback(Refused("no"))
-    handler.later[3].callback(SnapshotBegun(request_id=3, snapshot_id="abcd"))
+    handler.later[3].callback(SnapshotCommitted(request_id=3, snapshot=SUMMARY))
     assert sent(transport) == [ErrorReply(request_id=4, code="chunk-missing", reason="no"),
-                               SnapshotBegun(request_id=3, snapshot_id="abcd")]
+                               SnapshotCommitted(request_id=3, snapshot=SUMMARY)]
 
 
 def test_answer_after_the_connection_closed_is_dropped():
     handler = Handler()
     proto, transport = greeted(handler)
-    deliver(proto, BeginSnapshot(request_id=3, host="h"))
+    deliver(proto, CommitSnapshot(request_id=3, snapshot_id=SNAPSHOT))
     proto.connectionLost(Failure(ConnectionDone()))
     transport.clear()
-    handler.later[3].callback(SnapshotBegun(request_id=3, snapshot_id="abcd"))
+    handler.later[3].callback(SnapshotCommitted(request_id=3, snapshot=SUMMARY))
     assert transport.value() == b""
 
 
@@ -401,7 +405,7 @@ def test_lost_link_errbacks_the_other_side():
     handler = Handler()
     client, server, pump = iosim.connectedServerAndClient(
         lambda: MessageProtocol(handler, "server"), lambda: MessageProtocol(None, "client"))
-    pending = client.request(BeginSnapshot(host="h"))
+    pending = client.request(CommitSnapshot(snapshot_id=SNAPSHOT))
     pump.flush()
     assert len(handler.later) == 1
     server.transport.loseConnection()

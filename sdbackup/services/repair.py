@@ -1,0 +1,140 @@
+"""Re-replication: bringing every chunk back to the replication factor.
+
+Every chunk or object a server reported is kept at the replication factor
+(nothing is collected yet). A pass copies chunks with too few live copies
+from a live holder to other servers (``ReplicateChunk``: the holder sends its
+verified copy, as the kind it is, along the chain). Passes start when
+something may have left a chunk short (a server died or came back, a copy was
+found corrupt, chunks were added, a check ended), and the periodic tick runs
+one only then, so an idle cluster is not scanned again and again. Copies are
+paced to ``rate`` bytes a second, a few at once, so repairs never starve
+client traffic. A starting manager (safe mode) repairs nothing: a server not
+yet reported is not a lost one.
+"""
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from sdbackup.placement import place_chunks
+from sdbackup.protocols.messages import ReplicateChunk
+from sdbackup.protocols.peer import RemoteError
+
+#: Under-replicated chunks fetched from the catalog at a time, and copies under way at once.
+REPAIR_BATCH = 256
+REPAIR_COPIES_AT_ONCE = 4
+#: Seconds the manager waits for one repair copy.
+REPAIR_TIMEOUT = 120.0
+#: Free space is compared in steps of this many bytes when placing copies.
+PLACEMENT_GRANULARITY = 1024**3
+
+
+class Repairer:
+    """``manager`` gives ``live``, ``db``, ``catalog``, ``clock``, ``replicas``, ``ready``
+    and ``loads``."""
+
+    log = Logger()
+
+    def __init__(self, manager, rate: float):
+        self.manager = manager
+        self.rate = rate
+        self.running: defer.Deferred | None = None
+        #: Something may have left a chunk short since the last pass looked.
+        self.needed = True
+        self._again = False
+        self._next_start = 0.0
+
+    def soon(self):
+        """Something may have left chunks short: start a pass unless one is under way (it
+        goes on until nothing is left to do)."""
+        self.needed = True
+        if self.running is not None:
+            self._again = True  # the pass under way may have looked already
+        return self.tick()
+
+    def tick(self):
+        """Start a pass if one is needed and allowed."""
+        if self.running is None and self.needed and self.manager.ready:
+            self.needed = False
+            self.running = defer.ensureDeferred(self._pass())
+            self.running.addErrback(self._failed)
+            self.running.addBoth(self._done)
+        return self.running
+
+    def _failed(self, failure):
+        self.needed = True
+        self.log.failure("repair pass failed", failure)
+
+    def _done(self, result):
+        self.running = None
+        if self._again:
+            self._again = False
+            self.tick()
+        return result
+
+    async def _pass(self):
+        manager = self.manager
+        repaired = 0
+        while manager.live:
+            wanted = min(manager.replicas, len(manager.live))
+            work = await manager.db(manager.catalog.under_replicated, set(manager.live), wanted,
+                                    REPAIR_BATCH)
+            if not work:
+                break
+            # A few workers share the batch (a semaphore would nest a callback per chunk).
+            pending = iter(work)
+
+            async def worker(wanted=wanted, pending=pending):
+                return sum([await self._copy(*w, wanted) for w in pending])
+
+            results = await defer.gatherResults(
+                [defer.ensureDeferred(worker()) for _ in range(REPAIR_COPIES_AT_ONCE)])
+            done = sum(results)
+            repaired += done
+            if done < len(work):
+                self.needed = True  # some could not be copied now: the next tick tries again
+            if not done:
+                break
+        if repaired:
+            self.log.info("repair: copied {count} chunks", count=repaired)
+
+    async def _copy(self, chunk_id: str, size: int, holders: list[str], wanted: int) -> bool:
+        manager = self.manager
+        loads = manager.loads(excluding=holders)
+        need = min(wanted - len(holders), len(loads))
+        if need < 1:
+            return False
+        targets = place_chunks(loads, [(chunk_id, size)], need, PLACEMENT_GRANULARITY)[chunk_id]
+        await self._pace(size)
+        for source in holders:
+            server = manager.live.get(source)
+            if server is None:
+                continue
+            try:
+                reply = await server.connection.request(
+                    ReplicateChunk(chunk_id=chunk_id, forward_to=targets), REPAIR_TIMEOUT,
+                    manager.clock)
+            except RemoteError as e:
+                if e.code in ("chunk-corrupt", "chunk-missing"):
+                    await manager.db(manager.catalog.remove_locations, source, [chunk_id])
+                    continue  # try the next holder
+                self.log.warn("repair of {chunk} from {source} failed: {why}",
+                              chunk=chunk_id[:16], source=source, why=e.reason)
+                return False
+            except Exception as e:
+                self.log.warn("repair of {chunk} from {source} failed: {why}",
+                              chunk=chunk_id[:16], source=source, why=str(e))
+                continue
+            for address in reply.holders:
+                if address in manager.live:
+                    manager.live[address].assigned += size
+                await manager.db(manager.catalog.add_locations, address, [(chunk_id, size)])
+            return True
+        return False
+
+    async def _pace(self, size: int):
+        """Reserve ``size`` bytes of the repair rate; wait for the reservation's turn."""
+        now = self.manager.clock.seconds()
+        start = max(now, self._next_start)
+        self._next_start = start + size / self.rate
+        if start > now:
+            await task.deferLater(self.manager.clock, start - now)
