@@ -42,7 +42,10 @@ CREATE TABLE servers (
 );
 CREATE TABLE chunks (
     chunk_id TEXT PRIMARY KEY,
-    size INTEGER NOT NULL
+    size INTEGER NOT NULL,
+    -- When a server first told of it in a ChunksAdded (0: from an inventory). A chunk
+    -- that new may have copies whose notices are still on their way: repair waits.
+    added REAL NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE locations (
     chunk_id TEXT NOT NULL,
@@ -138,17 +141,20 @@ class Catalog:
 
     # --- chunks and locations ---------------------------------------------------------
 
-    def _add(self, server: str, held: list[tuple[str, int]]):
-        self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?)", held)
+    def _add(self, server: str, held: list[tuple[str, int]], added: float = 0.0):
+        self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?)",
+                            ((chunk_id, size, added) for chunk_id, size in held))
         self.db.executemany("INSERT OR IGNORE INTO locations VALUES (?, ?)",
                             ((chunk_id, server) for chunk_id, _ in held))
 
-    def add_locations(self, server: str, held: Iterable[tuple[str, int]], reporting: bool = False):
+    def add_locations(self, server: str, held: Iterable[tuple[str, int]], reporting: bool = False,
+                      added: float = 0.0):
         """``server`` holds these ``(chunk_id, size)``; ``reporting``: its inventory is under
-        way, and they count as reported in it."""
+        way, and they count as reported in it; ``added``: when a chunk new to the catalog
+        was stored (0 when it is no news, such as a repair's copy)."""
         held = list(held)
         with self._transaction():
-            self._add(server, held)
+            self._add(server, held, added)
             if reporting:
                 self.db.executemany("INSERT OR IGNORE INTO temp.reported VALUES (?, ?)",
                                     ((server, chunk_id) for chunk_id, _ in held))
@@ -204,18 +210,19 @@ class Catalog:
         ).fetchone()
         return total, under, missing
 
-    def under_replicated(self, alive: set[str], copies: int,
-                         limit: int) -> list[tuple[str, int, list[str]]]:
-        """Up to ``limit`` chunks with at least one but fewer than ``copies`` live copies:
-        ``(chunk_id, size, live holders)``. Every chunk held counts: nothing is collected yet."""
+    def under_replicated(self, alive: set[str], copies: int, limit: int,
+                         added_before: float = float("inf")) -> list[tuple[str, int, list[str]]]:
+        """Up to ``limit`` chunks added before ``added_before`` with at least one but fewer
+        than ``copies`` live copies: ``(chunk_id, size, live holders)``. Every chunk held
+        counts: nothing is collected yet."""
         if not alive:
             return []
         live = ",".join("?" * len(alive))
         rows = self.db.execute(
             "SELECT c.chunk_id, c.size, group_concat(l.server, ' ') FROM chunks c"
             f" JOIN locations l ON l.chunk_id = c.chunk_id AND l.server IN ({live})"
-            " GROUP BY c.chunk_id HAVING COUNT(l.server) < ? LIMIT ?",
-            (*sorted(alive), copies, limit),
+            " WHERE c.added < ? GROUP BY c.chunk_id HAVING COUNT(l.server) < ? LIMIT ?",
+            (*sorted(alive), added_before, copies, limit),
         ).fetchall()
         return [(chunk_id, size, sorted(servers.split(" "))) for chunk_id, size, servers in rows]
 

@@ -209,8 +209,8 @@ class Manager:
         # The write is queued on the catalog thread before anything else happens here: a
         # commit that asked SyncNotices reads the catalog after it (one thread, in order).
         await self.db(self.catalog.add_locations, server.address,
-                      [(c.chunk_id, c.size) for c in msg.chunks], server.reporting)
-        self.repair.needed = True  # a chunk stored with fewer copies than wanted
+                      [(c.chunk_id, c.size) for c in msg.chunks], server.reporting, self._now())
+        self.repair.chunks_added()  # maybe stored with fewer copies than wanted
         await self.indexer.learn(msg.snapshots)
 
     async def handle_ChunksCorrupt(self, msg, connection):

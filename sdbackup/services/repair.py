@@ -24,6 +24,9 @@ REPAIR_BATCH = 256
 REPAIR_COPIES_AT_ONCE = 4
 #: Seconds the manager waits for one repair copy.
 REPAIR_TIMEOUT = 120.0
+#: Seconds a newly stored chunk is left alone: the notices of its other copies, sent by
+#: the rest of its chain 0.2 s after storing, may still be on their way.
+SETTLE = 2.0
 #: Free space is compared in steps of this many bytes when placing copies.
 PLACEMENT_GRANULARITY = 1024**3
 
@@ -42,6 +45,8 @@ class Repairer:
         self.needed = True
         self._again = False
         self._next_start = 0.0
+        #: Until then some chunks are too new to judge: passes are needed again.
+        self._settling_until = 0.0
 
     def soon(self):
         """Something may have left chunks short: start a pass unless one is under way (it
@@ -50,6 +55,11 @@ class Repairer:
         if self.running is not None:
             self._again = True  # the pass under way may have looked already
         return self.tick()
+
+    def chunks_added(self):
+        """New chunks were stored: judge their copies once their chain's notices are in."""
+        self.needed = True
+        self._settling_until = self.manager.clock.seconds() + SETTLE
 
     def tick(self):
         """Start a pass if one is needed and allowed."""
@@ -74,10 +84,13 @@ class Repairer:
     async def _pass(self):
         manager = self.manager
         repaired = 0
+        now = manager.clock.seconds()
+        if now < self._settling_until:
+            self.needed = True  # the newest chunks are judged by a later pass
         while manager.live:
             wanted = min(manager.replicas, len(manager.live))
             work = await manager.db(manager.catalog.under_replicated, set(manager.live), wanted,
-                                    REPAIR_BATCH)
+                                    REPAIR_BATCH, now - SETTLE)
             if not work:
                 break
             # A few workers share the batch (a semaphore would nest a callback per chunk).
