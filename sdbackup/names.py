@@ -26,8 +26,10 @@ def escape(name: bytes) -> str:
             out.append(_SIMPLE[ch])
         elif 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8
             out.append(f"\\x{code - 0xDC00:02x}")
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\x{code:02x}")
+        elif not ch.isprintable():
+            # Controls (C0, C1), line and paragraph separators...: their UTF-8 bytes, escaped,
+            # so a listing stays one line a name and a terminal acts on none of them.
+            out.extend(f"\\x{byte:02x}" for byte in ch.encode())
         else:
             out.append(ch)
     return "".join(out)

@@ -395,6 +395,6 @@ def decode_snapshot(data: bytes) -> Snapshot:
         snapshot = Snapshot(**fields)
     except (TypeError, ValueError) as e:
         raise ObjectFormatError(f"bad snapshot: {e}") from None
-    if envelope.tree_refs != (snapshot.tree,):
+    if envelope.tree_refs != (snapshot.tree,) or envelope.data_refs:
         raise ObjectFormatError("a snapshot's refs do not match its tree")
     return snapshot

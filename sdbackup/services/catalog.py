@@ -30,7 +30,8 @@ from twisted.logger import Logger
 
 from sdbackup.protocols.messages import SnapshotSummary
 
-SCHEMA_VERSION = 2
+#: 1 was the unversioned catalog with file rows; 2 the first index; 3 added chunks.added.
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE servers (

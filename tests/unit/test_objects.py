@@ -81,6 +81,11 @@ def test_odd_names_round_trip_and_show_escaped():
         assert shown.isprintable()
         assert unescape(shown) == name
     assert escape(b"new\nline") == "new\\nline"
+    # Invisible controls and separators a terminal could act on are escaped too.
+    for sneaky in ("\u009b31m", "a\u2028b", "\x1b[2J"):
+        shown = escape(sneaky.encode())
+        assert shown.isprintable() and "\\x" in shown
+        assert unescape(shown) == sneaky.encode()
     assert escape(b"bad\xffutf8") == "bad\\xffutf8"
 
 
