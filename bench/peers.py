@@ -4,16 +4,23 @@
 factor 2), ``Restic`` and ``Borg`` (local repositories under ``bench_work/``)
 and ``Copy`` (``cp -a``, the floor). A tool hands out the command of each
 step; ``bench.py`` runs, times and checks it. Steps are named by a key:
-``big-first``, ``big-again``, ``edited``, ``tree-first``, ``tree-again`` for
-backups, and a restore names the backup it restores.
+``big-first``, ``big-again``, ``edited``, ``tree-first``, ``tree-again``,
+``t50k-first``, ``t50k-again``, ``m-first``, ``m-again`` for backups,
+``m-ls`` for a listing, and a restore names the backup it restores.
+``t50k-recovery`` (sdbackup only) deletes the manager's catalog and times its
+rebuild.
 """
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 from dataclasses import dataclass
+
+from data_sets import DataSet
 
 import sdbackup
 from sdbackup.localcluster import LocalCluster, Process, environment, tail
@@ -32,21 +39,6 @@ class Command:
     env: dict
 
 
-@dataclass
-class DataSet:
-    """What a step backs up: ``rel`` inside ``folder`` (backups run with ``folder`` as cwd)."""
-
-    name: str  # shown in the table
-    folder: str
-    rel: str
-    size: int
-    files: int
-
-    @property
-    def path(self) -> str:
-        return os.path.join(self.folder, self.rel)
-
-
 def folder_size(path: str) -> int:
     """Bytes of every file under ``path`` (their sizes, not the blocks they take)."""
     total = 0
@@ -54,6 +46,42 @@ def folder_size(path: str) -> int:
         for name in names:
             try:
                 total += os.lstat(os.path.join(folder, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+#: The steps every tool that backs up and restores runs (cp -a runs fewer, sdbackup more).
+COMMON_STEPS = frozenset({
+    "big-first", "big-again", "big-restore", "edited", "tree-first", "tree-again", "tree-restore",
+    "t50k-first", "t50k-again", "t50k-restore",
+})
+MILLION_STEPS = frozenset({"m-first", "m-again", "m-ls", "m-restore"})
+SQLITE_HEADER = b"SQLite format 3\0"
+
+
+def catalog_bytes(folder: str) -> int:
+    """What the manager's catalog holds now: the pages in use of every SQLite database in
+    ``folder`` (read through a read-only connection, so committed pages still in the WAL count,
+    as after a checkpoint), plus the size of any other file."""
+    total = 0
+    for current, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(current, name)
+            if name.endswith(("-wal", "-shm", "-journal")):
+                continue
+            try:
+                with open(path, "rb") as f:
+                    is_sqlite = f.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+                if not is_sqlite:
+                    total += os.lstat(path).st_size
+                    continue
+                with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                                        timeout=30)) as db:
+                    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+                    pages = db.execute("PRAGMA page_count").fetchone()[0]
+                    free = db.execute("PRAGMA freelist_count").fetchone()[0]
+                total += (pages - free) * page_size
             except FileNotFoundError:
                 pass
     return total
@@ -97,8 +125,7 @@ def first_line(argv: list[str]) -> str:
 class Tool:
     name = ""
     #: Step keys this tool runs; restores are named ``<dataset>-restore``.
-    steps = {"big-first", "big-again", "big-restore", "edited", "tree-first", "tree-again",
-             "tree-restore"}
+    steps = COMMON_STEPS
 
     def __init__(self, work: str):
         self.work = work  # this tool's own folder under bench_work/repos/
@@ -119,6 +146,14 @@ class Tool:
 
     def restore(self, backup_key: str, target: str) -> Command:
         raise NotImplementedError
+
+    def ls(self, backup_key: str) -> Command:
+        """List every entry of the backup ``backup_key``, one a line."""
+        raise NotImplementedError
+
+    def catalog(self) -> int | None:
+        """Bytes of the tool's index apart from its stored data (sdbackup's manager catalog)."""
+        return None
 
     def restored_path(self, target: str, data: DataSet) -> str:
         return os.path.join(target, data.rel)
@@ -151,6 +186,7 @@ class Tool:
 
 class Sdbackup(Tool):
     name = "sdbackup"
+    steps = COMMON_STEPS | MILLION_STEPS | {"t50k-recovery"}
 
     def __init__(self, work: str, replicas: int = 2, servers: int = 3):
         super().__init__(work)
@@ -185,9 +221,30 @@ class Sdbackup(Tool):
     def restore(self, backup_key, target):
         return Command(["sdbackup", "restore", "latest", "--target", target], self.work, self.env)
 
+    def ls(self, backup_key):
+        return Command(["sdbackup", "ls", "latest"], self.work, self.env)
+
     def stored(self) -> int:
         return sum(folder_size(os.path.join(self.work, d)) for d in os.listdir(self.work)
                    if d.startswith("data_"))
+
+    def catalog(self) -> int:
+        return catalog_bytes(self.local.manager_data)
+
+    def snapshots(self, timeout: float = 600) -> list[tuple[str, str]]:
+        """``(id, paths)`` of every snapshot ``sdbackup snapshots`` lists, oldest first (the
+        command waits while the manager is starting)."""
+        result = subprocess.run(["sdbackup", "snapshots"], cwd=self.work, env=self.env,
+                                capture_output=True, text=True, timeout=timeout)
+        if result.returncode:
+            raise RuntimeError(f"sdbackup snapshots exited with status {result.returncode}: "
+                               f"{result.stderr.strip()[-500:]}")
+        rows = []
+        for line in result.stdout.splitlines()[1:]:
+            parts = line.split()
+            if parts:
+                rows.append((parts[0], parts[-1]))  # the paths column is last
+        return rows
 
     def sent(self, output, stored_growth):
         new = parse_new_bytes(output)
@@ -215,6 +272,11 @@ class Sdbackup(Tool):
 
 class Restic(Tool):
     name = "restic"
+
+    def __init__(self, work: str, million: bool = False):
+        super().__init__(work)
+        if million:  # the 1,000,000-file steps too (optional: they take long)
+            self.steps = COMMON_STEPS | MILLION_STEPS
 
     def start(self):
         super().start()
@@ -253,6 +315,9 @@ class Restic(Tool):
     def restore(self, backup_key, target):
         return Command(["restic", *self.flags, "restore", "latest", "--target", target], self.work,
                        self.env)
+
+    def ls(self, backup_key):
+        return Command(["restic", *self.flags, "ls", "latest"], self.work, self.env)
 
     def restored_path(self, target, data):
         # restic 0.14 restores a relative path as given (target/<rel>); look under the absolute
@@ -299,7 +364,7 @@ class Copy(Tool):
     """``cp -a`` of each data set: the floor for a first backup and for a restore."""
 
     name = "cp -a"
-    steps = {"big-first", "tree-first"}
+    steps = frozenset({"big-first", "tree-first", "t50k-first"})
 
     def start(self):
         super().start()

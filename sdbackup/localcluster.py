@@ -3,11 +3,13 @@
 Used by the demo and the benchmark. Each process runs
 ``twistd -n --pidfile=`` (so several can share a folder), logs to its own file,
 and counts as started once it logs its readiness line. With port 0 the kernel
-picks the ports and they are read back from those lines.
+picks the ports and they are read back from those lines. A process started
+again (``restart_manager``) appends to the same log; only what it wrote counts.
 """
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,8 @@ import time
 import attrs
 
 MANAGER_READY = re.compile(r"sdbackup-manager listening on port (\d+)")
+#: Logged once a started manager leaves safe mode and serves clients.
+MANAGER_SERVING = re.compile(r"sdbackup-manager ready\b[^\n]*")
 SERVER_LISTENING = re.compile(r"sdbackup-server listening on port (\d+)")
 SERVER_READY = "sdbackup-server registered with the manager"
 
@@ -44,6 +48,14 @@ class Process:
     popen: subprocess.Popen
     log: str
     port: int = 0
+    #: Where this process's part of the log begins (a restarted process appends to it).
+    log_start: int = 0
+
+    def output(self) -> str:
+        """What this process has logged so far."""
+        with open(self.log, "rb") as f:
+            f.seek(self.log_start)
+            return f.read().decode(errors="replace")
 
     def peak_rss(self) -> int:
         """The process's peak resident memory so far, in bytes (Linux ``VmHWM``)."""
@@ -70,6 +82,7 @@ class LocalCluster:
     manager_options: list = attrs.Factory(list)  # more twistd plugin options for each
     server_options: list = attrs.Factory(list)
     processes: list = attrs.Factory(list)
+    manager_data: str = ""  # the manager's data folder, once started
 
     @property
     def manager(self) -> Process:
@@ -99,12 +112,25 @@ class LocalCluster:
         port = self.manager.port if self.processes else self.manager_port
         args = ["sdbackup-manager", "--listen", self._listen(port), "--data", data,
                 "--replicas", str(self.replicas), *self.manager_options]
+        self.manager_data = os.path.join(self.root, data)
         process = self._start("manager", args, MANAGER_READY)
         if self.processes and self.processes[0].name == "manager":
             self.processes[0] = process
         else:
             self.processes.insert(0, process)
         return process
+
+    def stop_manager(self, timeout: float = 10.0):
+        """SIGTERM the manager and wait until it is gone (``start_manager`` starts it again)."""
+        self.kill(self.manager, signal.SIGTERM, timeout)
+
+    def restart_manager(self, wipe: bool = False) -> Process:
+        """Stop the manager and start it again on its port; with ``wipe``, its catalog is
+        deleted in between, so it starts with nothing but what the servers report."""
+        self.stop_manager()
+        if wipe:
+            shutil.rmtree(self.manager_data, ignore_errors=True)
+        return self.start_manager(os.path.relpath(self.manager_data, self.root))
 
     def start_server(self, index: int) -> Process:
         port = self.first_server_port + index if self.first_server_port else 0
@@ -123,9 +149,10 @@ class LocalCluster:
         if self.echo:
             print(f"$ {' '.join(command)}  > {os.path.relpath(log, self.root)}", flush=True)
         with open(log, "ab") as out:
+            start = out.tell()
             popen = subprocess.Popen(command, cwd=self.root, env=environment(), stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        process = Process(name, popen, log)
+        process = Process(name, popen, log, log_start=start)
         match = self._wait_for(process, ready)
         if isinstance(match, re.Match):
             process.port = int(match.group(1))
@@ -134,8 +161,7 @@ class LocalCluster:
     def _wait_for(self, process: Process, ready):
         deadline = time.monotonic() + self.deadline
         while time.monotonic() < deadline:
-            with open(process.log, errors="replace") as f:
-                text = f.read()
+            text = process.output()
             found = ready.search(text) if isinstance(ready, re.Pattern) else (ready in text or None)
             if found:
                 return found

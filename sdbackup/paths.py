@@ -1,7 +1,16 @@
-"""Path rules that keep data where it belongs. Pure functions, no I/O but ``realpath``."""
+"""Path rules that keep data where it belongs. Pure functions, no I/O.
+
+Inside a snapshot a path is a tuple of names (bytes); on a command line and in
+listings it is text, each name escaped with ``sdbackup.names.escape`` and
+joined with ``/``. A restore creates every entry by one name at a time,
+relative to the folder that holds it, so the only rule it needs from here is
+which names are names at all.
+"""
 
 import os
 import posixpath
+
+from sdbackup.names import escape, unescape
 
 
 class UnsafePath(Exception):
@@ -25,55 +34,59 @@ def snapshot_path(local_path: str, cwd: str | None = None) -> str:
     return posixpath.join(*stripped.split(os.sep))
 
 
-def check_snapshot_path(path: str) -> str:
-    """Refuse a snapshot path that could escape a restore target."""
-    if not path or "\x00" in path:
-        raise UnsafePath(f"empty or NUL in path {path!r}")
-    if path.startswith("/") or "\\" in path:
-        raise UnsafePath(f"absolute or backslashed path {path!r}")
-    parts = path.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise UnsafePath(f"path {path!r} has an empty, '.' or '..' component")
-    return path
+def check_name(name: bytes) -> bytes:
+    """``name`` if it names an entry of a folder: any bytes but ``/`` and NUL, not ``.`` or ``..``.
+
+    A tree from a hostile cluster or client may carry anything; ``objects.Node``
+    refuses such names already, and a restore checks again before it creates.
+    """
+    if not isinstance(name, bytes) or not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise UnsafePath(f"{name!r} is not a name a folder can hold")
+    return name
 
 
-class TargetFolder:
-    """Where the paths of a snapshot land under a restore's target, never outside it.
+def parse_path(text: str) -> tuple[bytes, ...]:
+    """The names of a path typed as ``ls`` shows it (``a/b\\x ff/c``); ``()`` for the root.
 
-    Each name is checked, then that the folder it will be written in resolves
-    (following any links already on disk) inside the target. A folder found
-    safe is remembered for the rest of the restore, which creates links last.
+    Slashes at either end and repeated ones are ignored; ``.`` and ``..`` are refused.
+    """
+    names = tuple(name for name in unescape(text).split(b"/") if name)
+    for name in names:
+        if name in (b".", b"..") or b"\0" in name:
+            raise UnsafePath(f"{text!r}: a path in a snapshot has no '.', '..' or NUL")
+    return names
+
+
+def display_path(names: tuple[bytes, ...]) -> str:
+    """Text for a path in a snapshot: each name escaped, joined with ``/``."""
+    return "/".join(escape(name) for name in names)
+
+
+class Includes:
+    """The paths a restore is limited to (``--include``); none means everything.
+
+    An entry is wanted when it is one of the paths or inside one, and a folder
+    is wanted too when it is above one, to hold it (it gets its own metadata).
     """
 
-    def __init__(self, target: str):
-        self.target = target
-        self.root = os.path.realpath(target)
-        self._inside = self.root.rstrip(os.sep) + os.sep
-        self._safe = {self.root}
+    def __init__(self, texts=()):
+        self.paths = [parse_path(text) for text in texts]
+        self._seen: set[tuple[bytes, ...]] = set()
+        if () in self.paths:  # the root: everything
+            self.paths = []
 
-    def path_for(self, path: str) -> str:
-        check_snapshot_path(path)
-        destination = os.path.join(self.root, *path.split("/"))
-        parent = os.path.dirname(destination)
-        if parent not in self._safe:
-            real = os.path.realpath(parent)
-            if real != self.root and not real.startswith(self._inside):
-                raise UnsafePath(f"{path!r} would be written outside {self.target} (through a link)")
-            self._safe.add(parent)
-        return destination
-
-
-def target_path(target: str, path: str) -> str:
-    """Where ``path`` of a snapshot lands under ``target``, never outside it."""
-    return TargetFolder(target).path_for(path)
-
-
-def path_in_include(path: str, includes: list[str]) -> bool:
-    """True when ``path`` is one of ``includes`` or inside one, or a folder above one."""
-    if not includes:
-        return True
-    for include in includes:
-        include = include.strip("/")
-        if path == include or path.startswith(include + "/") or include.startswith(path + "/"):
+    def wants(self, path: tuple[bytes, ...], is_folder: bool) -> bool:
+        if not self.paths:
             return True
-    return False
+        for include in self.paths:
+            if path[: len(include)] == include:
+                if len(path) == len(include):
+                    self._seen.add(include)
+                return True
+            if is_folder and include[: len(path)] == path:
+                return True
+        return False
+
+    def unmatched(self) -> list[tuple[bytes, ...]]:
+        """The paths no entry matched (asked after the walk)."""
+        return [p for p in self.paths if p not in self._seen]

@@ -1,4 +1,8 @@
-"""A one-line progress bar on a terminal; silent elsewhere."""
+"""A one-line progress bar on a terminal; silent elsewhere.
+
+With totals (a restore knows them) it draws a bar; without (a backup walks
+as it goes and never counts ahead) it shows what is done and how fast.
+"""
 
 import sys
 import time
@@ -13,7 +17,7 @@ def human_bytes(count: float) -> str:
 
 
 class Progress:
-    def __init__(self, total_bytes: int, total_files: int, stream=None, enabled=None):
+    def __init__(self, total_bytes: int = 0, total_files: int = 0, stream=None, enabled=None):
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.total_bytes = total_bytes
@@ -22,6 +26,7 @@ class Progress:
         self.files = 0
         self.started = time.monotonic()
         self._last_draw = 0.0
+        self._last_width = 0
 
     def advance(self, size: int = 0, files: int = 0):
         self.bytes += size
@@ -32,10 +37,16 @@ class Progress:
             self.draw(now)
 
     def draw(self, now: float):
+        rate = self.bytes / max(now - self.started, 1e-6)
+        if not self.total_bytes and not self.total_files:
+            line = f"\r{human_bytes(self.bytes)} {human_bytes(rate)}/s files {self.files}"
+            self.stream.write(line.ljust(self._last_width))
+            self._last_width = len(line)
+            self.stream.flush()
+            return
         fraction = self.bytes / self.total_bytes if self.total_bytes else 1.0
         width = 30
         filled = int(width * min(fraction, 1.0))
-        rate = self.bytes / max(now - self.started, 1e-6)
         line = (
             f"\r[{'#' * filled}{'.' * (width - filled)}] {fraction:4.0%} "
             f"{human_bytes(self.bytes)}/{human_bytes(self.total_bytes)} "

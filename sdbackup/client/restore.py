@@ -1,16 +1,23 @@
-"""Restoring: fetch every chunk from any server that holds it, verify, write, rename.
+"""Restoring a snapshot: read its trees, fetch and verify chunks, have ``fswriter`` put it back.
 
-Each chunk is checked against its checksum as it arrives; a bad or missing copy
-makes the restore try the next holder. A file is written to a temporary name in
-its folder and renamed into place only when its whole-file hash matches, so a
-restore never leaves a corrupt file under its real name. Nothing is written
-outside the target: names are checked, and every folder a file lands in must
-resolve inside the target. Links are created last, so no write goes through one.
+The walk goes depth first through the snapshot's trees (``TreeReader``). A
+folder is created when the walk enters it and gets its metadata when
+everything inside it is done (files still downloading included), so folders
+finish deepest first and their mtimes stay as saved. Files download several
+at a time: at most ``FILES_AT_ONCE`` files and ``CHUNKS_IN_FLIGHT`` chunks
+are under way, and a file never waits for a chunk slot while it holds fetched
+chunks (it writes them first), so files sharing the slots cannot all wait for
+each other. Every chunk is verified against its id by ``Repository.fetch``,
+and every file against its whole-file hash by the writer.
+
+Hard links: the first entry of a ``(dev, inode)`` group met in the walk is
+restored whole; the others wait for it and become links to it. If the first
+fails, the next one is restored whole instead.
+
+An error concerns one entry (or a folder's contents) and is collected; the
+restore goes on, and reports them all at the end.
 """
 
-import contextlib
-import ctypes
-import os
 from collections import deque
 
 import attrs
@@ -18,11 +25,15 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
-from sdbackup import hashing
+from sdbackup import objects
+from sdbackup.client import fswriter
+from sdbackup.client.fswriter import FileSystemWriter, Folder, RestoreError
 from sdbackup.client.progress import Progress
+from sdbackup.client.repository import Repository
 from sdbackup.client.session import ClientError, Session
-from sdbackup.paths import TargetFolder, UnsafePath, path_in_include
-from sdbackup.protocols.messages import ChunkRef, FetchChunk, FileEntry, ListChunks, ListFiles
+from sdbackup.client.treereader import Enter, Entry, Leave, TreeReader
+from sdbackup.objects import Kind, Node
+from sdbackup.paths import Includes, UnsafePath, display_path
 
 #: Chunks being fetched at once, across all files: bounds memory.
 CHUNKS_IN_FLIGHT = 16
@@ -30,261 +41,351 @@ CHUNKS_IN_FLIGHT = 16
 FILE_WINDOW = 8
 #: Files restored at once (many small files are bound by round trips, not bytes).
 FILES_AT_ONCE = 16
-PAGE = 1000
-#: Files of at most this size (all their chunks listed) are fetched whole, then written
-#: in one thread hop.
+#: Files of at most this size without chunk lists are fetched whole, then written in one
+#: thread hop.
 SMALL_FILE = 1024 * 1024
 
 
 @attrs.define
 class RestoreResult:
     snapshot_id: str
-    entries: int = 0  # files, folders and links restored
+    files: int = 0
+    folders: int = 0
+    #: Links, FIFOs and devices.
+    others: int = 0
     bytes: int = 0
     errors: list = attrs.Factory(list)
+    notes: list = attrs.Factory(list)
 
 
-class ChunkUnavailable(ClientError):
-    pass
+@attrs.define(eq=False)
+class _FolderState:
+    """A folder being restored: it finishes when the walk has left it and ``pending`` is 0."""
+
+    folder: Folder
+    parent: "_FolderState | None"
+    pending: int = 1  # the walk is inside it
+    finishing: bool = False
 
 
-async def list_snapshot(session: Session, ref: str):
-    """Yield pages ``(snapshot_id, files, holders)`` of a snapshot, in path order."""
-    after = ""
-    while True:
-        page = await session.ask(ListFiles(snapshot=ref, after=after, limit=PAGE))
-        ref = page.snapshot_id  # stay on the same snapshot even if a newer one lands
-        yield page
-        if not page.more or not page.files:
-            return
-        after = page.files[-1].path
+@attrs.define(eq=False)
+class _LinkGroup:
+    """Entries of one ``(dev, inode)``: the first is restored whole, the others link to it."""
 
+    type: str
+    source: tuple | None = None  # (_FolderState, name) once the first is in place
+    running: bool = True  # an entry is being restored whole
+    waiters: list = attrs.Factory(list)
 
-def _write_chunk(f, hasher, data: bytes):
-    f.write(data)
-    hasher.update(data)
+    def wait(self) -> defer.Deferred:
+        """The source to link to, or None: then the caller restores its entry whole."""
+        if self.source is not None:
+            return defer.succeed(self.source)
+        if not self.running:
+            self.running = True
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self.waiters.append(d)
+        return d
 
-
-def _write_small_file(temp: str, destination: str, entry: FileEntry, pieces: list[bytes]):
-    """A whole small file in one thread hop: write, check its hash, put it in place."""
-    hasher = hashing.file_hasher()
-    with open(temp, "wb") as f:
-        for piece in pieces:
-            _write_chunk(f, hasher, piece)
-    _finish_file(f, temp, destination, entry, hasher.hexdigest())
-
-
-def _finish_file(f, temp: str, destination: str, entry: FileEntry, digest: str):
-    """Check the whole file's hash, then set its metadata and rename it into place.
-
-    No fsync per file (thousands of small files would wait on the disk one by
-    one): the restore syncs the target's file system once, at its end.
-    """
-    f.close()
-    if digest != entry.file_hash:
-        os.unlink(temp)
-        raise ClientError(f"{entry.path}: restored bytes do not match the file's hash; not written")
-    os.chmod(temp, entry.mode)
-    os.utime(temp, ns=(entry.mtime_ns, entry.mtime_ns))
-    os.replace(temp, destination)
-
-
-def _sync_file_system(path: str):
-    """Flush everything written under ``path`` to disk (``syncfs``, else a global sync)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) != 0:
-            os.sync()
-    except (AttributeError, OSError):
-        os.sync()
-    finally:
-        os.close(fd)
-
-
-def _verify(ref: ChunkRef, checksum: str, payload: bytes) -> bool:
-    return checksum == ref.checksum and len(payload) == ref.size and (
-        hashing.checksum(payload) == ref.checksum)
+    def settle(self, source: tuple | None):
+        if source is not None:
+            self.source, self.running = source, False
+            waiters, self.waiters = self.waiters, []
+            for d in waiters:
+                d.callback(source)
+        elif self.waiters:
+            self.waiters.pop(0).callback(None)  # the next one restores itself and becomes the first
+        else:
+            self.running = False
 
 
 class Restore:
     def __init__(self, session: Session, snapshot: str, target: str, includes=(),
                  progress: Progress | None = None):
         self.session = session
+        self.repository = Repository(session)
         self.snapshot = snapshot
-        self.target = os.path.abspath(target)
-        self.folder: TargetFolder | None = None
-        self._made: set[str] = set()  # folders known to exist
-        self.includes = [i.strip("/") for i in includes]
+        self.target = target
+        self.includes = Includes(includes)
         self.progress = progress
         self.chunk_slots = defer.DeferredSemaphore(CHUNKS_IN_FLIGHT)
         self.file_slots = defer.DeferredSemaphore(FILES_AT_ONCE)
-        self._turn = 0
+        self.writer: FileSystemWriter | None = None
+        self.result = RestoreResult(snapshot_id="")
+        #: Chunk ids (hex) found to be all zeros, and their sizes: written as holes, fetched once.
+        self._zero_chunks: dict[str, int] = {}
+        self._links: dict[tuple, _LinkGroup] = {}
+        self._open: set[_FolderState] = set()
+        self._running: set[defer.Deferred] = set()
+        self._done = defer.Deferred()
 
     async def run(self) -> RestoreResult:
-        os.makedirs(self.target, exist_ok=True)
-        self.folder = TargetFolder(self.target)
-        result = RestoreResult(snapshot_id="")
-        folders: list[FileEntry] = []
-        links: list[FileEntry] = []
-        running: list[defer.Deferred] = []
-        async for page in list_snapshot(self.session, self.snapshot):
-            result.snapshot_id = page.snapshot_id
-            for entry in page.files:
-                if not path_in_include(entry.path, self.includes):
-                    continue
-                try:
-                    destination = self.folder.path_for(entry.path)
-                except UnsafePath as e:
-                    result.errors.append(str(e))
-                    continue
-                if entry.kind == "dir":
-                    os.makedirs(destination, exist_ok=True)
-                    folders.append(entry)
-                    result.entries += 1
-                elif entry.kind == "symlink":
-                    links.append(entry)
-                else:
-                    await self.file_slots.acquire()
-                    d = defer.ensureDeferred(self._restore_file(page.snapshot_id, entry, page.holders))
-                    d.addBoth(self._file_done, entry, result)
-                    running.append(d)
-            running = [d for d in running if not d.called]
-        await defer.DeferredList(running)
-        for entry in links:
-            self._restore_link(entry, result)
-        # Folders last and deepest first: writing into a folder changes its mtime.
-        for entry in sorted(folders, key=lambda e: e.path.count("/"), reverse=True):
-            destination = self.folder.path_for(entry.path)
-            os.chmod(destination, entry.mode)
-            os.utime(destination, ns=(entry.mtime_ns, entry.mtime_ns))
-        if not result.snapshot_id:
-            raise ClientError(f"snapshot {self.snapshot} is empty")
-        await deferToThread(_sync_file_system, self.target)  # durable before we say it is done
-        return result
+        summary = await self.repository.resolve(self.snapshot)
+        snapshot = await self.repository.load_snapshot(summary.snapshot_id)
+        self.result.snapshot_id = summary.snapshot_id
+        if self.progress is not None and not self.includes.paths:
+            self.progress.total_bytes, self.progress.total_files = summary.bytes, summary.files
+        fswriter.raise_open_files_limit()
+        try:
+            self.writer = await deferToThread(FileSystemWriter, self.target)
+        except OSError as e:
+            raise ClientError(f"cannot restore into {self.target}: {e.strerror or e}") from None
+        try:
+            await self._walk(snapshot.tree)
+            await self._done  # every folder finished, deepest first
+            await deferToThread(self.writer.sync)  # durable before we say it is done
+        finally:
+            # After a failure of the whole restore: let what is under way end, then close.
+            while self._running:
+                await defer.DeferredList(list(self._running))
+            for state in list(self._open):
+                self.writer.close_folder(state.folder)
+            self.writer.close()
+        for path in self.includes.unmatched():
+            self.result.errors.append(f"{display_path(path)}: not in snapshot {summary.snapshot_id[:8]}")
+        return self.result
 
-    def _file_done(self, outcome, entry: FileEntry, result: RestoreResult):
-        self.file_slots.release()
-        if isinstance(outcome, Failure):
-            if outcome.check(ClientError, OSError, UnsafePath):
-                result.errors.append(f"{entry.path}: {outcome.getErrorMessage()}")
-            else:
-                result.errors.append(f"{entry.path}: {outcome.type.__name__}: "
-                                     f"{outcome.getErrorMessage()}")
+    # --- the walk -----------------------------------------------------------------------
+
+    async def _walk(self, tree_id: bytes):
+        reader = TreeReader(self.repository, chunks=True)
+        root = _FolderState(self.writer.root, None)
+        stack: list[_FolderState | None] = []
+        want = (lambda path, node: self.includes.wants(path, node.type == "dir")
+                ) if self.includes.paths else None
+        async for event in reader.walk(tree_id, want=want):
+            if isinstance(event, Entry):
+                await self._entry(stack[-1], event)
+            elif isinstance(event, Enter):
+                if event.node is None:
+                    stack.append(root)
+                    continue
+                state = await self._enter(stack[-1], event)
+                if state is None and not event.error:
+                    reader.skip()
+                stack.append(state)
+            elif isinstance(event, Leave):
+                state = stack.pop()
+                if state is not None:
+                    self._release(state)
+
+    async def _enter(self, parent: _FolderState | None, event: Enter) -> _FolderState | None:
+        """Create the folder; None when it cannot be (nothing below it is restored)."""
+        if parent is None:
+            return None
+        try:
+            folder = await deferToThread(self.writer.make_folder, parent.folder, event.node)
+        except (RestoreError, OSError) as e:
+            self.result.errors.append(_describe(e, event.path))
+            return None
+        if event.error:
+            self.result.errors.append(event.error)
+        parent.pending += 1
+        state = _FolderState(folder, parent)
+        self._open.add(state)
+        self.result.folders += 1
+        return state
+
+    async def _entry(self, state: _FolderState | None, event: Entry):
+        if state is None:
+            return
+        node = event.node
+        group = None
+        if node.links > 1 and (node.dev or node.inode):
+            key = (node.dev, node.inode)
+            group = self._links.get(key)
+            if group is not None and group.type == node.type:
+                self._start(state, event.path, self._link(state, node, event.holders, group))
+                return
+            group = self._links[key] = _LinkGroup(node.type)
+        if node.type == "file":
+            await self.file_slots.acquire()
+            self._start(state, event.path, self._file(state, node, event.holders, group), slot=True)
         else:
-            result.entries += 1
-            result.bytes += entry.size
+            self._start(state, event.path, self._special(state, node, group))
+
+    def _start(self, state: _FolderState, path: tuple, work, slot: bool = False):
+        state.pending += 1
+        d = defer.ensureDeferred(work)
+        self._running.add(d)
+        d.addBoth(self._entry_done, state, path, slot)
+        d.addBoth(lambda _: self._running.discard(d))
+
+    def _entry_done(self, outcome, state: _FolderState, path: tuple, slot: bool):
+        if slot:
+            self.file_slots.release()
+        if isinstance(outcome, Failure):
+            self.result.errors.append(_describe(outcome.value, path))
+        else:
+            self.result.notes.extend(outcome or ())
+        self._release(state)
+
+    def _release(self, state: _FolderState):
+        """One thing inside ``state`` is done; when nothing is left, finish the folder."""
+        state.pending -= 1
+        if state.pending:
+            return
+        if state.parent is None:
+            self._done.callback(None)
+            return
+        state.finishing = True
+        d = deferToThread(self.writer.finish_folder, state.folder)
+        self._running.add(d)
+        d.addBoth(self._folder_done, state)
+        d.addBoth(lambda _: self._running.discard(d))
+
+    def _folder_done(self, outcome, state: _FolderState):
+        self._open.discard(state)
+        if isinstance(outcome, Failure):
+            self.result.errors.append(_describe(outcome.value, state.folder.path))
+        else:
+            self.result.notes.extend(outcome)
+        self._release(state.parent)
+
+    # --- entries ------------------------------------------------------------------------
+
+    async def _file(self, state: _FolderState, node: Node, holders: dict, group: _LinkGroup | None):
+        try:
+            notes = await self._write_file(state.folder, node, holders)
+        except BaseException:
+            if group is not None:
+                group.settle(None)
+            raise
+        if group is not None:
+            group.settle((state, node.name))
+        self.result.files += 1
+        self.result.bytes += node.size
         if self.progress is not None:
             self.progress.advance(files=1)
+        return notes
 
-    async def _chunks_of(self, snapshot_id: str, entry: FileEntry, holders: dict):
-        """Each chunk of the file with its holders; a long list comes a page at a time."""
-        for ref in entry.chunks:
-            yield ref, holders.get(ref.chunk_id, [])
-        seq = len(entry.chunks)
-        while seq < entry.chunk_count:
-            page = await self.session.ask(ListChunks(snapshot_id=snapshot_id, path=entry.path,
-                                                     first_chunk=seq))
-            if not page.chunks:
-                raise ClientError(f"{entry.path}: the catalog lists {seq} of "
-                                  f"{entry.chunk_count} chunks")
-            for ref in page.chunks:
-                yield ref, page.holders.get(ref.chunk_id, [])
-            seq += len(page.chunks)
-
-    async def _restore_file(self, snapshot_id: str, entry: FileEntry, holders: dict):
-        destination = self.folder.path_for(entry.path)
-        parent = os.path.dirname(destination)
-        if parent not in self._made:
-            os.makedirs(parent, exist_ok=True)
-            self._made.add(parent)
-        temp = os.path.join(parent, f".{os.path.basename(destination)}.sdbackup-{os.getpid()}")
-        if entry.size <= SMALL_FILE and entry.chunk_count == len(entry.chunks):
-            await self._restore_small_file(entry, holders, temp, destination)
-            return
-        f = await deferToThread(open, temp, "wb")
-        hasher = hashing.file_hasher()
-        pending: deque[defer.Deferred] = deque()
+    async def _special(self, state: _FolderState, node: Node, group: _LinkGroup | None):
         try:
-            async for ref, servers in self._chunks_of(snapshot_id, entry, holders):
-                # Never wait for a slot while holding fetched chunks: write them instead, so
-                # files that share the slots cannot all wait for each other.
-                while pending and not self.chunk_slots.tokens:
-                    await self._write_next(pending, f, hasher)
-                await self.chunk_slots.acquire()
-                pending.append(defer.ensureDeferred(self._fetch(ref, servers)))
-                while pending and (len(pending) >= FILE_WINDOW or pending[0].called):
-                    await self._write_next(pending, f, hasher)
-            while pending:
-                await self._write_next(pending, f, hasher)
-            await deferToThread(_finish_file, f, temp, destination, entry, hasher.hexdigest())
+            notes = await deferToThread(self.writer.make_special, state.folder, node)
         except BaseException:
-            for d in pending:
-                d.addBoth(lambda _: self.chunk_slots.release())
-            if not f.closed:
-                f.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
+            if group is not None:
+                group.settle(None)
             raise
+        if group is not None:
+            group.settle((state, node.name))
+        self.result.others += 1
+        return notes
 
-    async def _restore_small_file(self, entry: FileEntry, holders: dict, temp: str,
-                                  destination: str):
-        pieces = []
-        for ref in entry.chunks:
-            await self.chunk_slots.acquire()
+    async def _link(self, state: _FolderState, node: Node, holders: dict, group: _LinkGroup):
+        source = await group.wait()
+        if source is None:  # the first copy failed: this one is restored whole
+            if node.type != "file":
+                return await self._special(state, node, group)
+            await self.file_slots.acquire()
             try:
-                pieces.append(await self._fetch(ref, holders.get(ref.chunk_id, [])))
+                return await self._file(state, node, holders, group)
             finally:
-                self.chunk_slots.release()
+                self.file_slots.release()
+        source_state, source_name = source
+        if source_state.finishing:  # its descriptor is closing: the writer opens it again
+            source_folder = Folder(None, source_state.folder.path)
+        else:
+            source_state.pending += 1  # keeps its descriptor open while we link
+            source_folder = source_state.folder
         try:
-            await deferToThread(_write_small_file, temp, destination, entry, pieces)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
-        if self.progress is not None:
-            self.progress.advance(size=entry.size)
+            await deferToThread(self.writer.link, state.folder, node, source_folder, source_name)
+        finally:
+            if source_folder is source_state.folder:
+                self._release(source_state)
+        if node.type == "file":
+            self.result.files += 1
+            if self.progress is not None:
+                self.progress.advance(files=1)
+        else:
+            self.result.others += 1
+        return []
 
-    async def _write_next(self, pending: deque, f, hasher):
-        d = pending.popleft()
+    # --- file contents --------------------------------------------------------------------
+
+    async def _write_file(self, folder: Folder, node: Node, holders: dict) -> list[str]:
+        if node.size <= SMALL_FILE and not node.content_lists:
+            pieces = []
+            for chunk_id in node.content:
+                hex_id = chunk_id.hex()
+                zeros = self._zero_chunks.get(hex_id)
+                if zeros is not None:
+                    pieces.append(bytes(zeros))
+                    continue
+                await self.chunk_slots.acquire()
+                try:
+                    pieces.append(await self.repository.fetch(Kind.DATA, hex_id, holders.get(hex_id, [])))
+                finally:
+                    self.chunk_slots.release()
+            notes = await deferToThread(self.writer.write_file, folder, node, pieces)
+            if self.progress is not None:
+                self.progress.advance(size=node.size)
+            return notes
+        out = await deferToThread(self.writer.open_file, folder, node)
+        pending: deque = deque()  # (chunk id, Deferred of its bytes or size of zeros, holds a slot)
+        try:
+            async for hex_id, servers in self._chunks(node, holders):
+                zeros = self._zero_chunks.get(hex_id)
+                if zeros is not None:
+                    pending.append((hex_id, defer.succeed(zeros), False))
+                else:
+                    # Never wait for a slot while holding fetched chunks: write them instead, so
+                    # files that share the slots cannot all wait for each other.
+                    while pending and not self.chunk_slots.tokens:
+                        await self._write_next(pending, out)
+                    await self.chunk_slots.acquire()
+                    fetch = defer.ensureDeferred(self.repository.fetch(Kind.DATA, hex_id, servers))
+                    pending.append((hex_id, fetch, True))
+                while pending and (len(pending) >= FILE_WINDOW or pending[0][1].called):
+                    await self._write_next(pending, out)
+            while pending:
+                await self._write_next(pending, out)
+            return await deferToThread(out.finish)
+        except BaseException:
+            for _, d, holds in pending:
+                if holds:
+                    d.addBoth(lambda _: self.chunk_slots.release())
+            await deferToThread(out.abort)
+            raise
+
+    async def _write_next(self, pending: deque, out: fswriter.FileOut):
+        hex_id, d, holds = pending.popleft()
         try:
             data = await d
-            await deferToThread(_write_chunk, f, hasher, data)
+            if isinstance(data, int):
+                await deferToThread(out.write_zeros, data)
+                size = data
+            else:
+                if await deferToThread(out.write, data):
+                    self._zero_chunks[hex_id] = len(data)
+                size = len(data)
         finally:
-            self.chunk_slots.release()
+            if holds:
+                self.chunk_slots.release()
         if self.progress is not None:
-            self.progress.advance(size=len(data))
+            self.progress.advance(size=size)
 
-    async def _fetch(self, ref: ChunkRef, holders: list[str]) -> bytes:
-        """The chunk's bytes from the first holder whose copy verifies."""
-        if not holders:
-            raise ChunkUnavailable(f"no server holds chunk {ref.chunk_id[:16]}")
-        # Start at a different holder for each chunk, so reads spread over the servers.
-        self._turn += 1
-        start = self._turn % len(holders)
-        reasons = []
-        for server in holders[start:] + holders[:start]:
-            try:
-                reply = await self.session.servers.request(server, FetchChunk(chunk_id=ref.chunk_id))
-            except Exception as e:
-                reasons.append(f"{server}: {getattr(e, 'reason', None) or e}")
-                continue
-            # Hashing a small payload costs less than a thread hop.
-            verified = (_verify(ref, reply.checksum, reply.payload) if ref.size <= 256 * 1024
-                        else await deferToThread(_verify, ref, reply.checksum, reply.payload))
-            if verified:
-                return reply.payload
-            reasons.append(f"{server}: copy does not match its checksum")
-        raise ChunkUnavailable(
-            f"no good copy of chunk {ref.chunk_id[:16]}: " + "; ".join(reasons))
+    async def _chunks(self, node: Node, holders: dict):
+        """``(chunk id hex, holders)`` of a file in order, reading its chunk lists if any."""
+        for chunk_id in node.content:
+            hex_id = chunk_id.hex()
+            yield hex_id, holders.get(hex_id, [])
+        for list_id in node.content_lists:
+            hex_id = list_id.hex()
+            data = await self.repository.fetch(Kind.LIST, hex_id, holders.get(hex_id, []))
+            ids = [chunk_id.hex() for chunk_id in objects.decode_chunk_list(data)]
+            located = await self.repository.locate(list(dict.fromkeys(ids)))
+            for chunk_hex in ids:
+                yield chunk_hex, located.get(chunk_hex, [])
 
-    def _restore_link(self, entry: FileEntry, result: RestoreResult):
-        try:
-            destination = self.folder.path_for(entry.path)
-            if os.path.lexists(destination) and not os.path.isdir(destination):
-                os.unlink(destination)
-            os.symlink(entry.link_target, destination)
-            os.utime(destination, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
-            result.entries += 1
-        except (OSError, UnsafePath) as e:
-            result.errors.append(f"{entry.path}: {e}")
+
+def _describe(error: BaseException, path: tuple) -> str:
+    """One line for an entry's error (a RestoreError already names its entry)."""
+    where = display_path(path) or "."
+    if isinstance(error, RestoreError):
+        return str(error)
+    if isinstance(error, OSError):
+        return f"{where}: {error.strerror or error}"
+    if isinstance(error, ClientError | UnsafePath | objects.ObjectFormatError):
+        return f"{where}: {error}"
+    return f"{where}: {type(error).__name__}: {error}"

@@ -24,13 +24,17 @@
   ``Cluster.restart_server`` starts a server again on its port with its data
   folder, ``Cluster.kill_manager`` / ``Cluster.start_manager_again`` do the same
   for the manager, and ``Cluster.start_sdbackup`` runs the command in the
-  background (a ``Running`` to wait for).
+  background (a ``Running`` to wait for). ``Cluster.restart_manager(wipe_catalog=True)``
+  starts the manager again with its ``manager_data`` deleted: it rebuilds its index
+  from what the servers report. ``fast_manager_options`` adds a short safe mode
+  (``FAST_SAFE_MODE_OPTIONS``) to the fast timings, for tests that restart the manager.
 """
 
 import contextlib
 import ctypes
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,6 +62,9 @@ SERVERS = 3
 #: or two, every chunk re-hashed every second.
 FAST_SERVER_OPTIONS = ("--heartbeat", 0.3, "--scrub-interval", 1, "--scrub-rate", 500)
 FAST_MANAGER_OPTIONS = ("--dead-after", 1.5, "--repair-interval", 0.5, "--repair-rate", 500)
+#: A restarted manager serves clients once its servers reported, or after 10 s; with a lost
+#: catalog, once no new server registered for half a second.
+FAST_SAFE_MODE_OPTIONS = ("--safe-mode-timeout", 10, "--safe-mode-settle", 0.5)
 LOCALHOST = "interface=127.0.0.1"
 
 MANAGER_LISTENING = re.compile(r"sdbackup-manager listening on port (\d+)")
@@ -181,8 +188,10 @@ class Server:
         return self.data / "chunks"
 
     def chunk_files(self) -> set[str]:
-        """Names of the chunk files under ``chunks/`` (one file per chunk copy)."""
-        return {name for _, _, names in os.walk(self.chunk_dir) for name in names}
+        """Names of the chunk files under ``chunks/`` and ``snapshots/`` (one file per copy
+        of a data chunk, tree, chunk list or snapshot object)."""
+        return {name for folder in (self.chunk_dir, self.data / "snapshots")
+                for _, _, names in os.walk(folder) for name in names}
 
 
 @attrs.define
@@ -263,8 +272,9 @@ class Cluster:
         return Process(name, [TWISTD, "-n", "--pidfile=", *args], cwd=self.root,
                        log_path=self.root / f"{name}.log")
 
-    def restart_manager(self) -> dict:
-        """SIGTERM the manager and start it again on the same port and data folder.
+    def restart_manager(self, wipe_catalog: bool = False) -> dict:
+        """SIGTERM the manager and start it again on the same port and data folder (deleted
+        first with ``wipe_catalog``: the manager then knows only what the servers report).
 
         Returns marks for ``wait_registered_since``: the servers reconnect on their own.
         """
@@ -275,6 +285,8 @@ class Cluster:
         # twistd shuts down cleanly on SIGTERM, then exits by that signal (or with 0).
         assert status in (0, -signal.SIGTERM) and "Server Shut Down" in old.output(), (
             f"the manager did not shut down cleanly on SIGTERM (status {status}):\n{old.output()}")
+        if wipe_catalog:
+            shutil.rmtree(self.manager_data)
         self.start_manager(f"tcp:{self.manager_port}:interface=127.0.0.1")
         return marks
 
@@ -334,9 +346,10 @@ class Cluster:
         self.clients.append(running)
         return running
 
-    def wait_registered_since(self, marks: dict, timeout: float = START_TIMEOUT):
-        """Wait until each server logged a registration after its line ``marks[name]``."""
-        for server in self.servers:
+    def wait_registered_since(self, marks: dict, timeout: float = START_TIMEOUT, servers=None):
+        """Wait until each server (of ``servers``, by default all) logged a registration after
+        its line ``marks[name]``."""
+        for server in self.servers if servers is None else servers:
             before = server.process.count(SERVER_REGISTERED, end=marks[server.name])
             server.process.wait_for(SERVER_REGISTERED, timeout, count=before + 1)
 
@@ -382,6 +395,12 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(f"=== {p.name}\n{p.output()}" for p in self.processes())
+
+    def data_bytes(self) -> int:
+        """Bytes of every file in the servers' data folders (chunks, objects and anything else)."""
+        return sum(os.lstat(Path(folder) / name).st_size
+                   for server in self.servers for folder, _, names in os.walk(server.data)
+                   for name in names)
 
 
 @attrs.define
@@ -457,6 +476,12 @@ def no_errors_in_cluster_logs(request):
     if errors:
         pytest.fail("cluster processes logged errors during the test:\n" + "".join(errors)
                     + "\n" + running.logs())
+
+
+@pytest.fixture
+def fast_manager_options() -> list:
+    """``FAST_MANAGER_OPTIONS`` and a short safe mode, for ``start_cluster(manager_options=...)``."""
+    return [*FAST_MANAGER_OPTIONS, *FAST_SAFE_MODE_OPTIONS]
 
 
 @pytest.fixture

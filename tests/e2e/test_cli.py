@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from sdbackup import hashing
+
 MiB = 1024 * 1024
 #: What ``sdbackup backup`` is given in most tests: a file and a folder tree.
 NAMES = ["teste.txt", "tree"]
@@ -261,14 +263,16 @@ def test_every_chunk_is_on_exactly_two_of_the_three_servers(cluster, src, tmp_pa
     cluster.backup("small.bin", cwd=src)
     after = {s.name: s.chunk_files() for s in cluster.servers}
     new = set().union(*after.values()) - set().union(*before.values())
-    assert len(new) == 1, new
-    chunk = new.pop()
+    chunk = hashing.chunk_id(small)
+    # The data chunk, the root tree (which holds small.bin) and the snapshot object.
+    assert chunk in new and len(new) == 3, new
+    for name in new:
+        assert sum(name in after[s.name] for s in cluster.servers) == 2, name
     holders = [s for s in cluster.servers if chunk in after[s.name]]
-    assert len(holders) == 2, [s.name for s in holders]
     for server in holders:
         stored = (server.chunk_dir / chunk[:2] / chunk).read_bytes()
         assert stored.endswith(small), f"{server.name} holds other bytes under {chunk}"
-    line = cluster.sdbackup("ls", "-l", "latest", cwd=tmp_path).stdout.strip()
+    line = cluster.sdbackup("ls", "--chunks", "latest", "small.bin", cwd=tmp_path).stdout.strip()
     assert line.endswith("]") and "small.bin" in line, line
     assert holder_ports(line) == {s.port for s in holders}
 

@@ -25,13 +25,13 @@ import pytest
 pytestmark = pytest.mark.timeout(120)
 
 MiB = 1024 * 1024
-#: A chunk file is an 8-byte magic and a 32-byte checksum, then the chunk's bytes.
-CHUNK_HEADER = 40
+#: A chunk file is an 8-byte magic, a kind byte and a 32-byte checksum, then the chunk's bytes.
+CHUNK_HEADER = 41
 STATUS_ROW = re.compile(r"^(?P<address>\S+:\d+)\s+(?P<state>alive|dead)\s+[\d.]+ \S+\s+(?P<chunks>\d+)\s")
 UNDER_REPLICATED = re.compile(r"\b(\d+) under-replicated\b")
 SIZE = r"[\d.]+ (?:B|KiB|MiB|GiB|TiB)"
-SAVED = re.compile(rf"^snapshot (?P<id>\S+) saved: \d+ files and folders, (?P<size>{SIZE}) "
-                   rf"\((?P<new>{SIZE}) new\) in [\d.]+s$", re.MULTILINE)
+SAVED = re.compile(rf"^snapshot (?P<id>\S+) saved: \d+ files, \d+ folders, (?P<size>{SIZE}) "
+                   rf"\((?P<new>{SIZE}) new\) in [\d.]+s", re.MULTILINE)
 UNITS = {"B": 1, "KiB": 1024, "MiB": MiB, "GiB": 1024 * MiB, "TiB": 1024 * 1024 * MiB}
 FEWER_COPIES = re.compile(r"only (\d+) of (\d+) copies")
 #: Seconds within which the manager must bring every chunk back to two live copies.
@@ -124,10 +124,13 @@ def parse_size(text: str) -> float:
 
 
 def snapshot_chunks(cluster, cwd: Path, snapshot: str = "latest") -> int:
-    """The chunks of a snapshot's files as ``sdbackup ls -l`` counts them (all distinct here:
-    the bytes are random)."""
-    listing = cluster.sdbackup("ls", "-l", snapshot, cwd=cwd).stdout
-    return sum(int(count) for count in re.findall(r" (\d+) chunks  ", listing))
+    """What a snapshot stores, as ``sdbackup ls --chunks`` shows it: its files' chunks (all
+    distinct here: the bytes are random), a tree per folder and one for the root, and the
+    snapshot object itself."""
+    listing = cluster.sdbackup("ls", "--chunks", snapshot, cwd=cwd).stdout
+    data = sum(int(count) for count in re.findall(r" (\d+) chunks?  ", listing))
+    folders = sum(1 for line in listing.splitlines() if line.split("  ")[0].endswith("/"))
+    return data + folders + 2
 
 
 def copies(servers) -> Counter:
@@ -142,7 +145,9 @@ def stored_bytes(servers) -> int:
 
 
 def chunk_file(server, chunk_id: str) -> Path:
-    return server.chunk_dir / chunk_id[:2] / chunk_id
+    """The file of a chunk or object copy (snapshot objects have a folder of their own)."""
+    path = server.chunk_dir / chunk_id[:2] / chunk_id
+    return path if path.exists() else server.data / "snapshots" / chunk_id
 
 
 def status(cluster, cwd: Path) -> tuple[dict[str, tuple[str, int]], int, str]:

@@ -8,6 +8,7 @@ import pytest_twisted
 from sdbackup import hashing
 from sdbackup.chunking import read_chunks
 from sdbackup.client.backup import Backup
+from sdbackup.client.repository import verify
 from sdbackup.client.restore import Restore
 from sdbackup.protocols.messages import FetchChunk
 from sdbackup.protocols.peer import RemoteError
@@ -63,8 +64,14 @@ async def test_large_file_is_on_exactly_two_servers_and_restores(cluster, tmp_pa
     for server in cluster.servers:
         for chunk_id in chunk_files(server):
             holders.setdefault(chunk_id, []).append(server.server.address)
-    assert set(holders) == {hashing.chunk_id(bytes(c)) for c in read_chunks(io.BytesIO(data))}
-    assert all(len(servers) == 2 for servers in holders.values())
+    data_ids = {hashing.chunk_id(bytes(c)) for c in read_chunks(io.BytesIO(data))}
+    objects = set(holders) - data_ids
+    assert data_ids <= set(holders)
+    # Besides the data: one tree per folder on the path to the file, and the snapshot.
+    folders = len(str(tmp_path).strip("/").split("/"))
+    assert len(objects) == folders + 1 + 1
+    # Trees and the snapshot have two copies, like the data.
+    assert {c: len(s) for c, s in holders.items() if len(s) != 2} == {}
     # Placement spreads the copies: every server holds some of them.
     assert all(chunk_files(server) for server in cluster.servers)
     await restore(cluster, tmp_path / "out")
@@ -118,7 +125,7 @@ async def test_a_corrupt_copy_is_restored_from_the_other(cluster, tmp_path, monk
             except RemoteError as refused:
                 assert refused.code in ("chunk-corrupt", "chunk-missing")
             else:
-                assert hashing.checksum(reply.payload) == reply.checksum == chunk_id
+                assert verify(reply.kind, chunk_id, reply.checksum, reply.payload)
     finally:
         await session.close()
     assert len(os.listdir(damaged.store.quarantine)) == len(bad)
@@ -174,25 +181,30 @@ async def test_restore_include_restores_only_that_part(cluster, tmp_path, monkey
 
 
 @pytest_twisted.ensureDeferred
-async def test_long_chunk_lists_travel_in_parts(cluster, tmp_path, monkeypatch):
-    """A file with more chunks than one message carries is committed and listed in parts."""
-    from sdbackup.client import backup as backup_module
-    from sdbackup.services import catalog as catalog_module
+async def test_a_long_file_keeps_its_chunk_ids_in_chunk_lists(cluster, tmp_path, monkeypatch):
+    """A file with more chunks than a tree node holds inline lists them in chunk list objects,
+    stored and replicated like trees, and restores exactly."""
+    from sdbackup import objects
 
-    monkeypatch.setattr(backup_module, "STAGE_CHUNKS", 3)
-    monkeypatch.setattr(catalog_module, "INLINE_CHUNKS", 2)
-    monkeypatch.setattr(catalog_module, "PAGE_CHUNKS", 5)
+    monkeypatch.setattr(objects, "INLINE_CONTENT", 3)
     monkeypatch.chdir(tmp_path)
-    data = os.urandom(10 * 1024 * 1024 + 7)  # 11 chunks: staged as 3 + 3 + 3, committed with 2
+    data = os.urandom(10 * 1024 * 1024 + 7)  # about 10 chunks: lists of 3, 3, 3 and 1
     write("src/long", data)
     for i in range(6):
         write(f"src/short{i}", os.urandom(2 * 1024 * 1024))
-    await backup(cluster, "src")
+    first = await backup(cluster, "src")
+    lists = [(s, chunk_id) for s in cluster.servers for chunk_id in chunk_files(s)
+             if s.store.get(chunk_id)[0] == "list"]
+    assert len(lists) >= 2 * 3  # at least three lists, two copies each
     result = await restore(cluster, tmp_path / "out")
     assert result.errors == []
     assert (tmp_path / "out/src/long").read_bytes() == data
     for i in range(6):
         assert (tmp_path / f"out/src/short{i}").read_bytes() == (tmp_path / f"src/short{i}").read_bytes()
+    # Unchanged, the long file is taken from the parent's lists without being read.
+    second = await backup(cluster, "src")
+    assert (second.unchanged, second.new_bytes) == (7, 0)
+    assert first.snapshot_id != second.snapshot_id
 
 
 @pytest_twisted.ensureDeferred

@@ -1,0 +1,792 @@
+"""The tree builder: the walk's folders turned into tree objects, bottom-up.
+
+The second stage of a backup (walk -> tree builder -> chunker -> packer ->
+store), shaped like restic's archiver. For each folder the walk enters, a
+``Frame`` gathers the Nodes of its entries: a file's content comes from the
+chunker, or, when the parent snapshot has the same file (same type, size,
+mtime, ctime and inode), from the parent's tree without reading it - once the
+cluster confirmed its chunks are still held (``HeldCheck``); a file whose
+chunks are gone is read again. A folder's tree is encoded and stored only
+when everything it references is confirmed stored or known, so the cluster
+never holds a tree that points at nothing; then its Node, with the tree id,
+goes to the folder above. The root frame's tree leads to every backed-up path.
+
+An unchanged folder encodes to the tree id it had in the parent snapshot, so
+it is not stored again: an unchanged backup sends almost nothing.
+
+Memory stays bounded whatever the size of the tree: the walk is depth-first,
+so only the open folders hold their Nodes (and the parent's tree for each);
+a folder left by the walk keeps only what it waits for, and at most
+``MAX_UNFINISHED`` such folders exist before the builder waits for the
+cluster; the uploader keeps a bounded number of batches in flight; the
+parent's trees are fetched a bounded window ahead (``ParentTrees``).
+"""
+
+import bisect
+import heapq
+import operator
+from collections import deque
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from sdbackup import hashing, objects
+from sdbackup.chunking import FileReader, read_small_files
+from sdbackup.client.session import ClientError
+from sdbackup.client.walk import Enter, Entry, Leave, Report
+from sdbackup.names import escape
+from sdbackup.objects import Kind, Node
+from sdbackup.protocols.messages import MAX_CHUNK_SIZE
+
+#: Folders left by the walk whose trees are not confirmed yet, files taken from the parent
+#: whose chunks are being checked, and Nodes held by folders, before the builder waits.
+MAX_UNFINISHED = 256
+MAX_CHECKING = 10_000
+MAX_NODES = 20_000
+#: Files up to this size are read many at a time, up to SMALL_FILES_AT_ONCE to a thread hop.
+SMALL_FILE = 1024 * 1024
+SMALL_FILES_AT_ONCE = 64
+SMALL_FILES_BYTES = 4 * 1024 * 1024
+#: Folders with more entries than this are encoded in a thread.
+ENCODE_INLINE = 2000
+#: A tree object is stored as one chunk.
+MAX_TREE_SIZE = MAX_CHUNK_SIZE
+#: Parent trees: ids located at once, such rounds under way, and trees (and their Nodes,
+#: which take about 1 KiB each once decoded) read ahead of the walk at most.
+ROUND_TREES = 16
+LOAD_ROUNDS = 16
+TREES_AHEAD = 2048
+NODES_AHEAD = 20_000
+#: Parent trees up to this size are decoded on the reactor; larger ones in a thread.
+DECODE_INLINE = 256 * 1024
+
+
+@attrs.define
+class Stats:
+    files: int = 0  # every entry but folders
+    dirs: int = 0
+    bytes: int = 0  # of regular files
+    unchanged: int = 0  # files taken from the parent snapshot without reading them
+
+
+def unchanged(old: Node, st) -> bool:
+    """True when ``old`` (from the parent snapshot) is the same file as ``st`` shows, as restic
+    decides: same type, size, mtime, ctime and inode."""
+    return (old.type == "file" and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns
+            and old.ctime_ns == st.st_ctime_ns and old.inode == st.st_ino)
+
+
+#: A Node's fields besides its name and what it points to.
+_METADATA = ("type", "mode", "uid", "gid", "user", "group", "mtime_ns", "atime_ns", "ctime_ns",
+             "size", "dev", "inode", "links", "rdev", "target", "xattrs")
+_DEFAULTS = tuple(attrs.fields_dict(Node)[name].default for name in _METADATA)
+_metadata_of = operator.attrgetter(*_METADATA)
+_name = operator.attrgetter("name")
+
+
+def same_metadata(old: Node, fields: dict) -> bool:
+    """True when ``old`` has exactly the metadata in ``fields`` (a walk entry's): then it can
+    stand for the entry as it is, without building a Node again."""
+    return _metadata_of(old) == tuple(map(fields.get, _METADATA, _DEFAULTS))
+
+
+def seal_tree(nodes: list, path: bytes) -> tuple[bytes, bytes, str]:
+    """``(id, bytes, checksum)`` of the tree object of a folder's nodes (runs in a thread for
+    large folders). A tree larger than a chunk may be is a ClientError naming the folder."""
+    data = objects.encode_tree(objects.make_tree(nodes))
+    if len(data) > MAX_TREE_SIZE:
+        raise ClientError(f"the folder {escape(path) or '/'} has too many entries to back up: "
+                          f"its tree object would be {len(data)} bytes, and at most "
+                          f"{MAX_TREE_SIZE} fit in one chunk")
+    return bytes.fromhex(objects.object_id(Kind.TREE, data)), data, hashing.checksum(data)
+
+
+class Segment:
+    """What part of a file's content waits for: its chunks' confirmations. The open segment
+    holds one count of its own, dropped by ``seal``; at zero, ``ready`` runs."""
+
+    __slots__ = ("pending", "ready")
+
+    def __init__(self):
+        self.pending = 1
+        self.ready = None
+
+    def done(self):
+        self.pending -= 1
+        if self.pending == 0:
+            self.ready()
+
+    def seal(self, ready):
+        self.ready = ready
+        self.done()
+
+
+class FileContent:
+    """A file's chunk ids as they are read: inline up to ``INLINE_CONTENT`` ids, else in
+    chunk list objects of that many, each stored once its chunks are confirmed."""
+
+    __slots__ = ("frame", "ids", "lists", "segment", "uploader")
+
+    def __init__(self, uploader, frame: "Frame"):
+        self.uploader = uploader
+        self.frame = frame
+        self.ids: list[bytes] = []
+        self.lists: list[bytes] = []
+        self.segment = self._segment()
+
+    def _segment(self) -> Segment:
+        self.frame.pending += 1
+        return Segment()
+
+    def add(self, chunks: list):
+        """``[(chunk id, bytes)]``, in file order: each is stored (once per backup)."""
+        for chunk_id, data in chunks:
+            if len(self.ids) == objects.INLINE_CONTENT:
+                self._seal_list()
+            self.ids.append(chunk_id)
+            segment = self.segment
+            if not self.uploader.store(Kind.DATA, chunk_id, data, segment.done):
+                segment.pending += 1
+
+    def _seal_list(self):
+        data = objects.encode_chunk_list(self.ids)
+        list_id = bytes.fromhex(objects.object_id(Kind.LIST, data))
+        checksum = hashing.checksum(data)
+        self.lists.append(list_id)
+        self.ids = []
+        frame, uploader = self.frame, self.uploader
+
+        def store_list():
+            if uploader.store(Kind.LIST, list_id, data, frame.done, checksum):
+                frame.done()
+
+        self.segment.seal(store_list)
+        self.segment = self._segment()
+
+    def finish(self) -> tuple[tuple, tuple]:
+        """``(content, content_lists)`` for the file's Node."""
+        if self.lists and self.ids:
+            self._seal_list()
+        self.segment.seal(self.frame.done)
+        if self.lists:
+            return (), tuple(self.lists)
+        return tuple(self.ids), ()
+
+    def abandon(self):
+        """The file could not be read to its end: no Node will use these chunks."""
+        self.segment.seal(self.frame.done)
+
+
+class Frame:
+    """A folder of the snapshot being built: its Nodes so far and a count of what it waits
+    for (entries not done, chunks and subtrees not confirmed; one for the walk itself)."""
+
+    __slots__ = ("archiver", "entry", "folder", "nodes", "old", "parent", "parent_count",
+                 "parent_id", "parent_tree", "pending", "position", "prefetched", "same")
+
+    def __init__(self, archiver: "Archiver", entry, parent: "Frame | None", folder):
+        self.archiver = archiver
+        self.entry = entry
+        self.parent = parent
+        self.folder = folder
+        self.nodes: list[Node] = []
+        self.pending = 1  # the walk has not left it yet
+        self.old: Node | None = None  # this folder's Node in the parent snapshot
+        self.parent_id = b""  # and its tree id there
+        self.parent_tree: objects.Tree | None = None
+        self.parent_count = -1  # the number of entries it had there
+        self.same = 0  # Nodes taken as they were in the parent snapshot
+        self.prefetched: dict[bytes, int] = {}  # subtrees of parent_tree asked for ahead
+        self.position: tuple = ()  # where its parent tree is in the walk's order
+
+    @property
+    def path(self) -> bytes:
+        return self.folder.path if self.folder is not None else b""
+
+    def add(self, node: Node, old: Node | None = None):
+        self.nodes.append(node)
+        self.archiver._nodes += 1
+        if node is old:
+            self.same += 1
+
+    def old_node(self, name: bytes) -> Node | None:
+        return self.parent_tree.find(name) if self.parent_tree is not None else None
+
+    def done(self):
+        self.pending -= 1
+        if self.pending == 0:
+            self.archiver._ready(self)
+
+
+class Archiver:
+    """Builds the trees of one backup from the walk's events; ``run`` gives the root tree id."""
+
+    log = Logger()
+
+    def __init__(self, walker, uploader, held, parents: "ParentTrees | None", report: Report,
+                 progress=None):
+        self.walker = walker
+        self.uploader = uploader
+        self.held = held
+        self.parents = parents
+        self.report = report
+        self.progress = progress
+        self.signal = uploader.signal
+        self.stats = Stats()
+        self.root: bytes | None = None
+        self._parent_root = b""
+        self._stack: list[Frame] = []
+        self._small: list = []  # (frame, entry, expected node) to read in one hop
+        self._small_bytes = 0
+        self._rereads: deque = deque()  # reused files whose chunks are gone: read them
+        self._ready_frames: deque[Frame] = deque()
+        self._settling = False
+        self._unfinished = 0  # frames left by the walk, tree not confirmed
+        self._nodes = 0  # Nodes held by frames
+        self._background = 0  # tree encodings and chunk list checks under way
+
+    async def run(self, parent_root: bytes = b"") -> bytes:
+        """Walk, read and store everything; the root tree's id once it is confirmed stored.
+        ``parent_root`` is the parent snapshot's root tree, if there is one."""
+        self._parent_root = parent_root
+        walking = deferToThread(self.walker.next_events)
+        try:
+            while True:
+                events, walking = await walking, None
+                if not events:
+                    break
+                # The walker reads ahead in its thread while these events are handled.
+                walking = deferToThread(self.walker.next_events)
+                await self._take(events)
+                await self._do_rereads()
+                if self._crowded(1):
+                    await self._until(lambda: not self._crowded(2))
+            await self._until(lambda: self.root is not None)
+        finally:
+            if walking is not None:
+                await walking.addErrback(lambda _: None)  # it may be using folders
+            self.walker.close()
+        return self.root
+
+    def _crowded(self, share: int) -> bool:
+        """True when more than a ``share``-th of a bound is in use. Nodes count only while
+        some are in unfinished folders: an open folder's Nodes cannot be let go of."""
+        return (self._unfinished > MAX_UNFINISHED // share
+                or self.held.waiting > MAX_CHECKING // share
+                or (self._unfinished > 0 and self._nodes > MAX_NODES // share))
+
+    # --- the walk's events ----------------------------------------------------------
+
+    async def _take(self, events: list):
+        for event in events:
+            kind = type(event)
+            if kind is Entry:
+                frame = self._stack[-1]
+                self.stats.files += 1
+                if event.type == "file":
+                    await self._file(frame, event)
+                else:
+                    old = frame.old_node(event.name)
+                    same = old is not None and same_metadata(old, event.fields)
+                    frame.add(old if same else Node(**event.fields), old)
+                    self._advance(0, 1)
+            elif kind is Enter:
+                await self._enter(event)
+            elif kind is Leave:
+                self._leave(event)
+            else:  # Release
+                event.folder.release()
+        self.signal.check()
+
+    async def _enter(self, event: Enter):
+        parent = self._stack[-1] if self._stack else None
+        entry = event.entry
+        frame = Frame(self, entry, parent, event.folder)
+        if parent is None:
+            parent_id, wanted = self._parent_root, False
+        else:
+            parent.pending += 1
+            self.stats.dirs += 1
+            old = parent.old_node(entry.name)
+            parent_id = old.subtree if old is not None and old.type == "dir" else b""
+            wanted = parent.prefetched.get(parent_id, 0) > 0
+            if wanted:
+                parent.prefetched[parent_id] -= 1
+            frame.old = old
+            if old is not None:
+                index = bisect.bisect_left(parent.parent_tree.nodes, entry.name, key=_name)
+                frame.position = (*parent.position, index)
+        if parent_id and self.parents is not None:
+            tree, frame.prefetched = await self.parents.enter(parent_id, wanted, frame.position)
+            if tree is not None:
+                frame.parent_id, frame.parent_tree = parent_id, tree
+                frame.parent_count = len(tree.nodes)
+        self._stack.append(frame)
+
+    def _leave(self, event: Leave):
+        frame = self._stack.pop()
+        if frame.prefetched:
+            self.parents.release(frame.prefetched)
+        frame.parent_tree = frame.prefetched = None
+        if event.folder is not None:
+            event.folder.release()
+        self._unfinished += 1
+        frame.done()
+
+    # --- files --------------------------------------------------------------------------
+
+    async def _file(self, frame: Frame, entry: Entry):
+        old = frame.old_node(entry.name)
+        if old is not None and unchanged(old, entry.st):
+            self._reuse(frame, entry, old)
+            return
+        await self._read(frame, entry)
+
+    def _reuse(self, frame: Frame, entry: Entry, old: Node):
+        """The parent's content for an unchanged file, once its chunks are known held."""
+        if same_metadata(old, entry.fields):
+            node = old  # the common case: nothing about the file changed
+        else:
+            node = Node(**entry.fields, content=old.content, content_lists=old.content_lists,
+                        hash=old.hash)
+        entry.fields = None  # the Node has it all: only the entry's folder, name and stat wait
+        frame.pending += 1
+        entry.folder.hold()
+        if old.content_lists:
+            self._background += 1
+            d = defer.ensureDeferred(self._check_lists(frame, entry, node, old))
+            d.addErrback(self.signal.fail)
+            d.addBoth(self._background_done)
+        elif self.held.check(old.content, lambda held: self._checked(frame, entry, node, old, held)):
+            self._checked(frame, entry, node, old, True)
+
+    def _checked(self, frame: Frame, entry: Entry, node: Node, old: Node, held: bool):
+        if not held:
+            self._rereads.append((frame, entry, node))  # keeps its count and its folder
+            self.signal.fire()
+            return
+        frame.add(node, old)
+        self.stats.unchanged += 1
+        self.stats.bytes += node.size
+        self._advance(node.size, 1)
+        entry.folder.release()
+        frame.done()
+
+    async def _check_lists(self, frame: Frame, entry: Entry, node: Node, old: Node):
+        """A very long file's chunk lists and every chunk in them still held?"""
+        held = True
+        try:
+            for list_id in node.content_lists:
+                data = await self.parents.repository.fetch_object(Kind.LIST, list_id.hex())
+                ids = objects.decode_chunk_list(data)
+                if not await self._held([list_id, *ids]):
+                    held = False
+                    break
+        except (ClientError, objects.ObjectFormatError) as e:
+            self.report.note(f"{entry.path}: the parent snapshot's chunk list cannot be read "
+                             f"({e}); reading the file again")
+            held = False
+        self._checked(frame, entry, node, old, held)
+
+    async def _held(self, chunk_ids: list) -> bool:
+        answer = defer.Deferred()
+        if self.held.check(chunk_ids, answer.callback):
+            return True
+        self.held.flush()
+        return await answer
+
+    async def _do_rereads(self):
+        while self._rereads:
+            frame, entry, expected = self._rereads.popleft()
+            await self._read(frame, entry, expected)
+            entry.folder.release()  # the check's hold and count: the read has its own
+            frame.done()
+
+    async def _read(self, frame: Frame, entry: Entry, expected: Node | None = None):
+        frame.pending += 1
+        entry.folder.hold()
+        if entry.st.st_size <= SMALL_FILE:
+            self._small.append((frame, entry, expected))
+            self._small_bytes += entry.st.st_size
+            if len(self._small) >= SMALL_FILES_AT_ONCE or self._small_bytes >= SMALL_FILES_BYTES:
+                await self._read_small()
+        else:
+            await self._read_large(frame, entry, expected)
+
+    async def _read_small(self):
+        """Small files are read many to a thread hop; one by one, each would wait on a hop."""
+        batch, self._small, self._small_bytes = self._small, [], 0
+        if not batch:
+            return
+        results = await deferToThread(read_small_files,
+                                      [(entry.folder.fd, entry.name, entry.st) for _, entry, _ in batch])
+        for (frame, entry, expected), result in zip(batch, results, strict=True):
+            if isinstance(result, OSError):
+                self._unreadable(frame, entry, result)
+                continue
+            content = FileContent(self.uploader, frame)
+            content.add(result.chunks)
+            self._file_read(frame, entry, content, result, expected)
+            self._advance(result.size, 0)
+        await self.uploader.room()
+
+    async def _read_large(self, frame: Frame, entry: Entry, expected: Node | None):
+        reader = FileReader(entry.folder.fd, entry.name, entry.st)
+        content = None
+        try:
+            await deferToThread(reader.open)
+            content = FileContent(self.uploader, frame)
+            while chunks := await deferToThread(reader.next_chunks):
+                content.add(chunks)
+                self._advance(sum(len(data) for _, data in chunks), 0)
+                await self.uploader.room()
+            result = await deferToThread(reader.finish)
+        except OSError as e:
+            if content is not None:
+                content.abandon()
+            self._unreadable(frame, entry, e)
+            return
+        finally:
+            reader.close()
+        self._file_read(frame, entry, content, result, expected)
+
+    def _file_read(self, frame: Frame, entry: Entry, content: FileContent, result,
+                   expected: Node | None):
+        ids, lists = content.finish()
+        if result.changed:
+            self.report.warn(f"{entry.path} changed while it was read: its copy may mix old "
+                             f"and new contents")
+        if expected is None:
+            node = Node(**(entry.fields | {"size": result.size}), content=ids,
+                        content_lists=lists, hash=result.hash)
+        else:  # read again: the Node taken from the parent holds the entry's metadata
+            node = attrs.evolve(expected, size=result.size, content=ids, content_lists=lists,
+                                hash=result.hash)
+            if node.hash != expected.hash and not result.changed:
+                self.report.warn(f"{entry.path} has new contents although its size and times "
+                                 f"are those of the parent snapshot")
+        frame.add(node)
+        self.stats.bytes += result.size
+        self._advance(0, 1)
+        entry.folder.release()
+        frame.done()
+
+    def _unreadable(self, frame: Frame, entry: Entry, error: OSError):
+        self.report.warn(f"cannot read {entry.path}: {error.strerror}")
+        self.stats.files -= 1
+        entry.folder.release()
+        frame.done()
+
+    def _advance(self, size: int, files: int):
+        if self.progress is not None:
+            self.progress.advance(size, files)
+
+    # --- folders, bottom-up -------------------------------------------------------------
+
+    def _ready(self, frame: Frame):
+        """``frame`` waits for nothing more: seal its tree. Frames that become ready while
+        one is being sealed queue up, so a chain of them never recurses."""
+        self._ready_frames.append(frame)
+        if self._settling:
+            return
+        self._settling = True
+        try:
+            while self._ready_frames:
+                ready = self._ready_frames.popleft()
+                try:
+                    self._finish(ready)
+                except Exception:
+                    self.signal.fail(Failure())
+        finally:
+            self._settling = False
+
+    def _finish(self, frame: Frame):
+        nodes, frame.nodes = frame.nodes, None
+        self._nodes -= len(nodes)
+        if frame.same == len(nodes) == frame.parent_count:
+            # Every entry is the parent snapshot's, as it was: so is the tree.
+            self._sealed(frame, (frame.parent_id, b"", ""))
+            return
+        if len(nodes) <= ENCODE_INLINE:
+            self._sealed(frame, seal_tree(nodes, frame.path))
+            return
+        self._background += 1
+        d = deferToThread(seal_tree, nodes, frame.path)
+        d.addCallback(lambda sealed: self._sealed(frame, sealed))
+        d.addErrback(self.signal.fail)
+        d.addBoth(self._background_done)
+
+    def _sealed(self, frame: Frame, sealed: tuple):
+        tree_id, data, checksum = sealed
+        parent = frame.parent
+        if parent is None:
+            def then():
+                self._unfinished -= 1
+                self.root = tree_id
+                self.signal.fire()
+        else:
+            old = frame.old
+            if old is not None and old.subtree == tree_id and same_metadata(old, frame.entry.fields):
+                node = old
+            else:
+                node = Node(**frame.entry.fields, subtree=tree_id)
+
+            def then():
+                self._unfinished -= 1
+                parent.add(node, old)
+                parent.done()
+        # A tree the parent snapshot has is held: it was just read from the cluster.
+        if tree_id == frame.parent_id or self.uploader.store(Kind.TREE, tree_id, data, then, checksum):
+            then()
+
+    def _background_done(self, _):
+        self._background -= 1
+        self.signal.fire()
+
+    # --- waiting ----------------------------------------------------------------------------
+
+    async def _until(self, condition):
+        """Let everything under way go on until ``condition()`` holds."""
+        while True:
+            self.signal.check()
+            if condition():
+                return
+            await self._do_rereads()
+            await self._read_small()
+            self.signal.check()
+            if condition():
+                return
+            self.uploader.flush()
+            self.held.flush()
+            if not (self.uploader.busy or self.held.busy or self._background or self._rereads):
+                raise AssertionError(f"the backup waits for nothing: {self._unfinished} folders "
+                                     f"unfinished")
+            await self.signal.wait()
+
+
+def subtrees(tree: objects.Tree | None) -> dict[bytes, int]:
+    """The subfolders' tree ids of ``tree`` in name order (the walk's order), with how many
+    subfolders have each (empty folders share one)."""
+    counts: dict[bytes, int] = {}
+    if tree is not None:
+        for node in tree.nodes:
+            if node.type == "dir" and node.subtree:
+                counts[node.subtree] = counts.get(node.subtree, 0) + 1
+    return counts
+
+
+def positions_below(tree: objects.Tree, position: tuple) -> list[tuple[tuple, bytes]]:
+    """Where each subfolder's tree comes in the walk's order: after ``position`` (its
+    folder's), by the index of its name. Comparing these tuples is comparing walk order."""
+    return [((*position, i), node.subtree) for i, node in enumerate(tree.nodes)
+            if node.type == "dir" and node.subtree]
+
+
+class ParentTrees:
+    """The parent snapshot's trees, read ahead of the walk in the order it will want them.
+
+    Both go depth-first in name order. Every tree to read has a *position*,
+    the indexes of the names that lead to it, and positions compare like the
+    walk's order; the next trees read are those that come first. A round
+    locates ``ROUND_TREES`` ids at once and fetches them together,
+    ``LOAD_ROUNDS`` rounds at a time, while fewer than ``TREES_AHEAD`` trees
+    (and ``NODES_AHEAD`` Nodes, about 1 KiB each) wait to be entered. When
+    the window is full and a tree that comes sooner is waiting, the tree read
+    that comes last is let go, to be read again when its turn comes: the
+    window always holds what the walk needs next.
+
+    Each tree read ahead is counted as wanted by the folder above it; a folder
+    entered takes its tree (``enter``) and, with it, the count of its
+    subfolders' trees, which it gives back when the walk leaves it
+    (``release``): a folder gone since the parent snapshot drops its trees and
+    everything read ahead below it. A tree that cannot be read is a note; its
+    folder is backed up without a parent.
+    """
+
+    def __init__(self, repository, report: Report):
+        self.repository = repository
+        self.report = report
+        self._refs: dict[bytes, int] = {}  # folders that may still enter each tree
+        self._heap: list[tuple[tuple, bytes]] = []  # (position, id) to read, soonest first
+        self._trees: dict[bytes, objects.Tree | None] = {}  # read, not entered yet
+        self._position: dict[bytes, tuple] = {}  # of each tree read or being read
+        self._placed: list[tuple[tuple, bytes]] = []  # positions of trees read, sorted
+        self._below: dict[bytes, dict[bytes, int]] = {}  # each read tree's subtrees, wanted
+        self._nodes = 0  # in the trees read ahead
+        self._seen = [0, 0]  # trees read and their Nodes: how many a tree being read may bring
+        self._loading: dict[bytes, list] = {}
+        self._rounds = 0
+
+    async def enter(self, tree_id: bytes, wanted: bool, position: tuple = ()
+                    ) -> tuple[objects.Tree | None, dict]:
+        """A folder's tree in the parent snapshot (None if it cannot be read), and its
+        subtrees, now wanted on behalf of this folder: ``release`` them when it is left.
+        ``wanted``: the tree was counted for this folder (it is a subfolder's)."""
+        if tree_id in self._trees:
+            tree = self._trees[tree_id]
+        else:
+            waiter = defer.Deferred()
+            if tree_id in self._loading:
+                self._loading[tree_id].append(waiter)
+            else:
+                self._loading[tree_id] = [waiter]
+                self._start([(position, tree_id)])
+            tree = await waiter
+        if wanted and self._refs.get(tree_id) == 1 and tree_id in self._below:
+            below = self._below.pop(tree_id)  # the last folder to enter it takes them over
+            self._forget(tree_id)
+            self._pump()
+            return tree, below
+        if wanted:
+            self.release({tree_id: 1})
+        below = subtrees(tree)
+        if tree is not None:
+            self._want(below, positions_below(tree, position))
+            self._pump()
+        return tree, below
+
+    def release(self, counts: dict[bytes, int]):
+        """Give wanted trees back; what nobody wants any more is dropped, with what was read
+        ahead below it."""
+        self._release(counts)
+        self._pump()
+
+    def _want(self, counts: dict[bytes, int], positions: list):
+        for tree_id, count in counts.items():
+            self._refs[tree_id] = self._refs.get(tree_id, 0) + count
+        for item in positions:
+            heapq.heappush(self._heap, item)
+
+    def _release(self, counts: dict[bytes, int]):
+        pending = [counts]
+        while pending:
+            for tree_id, count in pending.pop().items():
+                left = self._refs.get(tree_id, 0) - count
+                if left > 0:
+                    self._refs[tree_id] = left
+                    continue
+                below = self._below.pop(tree_id, None)
+                self._forget(tree_id)
+                if below:
+                    pending.append(below)
+
+    def _forget(self, tree_id: bytes):
+        self._refs.pop(tree_id, None)
+        if tree_id in self._trees:
+            tree = self._trees.pop(tree_id)
+            self._nodes -= len(tree.nodes) if tree is not None else 0
+            self._position.pop(tree_id, None)
+
+    def _nodes_per_tree(self) -> float:
+        trees, nodes = self._seen
+        return nodes / trees if trees else 16
+
+    def _room(self, more: int = 0) -> bool:
+        reading = len(self._loading) + more
+        return (len(self._trees) + reading < TREES_AHEAD
+                and self._nodes + reading * self._nodes_per_tree() < NODES_AHEAD)
+
+    def _readable(self, tree_id: bytes) -> bool:
+        return tree_id in self._refs and tree_id not in self._trees and tree_id not in self._loading
+
+    def _pump(self):
+        heap = self._heap
+        while heap and self._rounds < LOAD_ROUNDS:
+            position, tree_id = heap[0]
+            if not self._readable(tree_id):
+                heapq.heappop(heap)
+                continue
+            if not self._room():
+                if self._let_go_after(position):
+                    continue
+                return
+            ids: list[tuple[tuple, bytes]] = []
+            while heap and len(ids) < ROUND_TREES and self._room(len(ids)):
+                position, tree_id = heapq.heappop(heap)
+                if self._readable(tree_id) and all(t != tree_id for _, t in ids):
+                    ids.append((position, tree_id))
+            self._start(ids)
+
+    def _let_go_after(self, position: tuple) -> bool:
+        """Make room for the tree at ``position``: let go of the tree read that comes last in
+        the walk's order, if it comes after; True if one was let go."""
+        placed = self._placed
+        if len(placed) > 2 * len(self._trees) + 64:  # drop the positions of trees gone
+            placed[:] = [(p, t) for p, t in placed if self._position.get(t) == p and t in self._trees]
+        while placed:
+            last, tree_id = placed[-1]
+            if tree_id not in self._trees or self._position.get(tree_id) != last:
+                placed.pop()
+                continue
+            if last <= position:
+                return False
+            placed.pop()
+            tree = self._trees.pop(tree_id)
+            self._nodes -= len(tree.nodes) if tree is not None else 0
+            del self._position[tree_id]
+            below = self._below.pop(tree_id, None)
+            if below:
+                self._release(below)
+            heapq.heappush(self._heap, (last, tree_id))  # still wanted: read again in turn
+            return True
+        return False
+
+    def _start(self, ids: list[tuple[tuple, bytes]]):
+        for position, tree_id in ids:
+            self._loading.setdefault(tree_id, [])
+            self._position[tree_id] = position
+        self._rounds += 1
+        defer.ensureDeferred(self._load([tree_id for _, tree_id in ids]))
+
+    async def _load(self, ids: list[bytes]):
+        undelivered = set(ids)
+        try:
+            try:
+                holders = await self.repository.locate([t.hex() for t in ids])
+            except Exception as e:
+                self.report.note(f"cannot locate the parent snapshot's trees: {e}")
+                holders = {}
+            await defer.DeferredList([
+                defer.ensureDeferred(self._load_one(t, holders.get(t.hex(), []), undelivered))
+                for t in ids])
+        finally:
+            for tree_id in list(undelivered):
+                self._deliver(tree_id, None, undelivered)
+            self._rounds -= 1
+            self._pump()
+
+    async def _load_one(self, tree_id: bytes, holders: list[str], undelivered: set):
+        try:
+            data = await self.repository.fetch(Kind.TREE, tree_id.hex(), holders)
+            if len(data) <= DECODE_INLINE:
+                tree = objects.decode_tree(data)
+            else:
+                tree = await deferToThread(objects.decode_tree, data)
+        except Exception as e:
+            self.report.note(f"the parent snapshot's tree {tree_id.hex()[:16]} cannot be read "
+                             f"({e}): its folder is read again")
+            tree = None
+        self._deliver(tree_id, tree, undelivered)
+
+    def _deliver(self, tree_id: bytes, tree, undelivered: set):
+        undelivered.discard(tree_id)
+        waiters = self._loading.pop(tree_id)
+        position = self._position.pop(tree_id, ())
+        if tree is not None:
+            self._seen[0] += 1
+            self._seen[1] += len(tree.nodes)
+        if tree_id in self._refs:
+            # Wanted: keep it for its folder, and read on below it, in the walk's order.
+            self._trees[tree_id] = tree
+            self._position[tree_id] = position
+            bisect.insort(self._placed, (position, tree_id))
+            self._nodes += len(tree.nodes) if tree is not None else 0
+            self._below[tree_id] = below = subtrees(tree)
+            if tree is not None:
+                self._want(below, positions_below(tree, position))
+            self._pump()
+        for waiter in waiters:
+            waiter.callback(tree)

@@ -1,0 +1,440 @@
+"""Writing a snapshot's entries into a folder, one name at a time, relative to folder descriptors.
+
+This module owns the restore's side effects on the file system and nothing
+else: it is given nodes and already verified chunk bytes and never talks to
+the cluster, so tests drive it with real files and no servers. Its calls block
+(the restore runs them in threads).
+
+Safety comes from how every entry is reached, not from checking paths: a
+folder is opened with ``O_NOFOLLOW | O_DIRECTORY`` relative to the descriptor
+of the folder that holds it, and everything else is created by a single name
+(checked: no ``/``, not ``.`` or ``..``) relative to its folder's descriptor.
+A link a snapshot holds is created as a link and never followed, so no entry
+can land outside the target, and paths of any length restore (no call ever
+sees more than one name).
+
+Files are written under a short temporary name (``.sdbackup-<pid>-<n>.tmp``
+fits any folder, whatever the length of the real name), runs of zero blocks
+are not written (the file stays sparse), the whole-file hash is checked, the
+metadata set, and only then is the file renamed to its name: a restore never
+leaves a partial file under a real name. Metadata goes on after the content
+and in this order: owner (root only; by name where that name exists here),
+extended attributes, mode (after chown, which clears setuid; after the ACL,
+whose mask it sets), then times to the nanosecond. Folders get theirs when
+everything inside them is done, since writing in a folder changes its mtime.
+"""
+
+import contextlib
+import ctypes
+import errno
+import grp
+import itertools
+import os
+import pwd
+import resource
+import stat
+
+import attrs
+import blake3
+
+from sdbackup.names import escape
+from sdbackup.objects import Node
+from sdbackup.paths import UnsafePath, check_name, display_path
+
+#: Zero runs are skipped in blocks of this size, aligned to the file's offsets.
+SPARSE_BLOCK = 4096
+_ZERO_BLOCK = bytes(SPARSE_BLOCK)
+#: Zeros hashed at once for a chunk known to be all zeros.
+_ZEROS = bytes(4 * 1024 * 1024)
+
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+#: setxattr failures that mean "this file system or process cannot keep that attribute".
+_XATTR_REFUSED = {errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL,
+                  errno.E2BIG, errno.ERANGE, errno.ENOSPC, errno.EDQUOT}
+
+
+class RestoreError(Exception):
+    """One entry could not be restored; the message says why, the rest goes on."""
+
+
+@attrs.define(eq=False)
+class Folder:
+    """A folder of the restore, open as a descriptor (``fd`` is None once closed).
+
+    ``path`` is its names from the target, used for messages and to open it
+    again (one name at a time) when a hard link needs it after it was closed.
+    """
+
+    fd: int | None
+    path: tuple
+    node: Node | None = None
+
+    def display(self, name: bytes | None = None) -> str:
+        return display_path(self.path + ((name,) if name is not None else ())) or "."
+
+
+def nonzero_runs(data, offset: int, block: int = SPARSE_BLOCK) -> list[tuple[int, int]]:
+    """The ``(start, end)`` ranges of ``data`` to write: all but its all-zero blocks.
+
+    Blocks are aligned to the file (``data`` starts at ``offset``), so skipped
+    blocks are whole blocks of the file and stay unallocated. ``[]`` means the
+    data is all zeros.
+    """
+    if isinstance(data, memoryview):
+        data = data.tobytes()  # comparing bytes is a memcmp; comparing memoryviews is not
+    size = len(data)
+    zero = _ZERO_BLOCK if block == SPARSE_BLOCK else bytes(block)
+    if data.find(zero) < 0:
+        # No zero run as long as a block: no aligned zero block either.
+        return [(0, size)] if size else []
+    runs: list[tuple[int, int]] = []
+    start = None
+    edge = (-offset) % block or block
+    begin = 0
+    while begin < size:
+        end = min(edge, size)
+        piece = data[begin:end]
+        is_zero = piece == zero if end - begin == block else piece == bytes(end - begin)
+        if is_zero:
+            if start is not None:
+                runs.append((start, begin))
+                start = None
+        elif start is None:
+            start = begin
+        begin, edge = end, end + block
+    if start is not None:
+        runs.append((start, size))
+    return runs
+
+
+class Owners:
+    """uid and gid for a node: by the user and group *name* where that name exists here.
+
+    Restic does the same: a backup restored on another machine gets the owner
+    of the same name there, and the number saved when no such name exists.
+    """
+
+    def __init__(self):
+        self._users: dict[str, int | None] = {}
+        self._groups: dict[str, int | None] = {}
+
+    def uid(self, node: Node) -> int:
+        return self._lookup(self._users, node.user, node.uid, lambda n: pwd.getpwnam(n).pw_uid)
+
+    def gid(self, node: Node) -> int:
+        return self._lookup(self._groups, node.group, node.gid, lambda n: grp.getgrnam(n).gr_gid)
+
+    @staticmethod
+    def _lookup(cache: dict, name: str, number: int, find) -> int:
+        if not name:
+            return number
+        if name not in cache:
+            try:
+                cache[name] = find(name)
+            except (KeyError, UnicodeError, ValueError):
+                cache[name] = None
+        found = cache[name]
+        return number if found is None else found
+
+
+class FileSystemWriter:
+    """Creates a snapshot's entries under ``target``; every call works relative to a ``Folder``."""
+
+    def __init__(self, target: str, as_root: bool | None = None):
+        os.makedirs(target, exist_ok=True)
+        # The target itself may be reached through links: the user named it.
+        self.root = Folder(os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), ())
+        self.target = target
+        self.as_root = os.geteuid() == 0 if as_root is None else as_root
+        self.owners = Owners()
+        self._pid = os.getpid()
+        self._temps = itertools.count()
+
+    # --- folders -----------------------------------------------------------------------
+
+    def make_folder(self, parent: Folder, node: Node) -> Folder:
+        """Create (or reuse) the folder ``node`` in ``parent`` and open it without following links."""
+        name = _name(node)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=parent.fd)
+        try:
+            fd = os.open(name, _FOLDER_FLAGS, dir_fd=parent.fd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise RestoreError(f"{parent.display(name)}: exists and is not a folder (a link or a "
+                                   f"file); nothing is restored through it") from None
+            raise
+        return Folder(fd, (*parent.path, name), node)
+
+    def finish_folder(self, folder: Folder) -> list[str]:
+        """Set a folder's metadata (everything inside it is done) and close it; notes."""
+        notes: list[str] = []
+        try:
+            if folder.node is not None:
+                self._metadata_by_fd(folder.fd, folder.node, notes, folder.display())
+        finally:
+            self.close_folder(folder)
+        return notes
+
+    def close_folder(self, folder: Folder):
+        if folder.fd is not None:
+            fd, folder.fd = folder.fd, None
+            os.close(fd)
+
+    # --- files -------------------------------------------------------------------------
+
+    def open_file(self, folder: Folder, node: Node) -> "FileOut":
+        """A file to write chunk by chunk, under a temporary name until ``finish``."""
+        name = _name(node)
+        if node.type != "file":
+            raise RestoreError(f"{folder.display(name)}: a {node.type} has no content to write")
+        while True:
+            temp = self._temp_name()
+            try:
+                fd = os.open(temp, _NEW_FILE_FLAGS, 0o600, dir_fd=folder.fd)
+                break
+            except FileExistsError:
+                continue  # left by an earlier restore with the same pid: take the next name
+        return FileOut(self, folder, node, temp, fd)
+
+    def write_file(self, folder: Folder, node: Node, pieces) -> list[str]:
+        """A whole file from its chunks' bytes in one call (small files: one thread hop)."""
+        out = self.open_file(folder, node)
+        try:
+            for piece in pieces:
+                out.write(piece)
+        except BaseException:
+            out.abort()
+            raise
+        return out.finish()
+
+    # --- links, FIFOs, devices ----------------------------------------------------------
+
+    def make_special(self, folder: Folder, node: Node) -> list[str]:
+        """A symbolic link, FIFO or device, with its metadata; notes."""
+        name = _name(node)
+        fd = folder.fd
+        if node.type == "symlink":
+            self._place(folder, name, lambda n: os.symlink(node.target, n, dir_fd=fd))
+        elif node.type == "fifo":
+            self._place(folder, name, lambda n: os.mkfifo(n, 0o600, dir_fd=fd))
+        elif node.type in ("chardev", "blockdev"):
+            if not self.as_root:
+                raise RestoreError(f"{folder.display(name)}: a {node.type} can only be made by root; "
+                                   f"not restored")
+            kind = stat.S_IFCHR if node.type == "chardev" else stat.S_IFBLK
+            self._place(folder, name, lambda n: os.mknod(n, kind | 0o600, node.rdev, dir_fd=fd))
+        else:
+            raise RestoreError(f"{folder.display(name)}: a {node.type} is not made this way")
+        notes: list[str] = []
+        if node.type == "symlink":
+            self._symlink_metadata(folder, name, node, notes)
+        else:
+            path_fd = os.open(name, _PATH_FLAGS, dir_fd=fd)
+            try:
+                self._metadata_by_path(f"/proc/self/fd/{path_fd}", node, notes, folder.display(name))
+            finally:
+                os.close(path_fd)
+        return notes
+
+    def link(self, folder: Folder, node: Node, source: Folder, source_name: bytes):
+        """``node`` as a hard link to ``source_name`` in ``source`` (already restored there).
+
+        The source folder's descriptor is used while it is open; once closed,
+        it is opened again one name at a time from the target, never following
+        a link, so a hard link cannot reach outside either.
+        """
+        name = _name(node)
+        source_fd, opened = (source.fd, False) if source.fd is not None else (self._reopen(source), True)
+        try:
+            self._place(folder, name, lambda n: os.link(
+                source_name, n, src_dir_fd=source_fd, dst_dir_fd=folder.fd, follow_symlinks=False))
+        finally:
+            if opened:
+                os.close(source_fd)
+
+    # --- the end ------------------------------------------------------------------------
+
+    def sync(self):
+        """Flush everything written under the target to disk (``syncfs``, else a global sync).
+
+        Once per restore rather than an fsync per file: thousands of small files
+        would otherwise wait on the disk one by one.
+        """
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.syncfs(self.root.fd) != 0:
+                os.sync()
+        except (AttributeError, OSError):
+            os.sync()
+
+    def close(self):
+        self.close_folder(self.root)
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _temp_name(self) -> bytes:
+        return f".sdbackup-{self._pid}-{next(self._temps)}.tmp".encode()
+
+    def _place(self, folder: Folder, name: bytes, create):
+        """``create(name)``; when the name is taken, create under a temporary name and rename
+        over it (a folder of that name is not replaced: the rename fails)."""
+        try:
+            create(name)
+            return
+        except FileExistsError:
+            pass
+        temp = self._temp_name()
+        create(temp)
+        try:
+            os.rename(temp, name, src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=folder.fd)
+            if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                raise RestoreError(f"{folder.display(name)}: a folder of that name is in the way; "
+                                   f"not replaced") from None
+            raise
+
+    def _reopen(self, folder: Folder) -> int:
+        fd = os.dup(self.root.fd)
+        try:
+            for name in folder.path:
+                next_fd = os.open(name, _PATH_FLAGS | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = next_fd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _owner(self, node: Node) -> tuple[int, int]:
+        return self.owners.uid(node), self.owners.gid(node)
+
+    def _metadata_by_fd(self, fd: int, node: Node, notes: list, where: str):
+        """Owner, xattrs, mode, times of an open file or folder."""
+        if self.as_root:
+            os.chown(fd, *self._owner(node))
+        for key, value in node.xattrs:
+            _set_xattr(fd, key, value, notes, where, follow=True)
+        os.chmod(fd, stat.S_IMODE(node.mode))
+        os.utime(fd, ns=(node.atime_ns, node.mtime_ns))
+
+    def _metadata_by_path(self, path: str, node: Node, notes: list, where: str):
+        """The same through ``/proc/self/fd/N`` of an ``O_PATH`` descriptor (FIFOs, devices:
+        opening them for real could block or touch hardware)."""
+        if self.as_root:
+            os.chown(path, *self._owner(node))
+        for key, value in node.xattrs:
+            _set_xattr(path, key, value, notes, where, follow=True)
+        os.chmod(path, stat.S_IMODE(node.mode))
+        os.utime(path, ns=(node.atime_ns, node.mtime_ns))
+
+    def _symlink_metadata(self, folder: Folder, name: bytes, node: Node, notes: list):
+        """A link's own owner, xattrs and times (Linux links have no mode)."""
+        if self.as_root:
+            os.chown(name, *self._owner(node), dir_fd=folder.fd, follow_symlinks=False)
+        if node.xattrs:
+            path = f"/proc/self/fd/{folder.fd}/".encode() + name
+            for key, value in node.xattrs:
+                _set_xattr(path, key, value, notes, folder.display(name), follow=False)
+        os.utime(name, ns=(node.atime_ns, node.mtime_ns), dir_fd=folder.fd, follow_symlinks=False)
+
+
+class FileOut:
+    """A file being restored: sequential writes that skip zero blocks, then ``finish``."""
+
+    def __init__(self, writer: FileSystemWriter, folder: Folder, node: Node, temp: bytes, fd: int):
+        self.writer = writer
+        self.folder = folder
+        self.node = node
+        self.temp = temp
+        self.fd: int | None = fd
+        self.offset = 0
+        self.hasher = blake3.blake3()
+
+    def write(self, data) -> bool:
+        """Append ``data`` (hashed whole, written but for its zero blocks); True if all zeros."""
+        self.hasher.update(data)
+        runs = nonzero_runs(data, self.offset)
+        view = memoryview(data)
+        for start, end in runs:
+            _pwrite_all(self.fd, view[start:end], self.offset + start)
+        self.offset += len(data)
+        return not runs
+
+    def write_zeros(self, size: int):
+        """Append ``size`` zero bytes without writing them (a chunk known to be all zeros)."""
+        left = size
+        while left:
+            step = min(left, len(_ZEROS))
+            self.hasher.update(memoryview(_ZEROS)[:step])
+            left -= step
+        self.offset += size
+
+    def finish(self) -> list[str]:
+        """Check size and hash, set the metadata, rename into place; notes.
+
+        A mismatch removes the temporary file and raises: nothing wrong ever
+        lands under the real name.
+        """
+        node, where = self.node, self.folder.display(self.node.name)
+        notes: list[str] = []
+        try:
+            if self.offset != node.size:
+                raise RestoreError(f"{where}: restored {self.offset} bytes, the snapshot says "
+                                   f"{node.size}; not written")
+            if node.hash and self.hasher.digest() != node.hash:
+                raise RestoreError(f"{where}: restored bytes do not match the file's hash; not written")
+            os.ftruncate(self.fd, node.size)  # the skipped zeros at the end
+            self.writer._metadata_by_fd(self.fd, node, notes, where)
+            fd, self.fd = self.fd, None
+            os.close(fd)
+            self.writer._place(self.folder, node.name, lambda n: os.rename(
+                self.temp, n, src_dir_fd=self.folder.fd, dst_dir_fd=self.folder.fd))
+        except BaseException:
+            self.abort()
+            raise
+        return notes
+
+    def abort(self):
+        """Close and remove the temporary file."""
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.temp, dir_fd=self.folder.fd)
+
+
+def _name(node: Node) -> bytes:
+    try:
+        return check_name(node.name)
+    except UnsafePath as e:
+        raise RestoreError(str(e)) from None
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int):
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+def _set_xattr(target, key: bytes, value: bytes, notes: list, where: str, follow: bool):
+    try:
+        os.setxattr(target, key, value, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno not in _XATTR_REFUSED:
+            raise
+        notes.append(f"{where}: extended attribute {escape(key)} not restored: {e.strerror}")
+
+
+def raise_open_files_limit():
+    """Raise the soft limit on open files to the hard one: a restore keeps a descriptor open
+    per folder level it is in, and deep trees are deep."""
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))

@@ -1,0 +1,433 @@
+"""Walk: the file system read into entries, one folder descriptor at a time.
+
+The first stage of a backup (walk -> tree builder -> chunker -> packer ->
+store). ``plan`` turns the paths to back up into the root of the snapshot:
+the folders that lead to each path (``/usr/share`` and ``docs`` give a root
+holding ``usr`` -> ``share`` and ``docs``), each taking the metadata of the
+real folder, as restic does. ``Walker`` then reads the folders depth-first
+and yields *events*: ``Enter`` a folder, its ``Entry`` objects, ``Leave`` it.
+
+Every folder is opened relative to the one holding it (``O_NOFOLLOW``, so a
+link swapped in is never followed) and every entry is looked at relative to
+its folder's descriptor, never through a full path: paths deeper than
+``PATH_MAX`` work, and names are bytes (any bytes but ``/`` and NUL). Folders
+and files are opened with ``O_NOATIME`` where the kernel allows it, so
+backing a folder up does not change it and an unchanged folder keeps its tree
+id.
+
+The walker blocks (``lstat``, ``listdir``, extended attributes): the tree
+builder calls ``next_events`` in a thread, which returns many events per call,
+so a thread hop is paid per thousand entries, not per entry. Memory holds
+the names of the open folders only.
+"""
+
+import errno
+import grp
+import os
+import posixpath
+import pwd
+import stat
+
+import attrs
+
+from sdbackup.client.session import ClientError
+from sdbackup.names import escape
+from sdbackup.paths import UnsafePath, snapshot_path
+
+#: Events one ``next_events`` call returns at most, and folders it opens at most.
+WALK_EVENTS = 2000
+WALK_FOLDERS = 64
+
+NOATIME = getattr(os, "O_NOATIME", 0)
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: The folders above a backed-up path are only looked through, never listed.
+PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+
+#: Extended attribute errors that mean "none that we may read", not a problem.
+_NO_XATTRS = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES, errno.ENODATA}
+
+_TYPES = {
+    stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
+    stat.S_IFCHR: "chardev", stat.S_IFBLK: "blockdev",
+}
+
+
+def open_at(name, flags: int, dir_fd: int | None = None) -> int:
+    """``os.open`` with ``O_NOATIME``, or without it where the kernel refuses (not our file)."""
+    try:
+        return os.open(name, flags | NOATIME, dir_fd=dir_fd)
+    except PermissionError as e:
+        if e.errno != errno.EPERM or not NOATIME:
+            raise
+    return os.open(name, flags, dir_fd=dir_fd)
+
+
+class Report:
+    """What a backup tells the user besides its result: warnings (exit 3) and notes."""
+
+    def __init__(self):
+        self.warnings: list[str] = []
+        self.notes: list[str] = []
+
+    def warn(self, text: str):
+        self.warnings.append(text)
+
+    def note(self, text: str):
+        self.notes.append(text)
+
+
+class Owners:
+    """User and group names by number, looked up once each ("" when there is none)."""
+
+    def __init__(self):
+        self._users: dict[int, str] = {}
+        self._groups: dict[int, str] = {}
+
+    def user(self, uid: int) -> str:
+        name = self._users.get(uid)
+        if name is None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = ""
+            self._users[uid] = name
+        return name
+
+    def group(self, gid: int) -> str:
+        name = self._groups.get(gid)
+        if name is None:
+            try:
+                name = grp.getgrgid(gid).gr_name
+            except KeyError:
+                name = ""
+            self._groups[gid] = name
+        return name
+
+
+class Folder:
+    """An open folder descriptor that entries are opened relative to.
+
+    The walker holds it until it has listed the folder; the tree builder holds
+    it again for each file still to be read, and closes it when the last one
+    lets go (``release`` runs on the reactor only).
+    """
+
+    __slots__ = ("_open", "fd", "path", "users")
+
+    def __init__(self, fd: int, path: bytes, open_set: set):
+        self.fd = fd
+        self.path = path  # for messages: the path as the user named it
+        self.users = 1
+        self._open = open_set
+        open_set.add(self)
+
+    def hold(self):
+        self.users += 1
+
+    def release(self):
+        self.users -= 1
+        if self.users == 0:
+            self.close()
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            self._open.discard(self)
+
+
+class Entry:
+    """One entry of a folder as ``lstat`` saw it: everything its Node needs but a file's
+    content (``fields`` are ``objects.Node`` arguments)."""
+
+    __slots__ = ("fields", "folder", "name", "st", "type")
+
+    def __init__(self, name: bytes, kind: str, st: os.stat_result, fields: dict, folder: Folder):
+        self.name = name
+        self.type = kind
+        self.st = st
+        self.fields = fields
+        self.folder = folder
+
+    @property
+    def path(self) -> str:
+        """The entry's path for messages, escaped."""
+        return escape(posixpath.join(self.folder.path, self.name))
+
+
+class Enter:
+    """A folder of the snapshot begins (``entry`` None: the root). Its entries follow."""
+
+    __slots__ = ("entry", "folder")
+
+    def __init__(self, entry: Entry | None, folder: Folder | None):
+        self.entry = entry
+        self.folder = folder
+
+
+class Leave:
+    """The folder last entered ends; the walker lets go of its descriptor."""
+
+    __slots__ = ("folder",)
+
+    def __init__(self, folder: Folder | None):
+        self.folder = folder
+
+
+class Release:
+    """The walker lets go of a folder it only looked a backed-up path up in."""
+
+    __slots__ = ("folder",)
+
+    def __init__(self, folder: Folder):
+        self.folder = folder
+
+
+# --- the root of the snapshot ------------------------------------------------------------
+
+
+@attrs.define
+class PlanFolder:
+    """A folder of the snapshot above the backed-up paths (the root has no ``local``)."""
+
+    local: str
+    display: bytes
+    children: dict = attrs.Factory(dict)  # name -> PlanFolder | PlanPath
+
+
+@attrs.define
+class PlanPath:
+    """A path given to back up, walked whole."""
+
+    local: str
+    display: bytes
+
+
+@attrs.define
+class Plan:
+    root: PlanFolder
+    #: Each path as the snapshot names it, in the order given, once each.
+    paths: tuple
+
+
+def plan(paths: list[str], cwd: str | None = None) -> Plan:
+    """The snapshot's root for ``paths``; a path that cannot be backed up is a ClientError."""
+    cwd = cwd or os.getcwd()
+    root = PlanFolder("", b"")
+    names: dict[bytes, None] = {}
+    for text in paths:
+        try:
+            name = os.fsencode(snapshot_path(text, cwd))
+        except UnsafePath as e:
+            raise ClientError(f"cannot back up {text}: {e}") from None
+        local = os.path.abspath(os.path.join(cwd, text))
+        try:
+            os.lstat(local)
+        except OSError as e:
+            raise ClientError(f"cannot back up {text}: {e.strerror}") from e
+        names[name] = None
+        parts = name.split(b"/")
+        # The folders above the path, outermost first: /usr for usr/share.
+        locals_ = [local]
+        for _ in parts[1:]:
+            locals_.append(os.path.dirname(locals_[-1]))
+        locals_.reverse()
+        absolute = os.fsencode(local).lstrip(b"/") == name
+        here = root
+        for i, part in enumerate(parts):
+            display = (b"/" if absolute else b"") + b"/".join(parts[: i + 1])
+            last = i == len(parts) - 1
+            found = here.children.get(part)
+            if found is not None and found.local != locals_[i]:
+                raise ClientError(f"cannot back up {text}: {found.local} is also named "
+                                  f"{escape(display.lstrip(b'/'))} in the snapshot")
+            if isinstance(found, PlanPath):
+                break  # inside a path backed up whole already
+            if last:
+                here.children[part] = PlanPath(locals_[i], display)
+                break
+            if found is None:
+                found = here.children[part] = PlanFolder(locals_[i], display)
+            here = found
+    return Plan(root, tuple(names))
+
+
+# --- walking --------------------------------------------------------------------------------
+
+
+class _Frame:
+    """A folder being walked: the names still to look at."""
+
+    __slots__ = ("folder", "index", "names", "plan", "snapshot_folder")
+
+    def __init__(self, folder, names, plan=None, snapshot_folder=True):
+        self.folder = folder
+        self.names = names
+        self.index = 0
+        self.plan = plan
+        self.snapshot_folder = snapshot_folder
+
+
+class Walker:
+    """Depth-first events for a ``Plan``; ``next_events`` blocks (call it in a thread)."""
+
+    def __init__(self, plan: Plan, report: Report, owners: Owners | None = None):
+        self.plan = plan
+        self.report = report
+        self.owners = owners or Owners()
+        self._stack: list[_Frame] = []
+        self._started = False
+        #: Folders opened and not closed yet: ``close`` closes them after a failure.
+        self._open: set[Folder] = set()
+
+    def next_events(self) -> list:
+        """The next events, in order; ``[]`` once the walk is over."""
+        events: list = []
+        if not self._started:
+            self._started = True
+            events.append(Enter(None, None))
+            root = self.plan.root
+            self._stack.append(_Frame(None, sorted(root.children), root))
+        opened = 0
+        while self._stack and len(events) < WALK_EVENTS and opened < WALK_FOLDERS:
+            frame = self._stack[-1]
+            if frame.index == len(frame.names):
+                self._stack.pop()
+                events.append(Leave(frame.folder) if frame.snapshot_folder else Release(frame.folder))
+                continue
+            name = frame.names[frame.index]
+            frame.index += 1
+            if frame.plan is not None:
+                opened += self._visit_planned(frame, name, events)
+            else:
+                opened += self._visit(frame.folder, name, events)
+        return events
+
+    def close(self):
+        """Close every folder still open (after the walk, or when the backup failed)."""
+        for folder in list(self._open):
+            folder.close()
+        self._stack.clear()
+
+    # --- one entry ---------------------------------------------------------------
+
+    def _visit(self, folder: Folder, name: bytes, events: list) -> int:
+        """Look at ``name`` in ``folder``; the number of folders opened (0 or 1)."""
+        try:
+            st = os.stat(name, dir_fd=folder.fd, follow_symlinks=False)
+        except OSError as e:
+            self.report.warn(f"cannot read {escape(posixpath.join(folder.path, name))}: {e.strerror}")
+            return 0
+        entry = self._entry(folder, name, st)
+        if entry is None:
+            return 0
+        if entry.type != "dir":
+            events.append(entry)
+            return 0
+        return self._enter(entry, events)
+
+    def _enter(self, entry: Entry, events: list) -> int:
+        """Open and list the folder ``entry``; it is skipped with a warning if it cannot be."""
+        path = posixpath.join(entry.folder.path, entry.name)
+        try:
+            fd = open_at(entry.name, FOLDER_FLAGS, dir_fd=entry.folder.fd)
+        except OSError as e:
+            self.report.warn(f"cannot read folder {escape(path)}: {e.strerror}")
+            return 0
+        folder = Folder(fd, path, self._open)
+        try:
+            names = sorted(os.fsencode(n) for n in os.listdir(fd))
+        except OSError as e:
+            folder.close()
+            self.report.warn(f"cannot list folder {escape(path)}: {e.strerror}")
+            return 1
+        events.append(Enter(entry, folder))
+        self._stack.append(_Frame(folder, names))
+        return 1
+
+    def _visit_planned(self, frame: _Frame, name: bytes, events: list) -> int:
+        """A folder above the backed-up paths, or one of the paths."""
+        child = frame.plan.children[name]
+        folder = frame.folder
+        opened = 0
+        if folder is None:
+            # Top level: look the child up in its real parent folder, held until it is done.
+            folder = self._open_path(os.path.dirname(child.local), None,
+                                     posixpath.dirname(child.display))
+            self._stack.append(_Frame(folder, [], snapshot_folder=False))
+            opened = 1
+        if isinstance(child, PlanPath):
+            return opened + self._visit(folder, name, events)
+        # A folder that leads to a backed-up path: the real folder's metadata, links followed.
+        inner = self._open_path(name, folder.fd, child.display)
+        st = os.fstat(inner.fd)
+        entry = self._entry(folder, name, st, xattrs_of=f"/proc/self/fd/{inner.fd}".encode(),
+                            follow=True)
+        events.append(Enter(entry, inner))
+        self._stack.append(_Frame(inner, sorted(child.children), child))
+        return opened + 1
+
+    def _open_path(self, name, dir_fd: int | None, display: bytes) -> Folder:
+        try:
+            return Folder(os.open(name, PATH_FLAGS, dir_fd=dir_fd), display, self._open)
+        except OSError as e:
+            raise ClientError(f"cannot back up {escape(display)}: {e.strerror}") from e
+
+    def _entry(self, folder: Folder, name: bytes, st: os.stat_result, xattrs_of: bytes = b"",
+               follow: bool = False) -> Entry | None:
+        kind = _TYPES.get(stat.S_IFMT(st.st_mode))
+        if kind is None:
+            what = "a socket" if stat.S_ISSOCK(st.st_mode) else "not a file, folder, link or device"
+            self.report.note(f"skipped {escape(posixpath.join(folder.path, name))}: {what}")
+            return None
+        owners = self.owners
+        fields = {
+            "name": name, "type": kind, "mode": stat.S_IMODE(st.st_mode),
+            "uid": st.st_uid, "gid": st.st_gid,
+            "user": owners.user(st.st_uid), "group": owners.group(st.st_gid),
+            "mtime_ns": st.st_mtime_ns, "atime_ns": st.st_atime_ns, "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino, "links": st.st_nlink,
+        }
+        if kind == "file":
+            fields["size"] = st.st_size
+        if kind != "dir" and st.st_nlink > 1:
+            # The device only for hard links: it tells link groups apart, and a device number
+            # that changes after a reboot must not change every tree.
+            fields["dev"] = st.st_dev
+        if kind in ("chardev", "blockdev"):
+            fields["rdev"] = st.st_rdev
+        try:
+            if kind == "symlink":
+                fields["target"] = os.readlink(name, dir_fd=folder.fd)
+            xattrs = read_xattrs(xattrs_of or b"/proc/self/fd/%d/%s" % (folder.fd, name), follow)
+        except OSError as e:
+            self.report.warn(f"cannot read {escape(posixpath.join(folder.path, name))}: {e.strerror}")
+            return None
+        if xattrs:
+            fields["xattrs"] = xattrs
+        return Entry(name, kind, st, fields, folder)
+
+
+def read_xattrs(path: bytes, follow: bool = False) -> tuple:
+    """Every extended attribute we may read, ``((name, value), ...)`` sorted by name.
+
+    ``/proc/self/fd/<folder>/<name>`` reaches an entry through its folder's
+    descriptor (whatever the depth), without following the entry if it is a link.
+    """
+    try:
+        names = os.listxattr(path, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno in _NO_XATTRS:
+            return ()
+        raise
+    pairs = []
+    for attribute in names:
+        try:
+            value = os.getxattr(path, attribute, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno in _NO_XATTRS:
+                continue
+            raise
+        pairs.append((os.fsencode(attribute), value))
+    pairs.sort()
+    return tuple(pairs)

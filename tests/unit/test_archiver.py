@@ -1,0 +1,339 @@
+"""The tree builder on real files, storing into an in-memory object store.
+
+``MemoryStore`` implements the uploader's interface (store, flush, room, ...)
+over a dict, confirming each flushed batch one reactor turn later, and
+checks what the cluster checks: every blob hashes to its id, and no tree or
+chunk list arrives before everything it references was confirmed.
+"""
+
+import os
+
+import pytest
+import pytest_twisted
+from test_walk import local_parts, make_deep, posix_acl
+from twisted.internet import reactor
+
+from sdbackup import hashing, objects
+from sdbackup.client import archiver as archiver_module
+from sdbackup.client.archiver import Archiver, ParentTrees
+from sdbackup.client.session import ClientError
+from sdbackup.client.uploader import Signal
+from sdbackup.client.walk import Entry, Report, Walker, plan
+from sdbackup.objects import Kind
+
+
+class MemoryStore:
+    """What a cluster holds, behind the uploader's interface."""
+
+    def __init__(self):
+        self.signal = Signal()
+        self.blobs: dict[bytes, tuple[str, bytes]] = {}
+        self.sent: list[tuple[str, bytes]] = []  # every blob that had to be stored
+        self.problems: list[str] = []
+        self._batch: list = []
+        self._waiters: dict[bytes, list] = {}
+
+    # the uploader's interface
+    def store(self, kind, chunk_id, data, then, checksum=""):
+        if (checksum or chunk_id.hex()) != hashing.checksum(data):
+            self.problems.append(f"bad checksum for {kind} {chunk_id.hex()}")
+        if chunk_id in self.blobs:
+            return True
+        if chunk_id in self._waiters:
+            self._waiters[chunk_id].append(then)
+            return False
+        self._waiters[chunk_id] = [then]
+        self._batch.append((kind, chunk_id, data))
+        if len(self._batch) >= 16:
+            self.flush()
+        return False
+
+    def is_known(self, chunk_id):
+        return chunk_id in self.blobs
+
+    def mark_known(self, chunk_ids):
+        pass
+
+    def flush(self):
+        if self._batch:
+            batch, self._batch = self._batch, []
+            reactor.callLater(0, self._confirm, batch)
+
+    @property
+    def busy(self):
+        return bool(self._waiters)
+
+    async def room(self):
+        self.signal.check()
+
+    def _confirm(self, batch):
+        for kind, chunk_id, data in batch:
+            self._check(kind, chunk_id, data)
+            self.blobs[chunk_id] = (kind, data)
+            self.sent.append((kind, chunk_id))
+        for _, chunk_id, _ in batch:
+            for then in self._waiters.pop(chunk_id):
+                then()
+        self.signal.fire()
+
+    def _check(self, kind, chunk_id, data):
+        if kind == Kind.DATA:
+            if hashing.chunk_id(data) != chunk_id.hex():
+                self.problems.append(f"data chunk {chunk_id.hex()} does not match its id")
+            return
+        if objects.object_id(kind, data) != chunk_id.hex():
+            self.problems.append(f"{kind} {chunk_id.hex()} does not match its id")
+        envelope = objects.open_envelope(data, kind)
+        for ref in envelope.tree_refs + envelope.data_refs:
+            if ref not in self.blobs:
+                self.problems.append(f"{kind} {chunk_id.hex()[:8]} stored before {ref.hex()[:8]}")
+
+    # for ParentTrees: the repository's interface
+    async def locate(self, ids):
+        return {i: ["memory"] for i in ids if bytes.fromhex(i) in self.blobs}
+
+    async def fetch(self, kind, chunk_id, holders):
+        if not holders:
+            raise ClientError(f"no server holds {kind} {chunk_id[:16]}")
+        found, data = self.blobs[bytes.fromhex(chunk_id)]
+        assert found == kind
+        return data
+
+    async def fetch_object(self, kind, chunk_id):
+        return await self.fetch(kind, chunk_id, (await self.locate([chunk_id])).get(chunk_id, []))
+
+    # reading what was stored
+    def tree(self, tree_id: bytes) -> objects.Tree:
+        return objects.decode_tree(self.blobs[tree_id][1])
+
+    def node(self, root: bytes, *names: bytes) -> objects.Node:
+        tree_id, node = root, None
+        for name in names:
+            node = self.tree(tree_id).find(name)
+            tree_id = node.subtree
+        return node
+
+    def content(self, node: objects.Node) -> bytes:
+        ids = list(node.content)
+        for list_id in node.content_lists:
+            ids += objects.decode_chunk_list(self.blobs[list_id][1])
+        return b"".join(self.blobs[i][1] for i in ids)
+
+
+class MemoryHeld:
+    """The HeldCheck interface over the store: answered one reactor turn later."""
+
+    def __init__(self, store: MemoryStore):
+        self.store = store
+        self.asked = 0
+        self._page = []
+        self._answering = 0
+        self.waiting = 0
+
+    def check(self, chunk_ids, then):
+        if not chunk_ids:
+            return True
+        self._page.append((chunk_ids, then))
+        self.waiting += 1
+        return False
+
+    def flush(self):
+        if self._page:
+            page, self._page = self._page, []
+            self.asked += 1
+            self._answering += 1
+            reactor.callLater(0, self._answer, page)
+
+    def _answer(self, page):
+        self._answering -= 1
+        self.waiting -= len(page)
+        for chunk_ids, then in page:
+            then(all(c in self.store.blobs for c in chunk_ids))
+        self.store.signal.fire()
+
+    @property
+    def busy(self):
+        return bool(self._page or self._answering)
+
+
+@pytest.fixture
+def store():
+    found = MemoryStore()
+    yield found
+    assert found.problems == []
+
+
+async def archive(store, paths, parent_root=b"", walker=None, cwd=None):
+    """Back ``paths`` up into ``store``; ``(root tree id, archiver, report)``."""
+    report = Report()
+    walker = walker or Walker(plan([str(p) for p in paths], cwd and str(cwd)), report)
+    parents = ParentTrees(store, report) if parent_root else None
+    archiver = Archiver(walker, store, MemoryHeld(store), parents, report)
+    root = await archiver.run(parent_root)
+    return root, archiver, report
+
+
+def write(path, data: bytes):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def make_tree(base):
+    for folder in ("a", "b", "b/c"):
+        for i in range(3):
+            write(base / folder / f"f{i}", f"{folder} {i}\n".encode() * (i + 1))
+    write(base / "big", os.urandom(3 * 1024 * 1024))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_same_folder_gives_the_same_tree_id(store, tmp_path):
+    make_tree(tmp_path / "src")
+    first, archiver, report = await archive(store, [tmp_path / "src"])
+    stored = len(store.sent)
+    second, _, _ = await archive(store, [tmp_path / "src"])
+    assert first == second
+    assert len(store.sent) == stored  # nothing new: every tree and chunk is known
+    assert report.warnings == []
+    assert (archiver.stats.files, archiver.stats.dirs) == (10, 3 + len(local_parts(tmp_path)) + 1)
+    src = store.node(first, *local_parts(tmp_path / "src"))
+    assert store.content(store.node(src.subtree, b"big")) == (tmp_path / "src/big").read_bytes()
+    assert store.content(store.node(src.subtree, b"b", b"c", b"f2")) == b"b/c 2\n" * 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_touching_a_file_changes_only_the_trees_above_it(store, tmp_path):
+    make_tree(tmp_path / "src")
+    before, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    os.utime(tmp_path / "src/b/c/f1", ns=(1, 2))
+    after, _, _ = await archive(store, ["src"], cwd=tmp_path)
+
+    def subtree(root, *names):
+        return store.node(root, b"src", *names).subtree
+
+    assert before != after
+    assert subtree(before) != subtree(after)
+    assert subtree(before, b"b") != subtree(after, b"b")
+    assert subtree(before, b"b", b"c") != subtree(after, b"b", b"c")
+    assert subtree(before, b"a") == subtree(after, b"a")
+    assert store.node(after, b"src", b"b", b"c", b"f1").mtime_ns == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_unchanged_files_are_taken_from_the_parent_without_reading(store, tmp_path):
+    make_tree(tmp_path / "src")
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    stored = len(store.sent)
+    second, archiver, report = await archive(store, ["src"], parent_root=first, cwd=tmp_path)
+    assert second == first
+    assert archiver.stats.unchanged == 10
+    assert len(store.sent) == stored
+    assert report.warnings == [] and report.notes == []
+    # One file changes: only it is read.
+    write(tmp_path / "src/a/f0", b"new contents")
+    third, archiver, _ = await archive(store, ["src"], parent_root=second, cwd=tmp_path)
+    assert archiver.stats.unchanged == 9
+    assert store.content(store.node(third, b"src", b"a", b"f0")) == b"new contents"
+    assert [kind for kind, _ in store.sent[stored:]].count(Kind.DATA) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reused_file_whose_chunks_are_gone_is_read_again(store, tmp_path):
+    make_tree(tmp_path / "src")
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    lost = store.node(first, b"src", b"b", b"f1").content[0]
+    del store.blobs[lost]
+    second, archiver, report = await archive(store, ["src"], parent_root=first, cwd=tmp_path)
+    assert second == first  # read again, the same chunk ids: the same trees
+    assert archiver.stats.unchanged == 9
+    assert lost in store.blobs
+    assert report.warnings == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_that_changes_while_read_is_a_warning(store, tmp_path):
+    write(tmp_path / "src/moving", b"before")
+    write(tmp_path / "src/still", b"still")
+    report = Report()
+    inner = Walker(plan(["src"], str(tmp_path)), report)
+
+    class ChangingWalk:
+        """The walk, with the file written to between its lstat and its read."""
+
+        def next_events(self):
+            events = inner.next_events()
+            if any(type(e) is Entry and e.name == b"moving" for e in events):
+                with open(tmp_path / "src/moving", "ab") as f:
+                    f.write(b" and after")
+            return events
+
+        def close(self):
+            inner.close()
+
+    root, archiver, _ = await archive(store, [], walker=ChangingWalk())
+    root_report = archiver.report
+    assert len(root_report.warnings) == 1
+    assert "src/moving changed while it was read" in root_report.warnings[0]
+    node = store.node(root, b"src", b"moving")
+    assert store.content(node) == b"before and after" and node.size == 16
+    assert store.content(store.node(root, b"src", b"still")) == b"still"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_long_file_keeps_its_chunk_ids_in_chunk_lists(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(objects, "INLINE_CONTENT", 2)
+    data = os.urandom(6 * 1024 * 1024)
+    write(tmp_path / "src/long", data)
+    write(tmp_path / "src/short", os.urandom(1024 * 1024 + 1))
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    node = store.node(first, b"src", b"long")
+    assert node.content == () and len(node.content_lists) >= 2
+    assert store.content(node) == data
+    whole = hashing.file_hasher()
+    whole.update(data)
+    assert node.hash == whole.digest()
+    second, archiver, report = await archive(store, ["src"], parent_root=first, cwd=tmp_path)
+    assert second == first and archiver.stats.unchanged == 2
+    assert report.warnings == [] and report.notes == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_odd_names_deep_paths_hard_links_and_xattrs_reach_the_trees(store, tmp_path):
+    base = os.fsencode(tmp_path / "src")
+    os.mkdir(base)
+    odd = [b"bad \xff utf-8", b"new\nline", b"back\\slash", b"n" * 255]
+    for name in odd:
+        with open(base + b"/" + name, "wb") as f:
+            f.write(name)
+    os.link(base + b"/" + odd[0], base + b"/linked")
+    os.setxattr(base + b"/" + odd[1], "system.posix_acl_access", posix_acl(4321))
+    make_deep(base, 25, b"d" * 200)
+    root, _, report = await archive(store, ["src"], cwd=tmp_path)
+    for name in odd:
+        assert store.content(store.node(root, b"src", name)) == name
+    first, linked = store.node(root, b"src", odd[0]), store.node(root, b"src", b"linked")
+    assert (first.inode, first.dev, first.links) == (linked.inode, linked.dev, 2)
+    assert dict(store.node(root, b"src", odd[1]).xattrs)[b"system.posix_acl_access"] == posix_acl(4321)
+    leaf = store.node(root, b"src", *[b"d" * 200] * 25, b"leaf")
+    assert store.content(leaf) == b"deep down"
+    assert report.warnings == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_oversized_tree_is_a_clear_error(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(archiver_module, "MAX_TREE_SIZE", 500)
+    for i in range(20):
+        write(tmp_path / "src/crowded" / f"file{i}", b"x")
+    with pytest.raises(ClientError, match="the folder src/crowded has too many entries"):
+        await archive(store, ["src"], cwd=tmp_path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_folders_with_few_unfinished_at_once(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(archiver_module, "MAX_UNFINISHED", 3)
+    for i in range(300):
+        write(tmp_path / f"src/{i % 10}/{i}/f", b"same bytes in every file")
+    first, archiver, _ = await archive(store, ["src"], cwd=tmp_path)
+    assert archiver.stats.files == 300
+    second, archiver, _ = await archive(store, ["src"], parent_root=first, cwd=tmp_path)
+    assert second == first and archiver.stats.unchanged == 300

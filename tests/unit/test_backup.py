@@ -1,0 +1,106 @@
+"""A whole backup against a manager and three servers in this process: the snapshot object,
+the parent chosen like restic, and an unchanged backup that stores almost nothing."""
+
+import os
+import socket
+
+import pytest_twisted
+
+from sdbackup.client.backup import Backup
+from sdbackup.client.repository import Repository
+
+
+def write(path, data: bytes):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+async def backup(cluster, paths, **options):
+    session = await cluster.session()
+    try:
+        return await Backup(session, [str(p) for p in paths], **options).run()
+    finally:
+        await session.close()
+
+
+def stored_objects(cluster) -> dict:
+    """Copies of each kind of object on the servers (data chunks left out: the manager's
+    repair may be copying them)."""
+    kinds = [server.store.get(c)[0] for server in cluster.servers for c in server.store.chunk_ids()]
+    return {kind: kinds.count(kind) for kind in set(kinds) - {"data"}}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backup_is_a_snapshot_object_the_manager_lists(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for i in range(30):
+        write(f"src/d{i % 3}/f{i}", os.urandom(100 + i))
+    os.symlink("d0", "src/link")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind("src/sock")
+    try:
+        result = await backup(cluster, ["src"], tags=("daily",))
+    finally:
+        listener.close()
+    assert (result.files, result.dirs, result.parent) == (31, 4, "")
+    assert result.warnings == [] and len(result.notes) == 1 and "socket" in result.notes[0]
+    session = await cluster.session()
+    try:
+        repository = Repository(session)
+        [summary] = await repository.snapshots()
+        assert summary.snapshot_id == result.snapshot_id
+        assert (summary.paths, summary.host, summary.files, summary.dirs) == (
+            ["src"], socket.gethostname(), 31, 4)
+        snapshot = await repository.load_snapshot(result.snapshot_id)
+        assert snapshot.paths == (b"src",) and snapshot.tags == ("daily",)
+        assert snapshot.summary["bytes"] == result.bytes == sum(100 + i for i in range(30))
+        node = await repository.find(snapshot.tree, b"src/d1/f4")
+        chunks = [c async for c in repository.content(node)]
+        data = b"".join([await repository.fetch_object("data", c.hex()) for c in chunks])
+        assert data == (tmp_path / "src/d1/f4").read_bytes()
+        assert (await repository.find(snapshot.tree, b"src/link")).target == b"d0"
+    finally:
+        await session.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unchanged_backup_stores_only_its_snapshot(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for i in range(200):
+        write(f"src/{i % 7}/{i}", os.urandom(1000 + i))
+    write("src/big", os.urandom(5 * 1024 * 1024))
+    first = await backup(cluster, ["src"])
+    before = stored_objects(cluster)
+    second = await backup(cluster, ["src"])
+    assert (second.parent, second.unchanged, second.new_bytes) == (first.snapshot_id, 201, 0)
+    assert second.snapshot_id != first.snapshot_id
+    # No tree, no chunk list, no file data: the snapshot object alone, twice (2 replicas).
+    assert stored_objects(cluster) == before | {"snapshot": 4}
+    session = await cluster.session()
+    try:
+        repository = Repository(session)
+        old, new = [await repository.load_snapshot(s.snapshot_id)
+                    for s in (first, second)]
+        assert new.tree == old.tree and new.parent == bytes.fromhex(first.snapshot_id)
+    finally:
+        await session.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_parent_is_the_latest_of_this_host_with_the_same_set_of_paths(
+        cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write("a/f", b"in a")
+    write("b/f", b"in b")
+    first = await backup(cluster, ["a", "b"])
+    assert first.parent == ""
+    reordered = await backup(cluster, ["b", "a"])
+    assert (reordered.parent, reordered.unchanged) == (first.snapshot_id, 2)
+    assert (await backup(cluster, ["a"])).parent == ""  # another set of paths
+    assert (await backup(cluster, ["a", "b"], host="elsewhere")).parent == ""
+    forced = await backup(cluster, ["a", "b"], force=True)
+    assert (forced.parent, forced.unchanged) == ("", 0)
+    # Asked for by a prefix of its id: used whatever its paths.
+    chosen = await backup(cluster, ["a"], parent=first.snapshot_id[:12])
+    assert (chosen.parent, chosen.unchanged) == (first.snapshot_id, 1)
