@@ -190,18 +190,59 @@ def test_extended_attributes_and_acls_come_along_sorted(tmp_path):
     assert report.warnings == []
 
 
-@pytest.mark.skipif(ROOT, reason="root reads every folder")
-def test_an_unreadable_folder_is_skipped_with_a_warning(tmp_path):
-    src = tmp_path / "u"
-    (src / "closed").mkdir(parents=True)
-    (src / "open").mkdir()
-    os.chmod(src / "closed", 0)
+def as_unprivileged_user(f):
+    """``f()`` in a child process that, when this one is root, runs as ``nobody`` (root reads
+    every folder, so a permission error needs another user); its result comes back pickled."""
+    import pickle
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 0
+        try:
+            os.close(read)
+            if ROOT:
+                nobody = pwd.getpwnam("nobody")
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+            result = pickle.dumps(f())
+        except BaseException as e:
+            result, status = pickle.dumps(repr(e)), 1
+        with os.fdopen(write, "wb") as out:
+            out.write(result)
+        os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as incoming:
+        result = pickle.loads(incoming.read())
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, result
+    return result
+
+
+def test_an_unreadable_folder_is_skipped_with_a_warning():
+    import shutil
+    import tempfile
+
+    # Under a folder every user may enter: the walk runs as nobody.
+    base = tempfile.mkdtemp(prefix="sdbackup-walk-")
     try:
-        root, report = walk_all([src])
+        os.chmod(base, 0o755)
+        src = os.path.join(base, "u")
+        for name in ("closed", "open"):
+            os.makedirs(os.path.join(src, name))
+        os.chmod(os.path.join(src, "closed"), 0)
+
+        def walk():
+            root, report = walk_all([src])
+            return set(at(root, *local_parts(src))["children"]), report.warnings
+
+        children, warnings = as_unprivileged_user(walk)
     finally:
-        os.chmod(src / "closed", 0o755)
-    assert set(at(root, *local_parts(src))["children"]) == {b"open"}
-    assert len(report.warnings) == 1 and "closed" in report.warnings[0]
+        os.chmod(os.path.join(base, "u", "closed"), 0o755)
+        shutil.rmtree(base)
+    assert children == {b"open"}
+    assert len(warnings) == 1 and "closed" in warnings[0]
 
 
 def test_the_root_leads_to_every_path_through_real_folders(tmp_path):
