@@ -132,12 +132,8 @@ class SnapshotSummary(Record):
     bytes: int = field(default=0, validator=_non_negative)
 
 
-@frozen
-class HeldChunk(Record):
-    """A chunk a server holds, and the size of its payload."""
-
-    chunk_id: str = field(validator=_hex_digest)
-    size: int = field(validator=[_int, ge(0), le(MAX_CHUNK_SIZE)])
+class _IdAndSize(Record):
+    """A record that travels as ``[chunk_id, size]``: lists of them stay compact."""
 
     def to_wire(self):
         return [self.chunk_id, self.size]
@@ -145,8 +141,19 @@ class HeldChunk(Record):
     @classmethod
     def from_wire(cls, value):
         if not isinstance(value, list) or len(value) != 2:
-            raise ValueError("a held chunk is [chunk_id, size]")
+            raise ValueError(f"a {cls.__name__} is [chunk_id, size]")
         return cls(*value)
+
+
+_chunk_size = field(validator=[_int, ge(0), le(MAX_CHUNK_SIZE)])
+
+
+@frozen
+class HeldChunk(_IdAndSize):
+    """A chunk a server holds, and the size of its payload."""
+
+    chunk_id: str = field(validator=_hex_digest)
+    size: int = _chunk_size
 
 
 @frozen
@@ -159,18 +166,11 @@ class ServerState(Record):
 
 
 @frozen
-class ChunkNeed(Record):
+class ChunkNeed(_IdAndSize):
+    """A chunk a client wants placed, and its size."""
+
     chunk_id: str = field(validator=_hex_digest)
-    size: int = field(validator=[_int, ge(0), le(MAX_CHUNK_SIZE)])
-
-    def to_wire(self):
-        return [self.chunk_id, self.size]
-
-    @classmethod
-    def from_wire(cls, value):
-        if not isinstance(value, list) or len(value) != 2:
-            raise ValueError("a chunk need is [chunk_id, size]")
-        return cls(*value)
+    size: int = _chunk_size
 
 
 # --- messages ---------------------------------------------------------------
