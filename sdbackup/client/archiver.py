@@ -16,10 +16,11 @@ it is not stored again: an unchanged backup sends almost nothing.
 
 Memory stays bounded whatever the size of the tree: the walk is depth-first,
 so only the open folders hold their Nodes (and the parent's tree for each);
-a folder left by the walk keeps only what it waits for, and at most
-``MAX_UNFINISHED`` such folders exist before the builder waits for the
-cluster; the uploader keeps a bounded number of batches in flight; the
-parent's trees are fetched a bounded window ahead (``ParentTrees``).
+a folder left by the walk keeps only what it waits for, and the builder
+waits for the cluster once ``MAX_UNFINISHED`` such folders, ``MAX_NODES``
+Nodes in them or ``MAX_CHECKING`` files taken from the parent wait; the
+uploader keeps a bounded number of batches in flight; the parent's trees
+are read a bounded window ahead (``ParentTrees``).
 """
 
 import bisect
@@ -29,9 +30,10 @@ from collections import deque
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from sdbackup import hashing, objects
 from sdbackup.chunking import FileReader, read_small_files
@@ -59,7 +61,7 @@ MAX_TREE_SIZE = MAX_CHUNK_SIZE
 ROUND_TREES = 16
 LOAD_ROUNDS = 16
 TREES_AHEAD = 2048
-NODES_AHEAD = 20_000
+NODES_AHEAD = 10_000
 #: Parent trees up to this size are decoded on the reactor; larger ones in a thread.
 DECODE_INLINE = 256 * 1024
 
@@ -227,7 +229,10 @@ class Archiver:
     log = Logger()
 
     def __init__(self, walker, uploader, held, parents: "ParentTrees | None", report: Report,
-                 progress=None):
+                 progress=None, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
         self.walker = walker
         self.uploader = uploader
         self.held = held
@@ -247,11 +252,16 @@ class Archiver:
         self._unfinished = 0  # frames left by the walk, tree not confirmed
         self._nodes = 0  # Nodes held by frames
         self._background = 0  # tree encodings and chunk list checks under way
+        # Files are read in one thread of their own: the buffers of every read come from one
+        # allocator arena and are reused, rather than left behind in the arena of whichever
+        # pool thread took each hop (measured on 1 GiB: 83 MiB peak against 122 to 136).
+        self._reading = ThreadPool(1, 1, "sdbackup-read")
 
     async def run(self, parent_root: bytes = b"") -> bytes:
         """Walk, read and store everything; the root tree's id once it is confirmed stored.
         ``parent_root`` is the parent snapshot's root tree, if there is one."""
         self._parent_root = parent_root
+        self._reading.start()
         walking = deferToThread(self.walker.next_events)
         try:
             while True:
@@ -268,6 +278,7 @@ class Archiver:
         finally:
             if walking is not None:
                 await walking.addErrback(lambda _: None)  # it may be using folders
+            self._reading.stop()
             self.walker.close()
         return self.root
 
@@ -421,7 +432,7 @@ class Archiver:
         batch, self._small, self._small_bytes = self._small, [], 0
         if not batch:
             return
-        results = await deferToThread(read_small_files,
+        results = await self._read_in_thread(read_small_files,
                                       [(entry.folder.fd, entry.name, entry.st) for _, entry, _ in batch])
         for (frame, entry, expected), result in zip(batch, results, strict=True):
             if isinstance(result, OSError):
@@ -437,13 +448,13 @@ class Archiver:
         reader = FileReader(entry.folder.fd, entry.name, entry.st)
         content = None
         try:
-            await deferToThread(reader.open)
+            await self._read_in_thread(reader.open)
             content = FileContent(self.uploader, frame)
-            while chunks := await deferToThread(reader.next_chunks):
+            while chunks := await self._read_in_thread(reader.next_chunks):
                 content.add(chunks)
                 self._advance(sum(len(data) for _, data in chunks), 0)
                 await self.uploader.room()
-            result = await deferToThread(reader.finish)
+            result = await self._read_in_thread(reader.finish)
         except OSError as e:
             if content is not None:
                 content.abandon()
@@ -452,6 +463,9 @@ class Archiver:
         finally:
             reader.close()
         self._file_read(frame, entry, content, result, expected)
+
+    def _read_in_thread(self, f, *args):
+        return deferToThreadPool(self.reactor, self._reading, f, *args)
 
     def _file_read(self, frame: Frame, entry: Entry, content: FileContent, result,
                    expected: Node | None):

@@ -123,10 +123,13 @@ class Uploader:
 
     log = Logger()
 
-    def __init__(self, session: Session, signal: Signal, warn: Callable[[str], None]):
+    def __init__(self, session: Session, signal: Signal, warn: Callable[[str], None],
+                 after_batch: Callable[[], None] | None = None):
         self.session = session
         self.signal = signal
         self.warn = warn
+        #: Called once a batch is confirmed and its bytes let go of.
+        self.after_batch = after_batch
         #: File data sent (chunks the cluster did not have), and every kind's bytes sent.
         self.new_bytes = 0
         self.sent_bytes = 0
@@ -232,6 +235,8 @@ class Uploader:
                 then()
             except Exception:
                 self.signal.fail(Failure())
+        if self.after_batch is not None:
+            self.after_batch()
 
     def _note_degraded(self, placement):
         fewest = min((len(s) for s in placement.assignments.values()), default=placement.replicas)
@@ -257,10 +262,17 @@ class Uploader:
         """Store a pack on ``servers``; when one fails, place the pack again without it."""
         primary = servers[0]
         refs = [ChunkRef(chunk_id.hex(), len(blob.data), blob.checksum) for chunk_id, blob in pack]
+        payload = b"".join(blob.data for _, blob in pack)
+        # The pack holds the bytes now: each blob keeps a view of its part (for a retry), so
+        # a batch's bytes are in memory once, not twice.
+        view, offset = memoryview(payload), 0
+        for _, blob in pack:
+            size = len(blob.data)
+            blob.data = view[offset : offset + size]
+            offset += size
         try:
             reply = await self.session.servers.request(primary, StoreChunks(
-                chunks=refs, forward_to=servers[1:], kind=kind,
-                payload=b"".join(blob.data for _, blob in pack)))
+                chunks=refs, forward_to=servers[1:], kind=kind, payload=payload))
         except RemoteError as e:
             if e.code not in RETRYABLE:
                 raise ClientError(f"server {primary} could not store chunks: {e.reason}") from e

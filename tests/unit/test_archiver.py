@@ -110,6 +110,8 @@ class MemoryStore:
         tree_id, node = root, None
         for name in names:
             node = self.tree(tree_id).find(name)
+            if node is None:
+                return None
             tree_id = node.subtree
         return node
 
@@ -337,3 +339,50 @@ async def test_many_folders_with_few_unfinished_at_once(store, tmp_path, monkeyp
     assert archiver.stats.files == 300
     second, archiver, _ = await archive(store, ["src"], parent_root=first, cwd=tmp_path)
     assert second == first and archiver.stats.unchanged == 300
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_small_read_ahead_window_still_finds_every_parent_tree(store, tmp_path, monkeypatch):
+    """Trees read ahead are let go and read again when the window is full; folders gone
+    since the parent give theirs back; new folders have none."""
+    for name, value in (("TREES_AHEAD", 3), ("NODES_AHEAD", 12), ("ROUND_TREES", 2),
+                        ("LOAD_ROUNDS", 2)):
+        monkeypatch.setattr(archiver_module, name, value)
+    for a in range(4):
+        for b in range(3):
+            for c in range(2):
+                write(tmp_path / f"src/a{a}/b{b}/c{c}/f", f"{a} {b} {c}".encode())
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    second, archiver, report = await archive(store, ["src"], parent_root=first, cwd=tmp_path)
+    assert second == first and archiver.stats.unchanged == 24
+    assert report.notes == []
+    # A folder removed, one added: the others still come from the parent.
+    for c in range(2):
+        os.remove(tmp_path / f"src/a1/b2/c{c}/f")
+        os.rmdir(tmp_path / f"src/a1/b2/c{c}")
+    os.rmdir(tmp_path / "src/a1/b2")
+    write(tmp_path / "src/a2/new/f", b"new")
+    third, archiver, report = await archive(store, ["src"], parent_root=second, cwd=tmp_path)
+    assert archiver.stats.unchanged == 22 and archiver.stats.files == 23
+    assert store.node(third, b"src", b"a1", b"b2") is None
+    assert store.content(store.node(third, b"src", b"a2", b"new", b"f")) == b"new"
+    assert store.node(third, b"src", b"a3").subtree == store.node(second, b"src", b"a3").subtree
+    assert report.notes == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_entry_of_another_kind_under_the_same_name_is_not_taken_from_the_parent(
+        store, tmp_path):
+    write(tmp_path / "src/x", b"a file first")
+    write(tmp_path / "src/y", b"y")
+    os.symlink("y", tmp_path / "src/link")
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    os.remove(tmp_path / "src/x")
+    os.symlink("y", tmp_path / "src/x")
+    os.remove(tmp_path / "src/link")
+    os.symlink("elsewhere", tmp_path / "src/link")
+    second, archiver, _ = await archive(store, ["src"], parent_root=first, cwd=tmp_path)
+    assert archiver.stats.unchanged == 1  # y
+    x, link = store.node(second, b"src", b"x"), store.node(second, b"src", b"link")
+    assert (x.type, x.target, x.content) == ("symlink", b"y", ())
+    assert link.target == b"elsewhere"

@@ -25,10 +25,9 @@ async def backup(cluster, paths, **options):
 
 
 def stored_objects(cluster) -> dict:
-    """Copies of each kind of object on the servers (data chunks left out: the manager's
-    repair may be copying them)."""
+    """Copies of each kind of chunk and object on the servers."""
     kinds = [server.store.get(c)[0] for server in cluster.servers for c in server.store.chunk_ids()]
-    return {kind: kinds.count(kind) for kind in set(kinds) - {"data"}}
+    return {kind: kinds.count(kind) for kind in set(kinds)}
 
 
 @pytest_twisted.ensureDeferred
@@ -75,7 +74,7 @@ async def test_an_unchanged_backup_stores_only_its_snapshot(cluster, tmp_path, m
     second = await backup(cluster, ["src"])
     assert (second.parent, second.unchanged, second.new_bytes) == (first.snapshot_id, 201, 0)
     assert second.snapshot_id != first.snapshot_id
-    # No tree, no chunk list, no file data: the snapshot object alone, twice (2 replicas).
+    # No file data, no tree: the snapshot object alone, twice (2 replicas).
     assert stored_objects(cluster) == before | {"snapshot": 4}
     session = await cluster.session()
     try:
