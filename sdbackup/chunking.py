@@ -165,7 +165,12 @@ def _read_small_file(dir_fd: int, name: bytes, st: os.stat_result) -> FileRead:
 
 
 class FileReader:
-    """Reads one large file a piece at a time; every method blocks (call it in a thread)."""
+    """Reads one large file a piece at a time; every method blocks (call it in a thread).
+
+    Each read lands in a fresh buffer after the unfinished tail of the last
+    one, and the chunks handed out are views of it, not copies: a chunk's
+    bytes are copied once, into the pack that carries them to a server.
+    """
 
     def __init__(self, dir_fd: int, name: bytes, st: os.stat_result):
         self.dir_fd = dir_fd
@@ -173,27 +178,38 @@ class FileReader:
         self.st = st
         self.size = 0
         self._hasher = blake3.blake3()
-        self._file = None
-        self._chunker: FileChunker | None = None
+        self._fd = -1
+        self._tail = memoryview(b"")  # the unfinished chunk at the end of the last read
+        self._done = False
 
     def open(self):
-        self._file = os.fdopen(open_file(self.dir_fd, self.name), "rb", buffering=0)
-        self._chunker = FileChunker(self._file)
+        self._fd = open_file(self.dir_fd, self.name)
 
-    def next_chunks(self) -> list[tuple[bytes, bytes]]:
+    def next_chunks(self) -> list[tuple[bytes, memoryview]]:
         """The next chunks ``[(id, bytes)]``; ``[]`` at the end of the file."""
-        pieces = self._chunker.next_chunks()
-        for piece in pieces:
-            self._hasher.update(piece)
-            self.size += len(piece)
-        return hash_chunks(pieces)
+        while not self._done:
+            kept = len(self._tail)
+            buffer = bytearray(kept + READ_SIZE)
+            view = memoryview(buffer)
+            view[:kept] = self._tail
+            got = os.readv(self._fd, [view[kept:]])
+            self._done = got == 0
+            data = view[: kept + got]
+            self._hasher.update(data[kept:])
+            self.size += got
+            pieces = [data[c.offset : c.offset + c.length]
+                      for c in fastcdc(data, MIN_SIZE, AVG_SIZE, MAX_SIZE, fat=False)]
+            self._tail = pieces.pop() if pieces and not self._done else memoryview(b"")
+            if pieces:
+                return [(blake3.blake3(piece).digest(), piece) for piece in pieces]
+        return []
 
     def finish(self) -> FileRead:
         """The whole file's hash and size (no chunks: they were handed out already)."""
-        changed = changed_since(self.st, os.fstat(self._file.fileno()), self.size)
+        changed = changed_since(self.st, os.fstat(self._fd), self.size)
         return FileRead([], self._hasher.digest(), self.size, changed)
 
     def close(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
