@@ -173,7 +173,7 @@ class FileSystemWriter:
         notes: list[str] = []
         try:
             if folder.node is not None:
-                self._metadata_by_fd(folder.fd, folder.node, notes, folder.display())
+                self._metadata(folder.fd, folder.node, notes, folder.display())
         finally:
             self.close_folder(folder)
         return notes
@@ -234,7 +234,7 @@ class FileSystemWriter:
         else:
             path_fd = os.open(name, _PATH_FLAGS, dir_fd=fd)
             try:
-                self._metadata_by_path(f"/proc/self/fd/{path_fd}", node, notes, folder.display(name))
+                self._metadata(f"/proc/self/fd/{path_fd}", node, notes, folder.display(name))
             finally:
                 os.close(path_fd)
         return notes
@@ -313,24 +313,16 @@ class FileSystemWriter:
     def _owner(self, node: Node) -> tuple[int, int]:
         return self.owners.uid(node), self.owners.gid(node)
 
-    def _metadata_by_fd(self, fd: int, node: Node, notes: list, where: str):
-        """Owner, xattrs, mode, times of an open file or folder."""
+    def _metadata(self, target, node: Node, notes: list, where: str):
+        """Owner, xattrs, mode, times of an open file or folder (``target`` its descriptor),
+        or of a FIFO or device through ``/proc/self/fd/N`` of an ``O_PATH`` descriptor
+        (opening those for real could block or touch hardware)."""
         if self.as_root:
-            os.chown(fd, *self._owner(node))
+            os.chown(target, *self._owner(node))
         for key, value in node.xattrs:
-            _set_xattr(fd, key, value, notes, where, follow=True)
-        os.chmod(fd, stat.S_IMODE(node.mode))
-        os.utime(fd, ns=(node.atime_ns, node.mtime_ns))
-
-    def _metadata_by_path(self, path: str, node: Node, notes: list, where: str):
-        """The same through ``/proc/self/fd/N`` of an ``O_PATH`` descriptor (FIFOs, devices:
-        opening them for real could block or touch hardware)."""
-        if self.as_root:
-            os.chown(path, *self._owner(node))
-        for key, value in node.xattrs:
-            _set_xattr(path, key, value, notes, where, follow=True)
-        os.chmod(path, stat.S_IMODE(node.mode))
-        os.utime(path, ns=(node.atime_ns, node.mtime_ns))
+            _set_xattr(target, key, value, notes, where, follow=True)
+        os.chmod(target, stat.S_IMODE(node.mode))
+        os.utime(target, ns=(node.atime_ns, node.mtime_ns))
 
     def _symlink_metadata(self, folder: Folder, name: bytes, node: Node, notes: list):
         """A link's own owner, xattrs and times (Linux links have no mode)."""
@@ -389,7 +381,7 @@ class FileOut:
             if node.hash and self.hasher.digest() != node.hash:
                 raise RestoreError(f"{where}: restored bytes do not match the file's hash; not written")
             os.ftruncate(self.fd, node.size)  # the skipped zeros at the end
-            self.writer._metadata_by_fd(self.fd, node, notes, where)
+            self.writer._metadata(self.fd, node, notes, where)
             fd, self.fd = self.fd, None
             os.close(fd)
             self.writer._place(self.folder, node.name, lambda n: os.rename(

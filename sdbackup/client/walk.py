@@ -84,24 +84,21 @@ class Owners:
         self._groups: dict[int, str] = {}
 
     def user(self, uid: int) -> str:
-        name = self._users.get(uid)
-        if name is None:
-            try:
-                name = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                name = ""
-            self._users[uid] = name
-        return name
+        return _name_of(self._users, uid, lambda: pwd.getpwuid(uid).pw_name)
 
     def group(self, gid: int) -> str:
-        name = self._groups.get(gid)
-        if name is None:
-            try:
-                name = grp.getgrgid(gid).gr_name
-            except KeyError:
-                name = ""
-            self._groups[gid] = name
-        return name
+        return _name_of(self._groups, gid, lambda: grp.getgrgid(gid).gr_name)
+
+
+def _name_of(known: dict, number: int, look_up) -> str:
+    name = known.get(number)
+    if name is None:
+        try:
+            name = look_up()
+        except KeyError:
+            name = ""
+        known[number] = name
+    return name
 
 
 class Folder:
