@@ -5,6 +5,8 @@ Used by the demo and the benchmark. Each process runs
 and counts as started once it logs its readiness line. With port 0 the kernel
 picks the ports and they are read back from those lines. A process started
 again (``restart_manager``) appends to the same log; only what it wrote counts.
+With ``tls`` (a folder), every link is mutual TLS: the folder's CA and the
+manager's, servers' and clients' certificates are made there unless they exist.
 """
 
 import os
@@ -17,11 +19,15 @@ import time
 
 import attrs
 
+from sdbackup import pki
+
 MANAGER_READY = re.compile(r"sdbackup-manager listening on port (\d+)")
 #: Logged once a started manager leaves safe mode and serves clients.
 MANAGER_SERVING = re.compile(r"sdbackup-manager ready\b[^\n]*")
 SERVER_LISTENING = re.compile(r"sdbackup-server listening on port (\d+)")
 SERVER_READY = "sdbackup-server registered with the manager"
+#: The certificates of a TLS cluster: name -> role (the name is also the files').
+CERTIFICATES = {"manager": "manager", "server": "server", "client": "client", "admin": "admin"}
 
 
 class ClusterFailed(Exception):
@@ -35,6 +41,29 @@ def bin_dir() -> str:
 
 def environment() -> dict:
     return dict(os.environ, PATH=bin_dir() + os.pathsep + os.environ.get("PATH", ""))
+
+
+def make_certificates(folder: str):
+    """The CA and ``CERTIFICATES`` in ``folder``, for localhost (kept when they exist)."""
+    if not os.path.exists(pki.ca_paths(folder)[0]):
+        pki.save_ca(folder, pki.create_ca())
+    ca = pki.load_ca(folder)
+    for name, role in CERTIFICATES.items():
+        if not os.path.exists(os.path.join(folder, f"{name}.crt")):
+            pki.save_certificate(folder, name, pki.issue(ca, role, name))
+
+
+def tls_options(folder: str, name: str) -> list[str]:
+    """``--tls-ca/--tls-cert/--tls-key`` for the certificate ``name`` in ``folder``."""
+    return ["--tls-ca", os.path.join(folder, "ca.crt"), "--tls-cert",
+            os.path.join(folder, f"{name}.crt"), "--tls-key", os.path.join(folder, f"{name}.key")]
+
+
+def tls_environment(folder: str, name: str = "client") -> dict:
+    """``SDBACKUP_TLS_CA/CERT/KEY`` for a client with the certificate ``name``."""
+    return {"SDBACKUP_TLS_CA": os.path.join(folder, "ca.crt"),
+            "SDBACKUP_TLS_CERT": os.path.join(folder, f"{name}.crt"),
+            "SDBACKUP_TLS_KEY": os.path.join(folder, f"{name}.key")}
 
 
 def tail(path: str, lines: int = 15) -> str:
@@ -79,6 +108,8 @@ class LocalCluster:
     interface: str = "127.0.0.1"
     deadline: float = 30.0
     echo: bool = False  # print each command, as the demo does
+    #: A folder for the CA and certificates (relative to ``root``): mutual TLS on every link.
+    tls: str = ""
     manager_options: list = attrs.Factory(list)  # more twistd plugin options for each
     server_options: list = attrs.Factory(list)
     processes: list = attrs.Factory(list)
@@ -93,11 +124,27 @@ class LocalCluster:
         host = "localhost" if self.interface in ("", "0.0.0.0") else self.interface
         return f"tcp:{host}:{self.manager.port}"
 
+    @property
+    def tls_folder(self) -> str:
+        return os.path.join(self.root, self.tls) if self.tls else ""
+
+    def client_environment(self) -> dict:
+        """What a client needs beside ``environment()``: the manager, and TLS when on."""
+        env = {"SDBACKUP_MANAGER": self.manager_address}
+        if self.tls:
+            env.update(tls_environment(self.tls_folder))
+        return env
+
+    def _tls(self, name: str) -> list[str]:
+        return tls_options(self.tls_folder, name) if self.tls else []
+
     def _listen(self, port: int) -> str:
         return f"tcp:{port}" + (f":interface={self.interface}" if self.interface else "")
 
     def start(self) -> "LocalCluster":
         os.makedirs(self.root, exist_ok=True)
+        if self.tls:
+            make_certificates(self.tls_folder)
         try:
             self.start_manager()
             for index in range(self.servers):
@@ -111,7 +158,7 @@ class LocalCluster:
         """Start the manager; after a first start, again on the port it had (a restart)."""
         port = self.manager.port if self.processes else self.manager_port
         args = ["sdbackup-manager", "--listen", self._listen(port), "--data", data,
-                "--replicas", str(self.replicas), *self.manager_options]
+                "--replicas", str(self.replicas), *self._tls("manager"), *self.manager_options]
         self.manager_data = os.path.join(self.root, data)
         process = self._start("manager", args, MANAGER_READY)
         if self.processes and self.processes[0].name == "manager":
@@ -137,7 +184,7 @@ class LocalCluster:
         data = f"data_{port}" if port else f"data_{index}"
         args = ["sdbackup-server", "--listen", self._listen(port), "--data", data,
                 "--manager", self.manager_address, "--heartbeat", str(self.heartbeat),
-                *self.server_options]
+                *self._tls("server"), *self.server_options]
         process = self._start(f"server_{port or index}", args, SERVER_READY)
         process.port = int(self._wait_for(process, SERVER_LISTENING).group(1))
         self.processes.append(process)

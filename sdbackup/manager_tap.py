@@ -2,17 +2,25 @@
 
 from twisted.python import usage
 
+from sdbackup import tlsconfig
+from sdbackup.limits import MAX_REPLICAS
+from sdbackup.logformat import with_log_format
+from sdbackup.metrics import check_observability_options
 from sdbackup.services.manager import ManagerService
+from sdbackup.web.endpoints import ListenRefused, dashboard_endpoint
 
 
 class Options(usage.Options):
-    synopsis = "[--listen ENDPOINT] [--data FOLDER] [--replicas N]"
+    synopsis = ("[--listen ENDPOINT] [--data FOLDER] [--replicas N] "
+                "[--tls-ca FILE --tls-cert FILE --tls-key FILE | --insecure]")
     longdesc = (
         "The sdbackup manager: places chunks on storage servers, keeps an index of the "
         "snapshots and copies they hold (SQLite in the data folder, rebuilt from the servers "
         "when lost) and tracks live servers. After a start it answers clients 'starting' "
-        "until the servers have reported what they hold (safe mode)."
+        "until the servers have reported what they hold (safe mode). Without TLS options it "
+        "listens on loopback only."
     )
+    optFlags = tlsconfig.OPTION_FLAGS
     optParameters = [
         ["listen", "l", "tcp:5000", "Endpoint to listen on (Twisted endpoint string)."],
         ["data", "d", "manager_data", "Folder for the catalog."],
@@ -28,24 +36,58 @@ class Options(usage.Options):
         ["safe-mode-settle", None, 3.0,
          "With a new or lost catalog: seconds without a new server registering after which "
          "the servers that reported are taken as the cluster.", float],
+        ["metrics", None, None,
+         "Serve Prometheus metrics at /metrics on this endpoint, e.g. tcp:9100 (loopback "
+         "unless it names an interface; another needs TLS or --insecure; HTTPS with TLS)."],
+        ["web", None, None,
+         "Serve the dashboard on this endpoint, e.g. tcp:8080 (loopback only)."],
+        ["web-password-file", None, None,
+         "File whose first line is the password the dashboard asks for (HTTP basic auth)."],
+        ["history-interval", None, 30.0,
+         "Seconds between the samples of chunk health the dashboard and metrics show.", float],
+        ["log-format", None, "text", "Log as text or json (one twisted.logger event a line)."],
+        *tlsconfig.OPTION_PARAMETERS,
     ]
 
     def postOptions(self):
-        if self["replicas"] < 1:
-            raise usage.UsageError("--replicas must be at least 1")
+        if not 1 <= self["replicas"] <= MAX_REPLICAS:
+            raise usage.UsageError(f"--replicas must be between 1 and {MAX_REPLICAS}")
         for name in ("dead-after", "repair-interval", "repair-rate"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
         for name in ("safe-mode-timeout", "safe-mode-settle"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} cannot be negative")
+        self["transport"] = tlsconfig.transport_from_options(self, "manager")
+        try:
+            self["transport"].listen_description(self["listen"])
+        except tlsconfig.AddressRefused as e:
+            raise usage.UsageError(str(e)) from None
+        if self["history-interval"] <= 0:
+            raise usage.UsageError("--history-interval must be positive")
+        check_observability_options(self)
+        if self["web-password-file"] is not None and self["web"] is None:
+            raise usage.UsageError("--web-password-file needs --web")
+        if self["web"] is not None:
+            try:
+                dashboard_endpoint(self["web"], self["web-password-file"],
+                                   self["transport"].tls is not None)
+            except ListenRefused as e:
+                raise usage.UsageError(str(e)) from None
 
 
 def makeService(options, reactor=None):
-    return ManagerService(
-        listen=options["listen"], data=options["data"], replicas=options["replicas"],
-        dead_after=options["dead-after"], repair_interval=options["repair-interval"],
-        repair_rate=options["repair-rate"] * 1024 * 1024,
-        safe_mode_timeout=options["safe-mode-timeout"],
-        safe_mode_settle=options["safe-mode-settle"], reactor=reactor,
-    )
+    try:
+        manager = ManagerService(
+            listen=options["listen"], data=options["data"], replicas=options["replicas"],
+            dead_after=options["dead-after"], repair_interval=options["repair-interval"],
+            repair_rate=options["repair-rate"] * 1024 * 1024,
+            safe_mode_timeout=options["safe-mode-timeout"],
+            safe_mode_settle=options["safe-mode-settle"], reactor=reactor,
+            metrics=options["metrics"], web=options["web"],
+            web_password_file=options["web-password-file"],
+            history_interval=options["history-interval"], transport=options["transport"],
+        )
+    except (OSError, ValueError) as e:  # an unreadable or empty --web-password-file
+        raise usage.UsageError(str(e)) from None
+    return with_log_format(manager, options["log-format"])

@@ -1,12 +1,17 @@
-"""A client's connections: one to the manager, a pool to storage servers."""
+"""A client's connections: one to the manager, a pool to storage servers.
+
+With a ``Transport`` holding a TLS identity both are mutual TLS against the
+cluster CA; without, only loopback addresses are reached (unless ``insecure``).
+"""
 
 import sys
 
 from twisted.internet import error, task
-from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 
 from sdbackup.protocols.messages import Message
-from sdbackup.protocols.peer import MessageProtocol, PeerPool, RemoteError
+from sdbackup.protocols.peer import IDLE, ConnectionRefusedByPeer, MessageProtocol, PeerPool, RemoteError
+from sdbackup.tlsconfig import AddressRefused, Transport
 
 #: Seconds to wait for a storage server's answer (a primary waits 60 s for its replica).
 SERVER_TIMEOUT = 90.0
@@ -16,6 +21,8 @@ MANAGER_TIMEOUT = 300.0
 #: between its tries.
 STARTING_WAIT = 120.0
 STARTING_RETRY = 0.5
+#: Seconds to wait for a TCP connection to the manager.
+CONNECT_TIMEOUT = 10.0
 
 
 class ClientError(Exception):
@@ -23,19 +30,36 @@ class ClientError(Exception):
 
 
 class Session:
-    def __init__(self, reactor, manager: str, notice=None):
+    def __init__(self, reactor, manager: str, notice=None, transport: Transport | None = None):
         self.reactor = reactor
         #: Where a line for the user goes (the manager is starting, ...): stderr by default.
         self.notice = notice or (lambda text: print(text, file=sys.stderr, flush=True))
         self.manager_address = manager
         self.manager: MessageProtocol | None = None
-        self.servers = PeerPool(reactor, None, "client", request_timeout=SERVER_TIMEOUT)
+        self.transport = transport or Transport()
+        self.servers = PeerPool(reactor, None, "client", request_timeout=SERVER_TIMEOUT,
+                                transport=self.transport)
 
     async def connect(self):
-        endpoint = clientFromString(self.reactor, manager_endpoint(self.manager_address))
         try:
-            proto = await connectProtocol(endpoint, MessageProtocol(None, "client"))
+            endpoint = self.transport.client_endpoint(self.reactor, self.manager_address,
+                                                      CONNECT_TIMEOUT, "reach the manager at")
+        except AddressRefused as e:
+            raise ClientError(str(e)) from None
+        # An admin's certificate says "admin"; its Hello says "client" (it may do all a client does).
+        proto = MessageProtocol(None, "client", tls=self.transport.tls is not None,
+                                expect=("manager",), clock=self.reactor,
+                                handshake_timeout=self.transport.handshake_timeout)
+        try:
+            await connectProtocol(endpoint, proto)
             self.manager = await proto.ready
+        except ConnectionRefusedByPeer as e:
+            raise ClientError(f"cannot reach the manager at {self.manager_address}: {e}") from None
+        except (error.ConnectionDone, error.ConnectionLost) as e:
+            hint = "" if self.transport.tls else (
+                " (closed before the handshake: if the cluster uses TLS, give --tls-ca, --tls-cert "
+                "and --tls-key)")
+            raise ClientError(f"cannot reach the manager at {self.manager_address}: {e}{hint}") from None
         except Exception as e:
             raise ClientError(f"cannot reach the manager at {self.manager_address}: {e}") from e
         return self
@@ -50,9 +74,13 @@ class Session:
         deadline = self.reactor.seconds() + STARTING_WAIT
         told = False
         while True:
+            if self.manager.closed and getattr(self.manager.refusal, "code", None) == IDLE:
+                await self.connect()  # closed by the manager while idle (a long restore)
             try:
                 return await self.manager.request(msg, MANAGER_TIMEOUT, self.reactor)
             except RemoteError as e:
+                if e.code == IDLE:
+                    continue  # asked just as it closed the idle link: connect again
                 if e.code != "starting" or self.reactor.seconds() > deadline:
                     raise
                 if not told:
@@ -68,8 +96,3 @@ class Session:
         if self.manager is not None and self.manager.connected:
             self.manager.transport.loseConnection()
 
-
-def manager_endpoint(address: str) -> str:
-    if address.startswith("tcp:") and "timeout=" not in address:
-        return f"{address}:timeout=10"
-    return address

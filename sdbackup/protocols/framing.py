@@ -6,6 +6,12 @@ about sixteen times. This subclass keeps the received pieces in a list and
 joins them once, when a frame is complete, while keeping the same contract:
 ``stringReceived``, ``sendString``, ``MAX_LENGTH``, ``lengthLimitExceeded``
 and pause/resume.
+
+A peer's announced length is checked before anything of its frame is kept:
+against ``MAX_LENGTH``, which a connection may change at run time (small
+before the peer is known, larger after), and, once the frame's first
+``HEAD_SIZE`` bytes are in, against ``frame_limit(head)`` (a limit per message
+type). A frame over its limit closes the connection at once.
 """
 
 from collections import deque
@@ -22,14 +28,24 @@ class FrameReceiver(Int32StringReceiver):
 
     log = Logger()
 
-    #: Subclasses set the largest legal frame.
+    #: Subclasses set the largest legal frame; a connection may change it (``self.MAX_LENGTH``).
     MAX_LENGTH = 1024 * 1024
+    #: Bytes of a frame's start that ``frame_limit`` needs (0: it is not asked).
+    HEAD_SIZE = 0
+
+    def frame_limit(self, head: bytes) -> int:
+        """The largest legal length of a frame that starts with ``head`` (``HEAD_SIZE`` bytes);
+        ``MAX_LENGTH`` bounds every frame anyway."""
+        return self.MAX_LENGTH
 
     def connectionMade(self):
         self._pieces: deque[bytes] = deque()
         self._head_offset = 0
         self._buffered = 0
         self._frame_length: int | None = None
+        self._head_checked = False
+        self._refused = False
+        self._refused_limit: int | None = None
 
     def _take(self, count: int) -> bytes:
         """Remove and return the next ``count`` buffered bytes."""
@@ -56,24 +72,52 @@ class FrameReceiver(Int32StringReceiver):
             return parts[0]
         return b"".join(parts)
 
+    def _peek(self, count: int) -> bytes:
+        """The next ``count`` buffered bytes, left in the buffer."""
+        found, offset = b"", self._head_offset
+        for piece in self._pieces:
+            found += piece[offset : offset + count - len(found)]
+            offset = 0
+            if len(found) == count:
+                break
+        return found
+
     def dataReceived(self, data: bytes):
+        if self._refused:
+            return  # (bytes that were on their way when the connection was aborted)
         if data:
             self._pieces.append(data)
             self._buffered += len(data)
-        while not self.paused and self.transport is not None:
+        while not self.paused and self.transport is not None and not self._refused:
             if self._frame_length is None:
                 if self._buffered < _PREFIX.size:
                     return
                 (length,) = _PREFIX.unpack(self._take(_PREFIX.size))
                 if length > self.MAX_LENGTH:
-                    self.lengthLimitExceeded(length)
+                    self._refuse(length, self.MAX_LENGTH)
                     return
                 self._frame_length = length
+                self._head_checked = not self.HEAD_SIZE or length < self.HEAD_SIZE
+            if not self._head_checked:
+                if self._buffered < self.HEAD_SIZE:
+                    return
+                limit = self.frame_limit(self._peek(self.HEAD_SIZE))
+                if self._frame_length > limit:
+                    self._refuse(self._frame_length, limit)
+                    return
+                self._head_checked = True
             if self._buffered < self._frame_length:
                 return
             frame = self._take(self._frame_length)
             self._frame_length = None
             self.stringReceived(frame)
+
+    def _refuse(self, length: int, limit: int):
+        self._refused = True
+        self._refused_limit = limit
+        self._pieces.clear()
+        self._buffered = 0
+        self.lengthLimitExceeded(length)
 
     def lengthLimitExceeded(self, length: int):
         peer = self.transport.getPeer() if self.transport else None
@@ -81,8 +125,9 @@ class FrameReceiver(Int32StringReceiver):
             "closing connection from {peer}: frame of {length} bytes exceeds {limit}",
             peer=peer,
             length=length,
-            limit=self.MAX_LENGTH,
+            limit=self._refused_limit or self.MAX_LENGTH,
         )
+        self._refused = True
         self._pieces.clear()
         self._buffered = 0
         self.transport.abortConnection()

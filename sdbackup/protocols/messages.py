@@ -5,17 +5,25 @@ The header is the message's fields as compact JSON; the payload, when a
 message carries chunk bytes, travels raw after it (no base64, no JSON around
 data). Decoding checks every field through the attrs validators, so a
 malformed frame is rejected before any service sees it.
+
+Nothing a peer sends is unbounded: every string, list and number has a limit
+from ``sdbackup.limits``, and every message type a largest frame
+(``max_frame_size``), which a connection checks as soon as a frame's type code
+arrives, before buffering it.
 """
 
 import json
+import math
 from struct import Struct
 from typing import Any, ClassVar
 
 import attrs
 from attrs import field, frozen
-from attrs.validators import deep_iterable, ge, in_, instance_of, le
+from attrs.validators import ge, in_, instance_of, le
 
+from sdbackup import limits
 from sdbackup.hashing import is_hex_digest
+from sdbackup.limits import shorten
 
 PROTOCOL_VERSION = 2
 
@@ -34,30 +42,91 @@ class DecodeError(Exception):
 
 def _hex_digest(instance, attribute, value):
     if not is_hex_digest(value):
-        raise ValueError(f"{attribute.name} is not a hex digest: {value!r}")
+        raise ValueError(f"{attribute.name} is not a hex digest: {shorten(value, 80)}")
 
 
-def _hex_digests(instance, attribute, value):
+def _optional_hex_digest(instance, attribute, value):
+    if value != "":
+        _hex_digest(instance, attribute, value)
+
+
+def _hex_digests(instance, attribute, value, most: int = limits.MAX_IDS):
     if not isinstance(value, list) or not all(is_hex_digest(v) for v in value):
         raise ValueError(f"{attribute.name} must be a list of hex digests")
+    if len(value) > most:
+        raise ValueError(f"{attribute.name} holds {len(value)} ids, more than {most}")
+
+
+def _batch_ids(instance, attribute, value):
+    _hex_digests(instance, attribute, value, limits.MAX_BATCH_CHUNKS)
+
+
+def _locate_ids(instance, attribute, value):
+    _hex_digests(instance, attribute, value, limits.MAX_LOCATE_IDS)
+
+
+def _count_of(items: str, most: int):
+    """A validator: a list of at most ``most`` ``items``."""
+
+    def check(instance, attribute, value):
+        if len(value) > most:
+            raise ValueError(f"{attribute.name} holds {len(value)} {items}, more than {most}")
+
+    return check
+
+
+def _text(most: int, ascii: bool = False):
+    """A validator: printable text (ASCII only, with ``ascii``) of at most ``most`` characters."""
+
+    def check(instance, attribute, value):
+        problem = limits.text_problem(value, most, ascii)
+        if problem:
+            raise ValueError(f"{attribute.name} {problem}")
+
+    return check
+
+
+def _texts(most_items: int, most_length: int, ascii: bool = False):
+    """A validator: a list of at most ``most_items`` printable texts of ``most_length``."""
+    one = _text(most_length, ascii)
+
+    def check(instance, attribute, value):
+        if not isinstance(value, list):
+            raise ValueError(f"{attribute.name} is not a list")
+        _count_of("entries", most_items)(instance, attribute, value)
+        for item in value:
+            one(instance, attribute, item)
+
+    return check
+
+
+def _time(instance, attribute, value):
+    problem = limits.time_problem(value)
+    if problem:
+        raise ValueError(f"{attribute.name} {problem}")
 
 
 _int = instance_of(int)
 #: What a stored chunk is (``sdbackup.objects.Kind``): raw file data, or an object.
 CHUNK_KINDS = ("data", "tree", "list", "snapshot")
 _kind = field(default="data", validator=in_(CHUNK_KINDS))
-_non_negative = [_int, ge(0)]
+_non_negative = [_int, ge(0), le(limits.MAX_COUNT)]
 _str = instance_of(str)
 _bool = instance_of(bool)
-_strings = deep_iterable(_str, instance_of(list))
+#: A server's address; a chain of them (a chunk's holders, where to forward it); a listing.
+_address = _text(limits.MAX_ADDRESS_LENGTH, ascii=True)
+_chain = _texts(limits.MAX_REPLICAS, limits.MAX_ADDRESS_LENGTH, ascii=True)
+_servers = _texts(limits.MAX_SERVERS, limits.MAX_ADDRESS_LENGTH, ascii=True)
 
 
-def _records(cls):
-    """A converter that turns wire lists/dicts into ``cls`` records."""
+def _records(cls, most: int | None = None):
+    """A converter that turns wire lists/dicts into ``cls`` records (at most ``most``)."""
 
     def convert(values):
         if not isinstance(values, list):
             raise ValueError(f"expected a list of {cls.__name__}")
+        if most is not None and len(values) > most:
+            raise ValueError(f"{len(values)} {cls.__name__} records, more than {most}")
         return [v if isinstance(v, cls) else cls.from_wire(v) for v in values]
 
     return convert
@@ -68,15 +137,40 @@ def _record(cls):
     return lambda value: value if isinstance(value, cls) else cls.from_wire(value)
 
 
-def _holders_map(value):
-    if not isinstance(value, dict):
-        raise ValueError("expected a mapping of chunk id to addresses")
-    for key, addresses in value.items():
-        if not is_hex_digest(key) or not isinstance(addresses, list):
-            raise ValueError("bad chunk location entry")
-        if not all(isinstance(a, str) for a in addresses):
-            raise ValueError("bad chunk location entry")
-    return value
+def _holders_map(most: int):
+    """A converter: a mapping of at most ``most`` chunk ids to the addresses holding each."""
+
+    def check(value):
+        if not isinstance(value, dict):
+            raise ValueError("expected a mapping of chunk id to addresses")
+        if len(value) > most:
+            raise ValueError(f"locations of {len(value)} chunks, more than {most}")
+        for key, addresses in value.items():
+            if not is_hex_digest(key) or not isinstance(addresses, list):
+                raise ValueError("bad chunk location entry")
+            if len(addresses) > limits.MAX_REPLICAS or not all(
+                    limits.text_problem(a, limits.MAX_ADDRESS_LENGTH, True) is None
+                    for a in addresses):
+                raise ValueError("bad chunk location entry")
+        return value
+
+    return check
+
+
+def _no_surrogates(text: str) -> str:
+    """``text`` that encodes as UTF-8 (a lone surrogate, from a file name, is escaped)."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _reason(value):
+    """An error's text, cut to ``MAX_REASON_LENGTH``: an error about a long value stays short."""
+    if not isinstance(value, str):
+        return value  # (the validator says what is wrong)
+    if len(value) > limits.MAX_REASON_LENGTH:
+        value = value[: limits.MAX_REASON_LENGTH - 3] + "..."
+    return _no_surrogates(value)
 
 
 class Record:
@@ -121,15 +215,20 @@ class SnapshotSummary(Record):
     """
 
     snapshot_id: str = field(validator=_hex_digest)
-    time: float = field(validator=instance_of((int, float)))
-    host: str = field(validator=_str)
-    paths: list = field(validator=_strings)
+    time: float = field(validator=_time)
+    host: str = field(validator=_text(limits.MAX_HOST_LENGTH))
+    paths: list = field(validator=_texts(limits.MAX_SNAPSHOT_PATHS, limits.MAX_PATH_LENGTH))
     tree: str = field(validator=_hex_digest)
-    tags: list = field(factory=list, validator=_strings)
-    parent: str = field(default="", validator=_str)
+    tags: list = field(factory=list, validator=_texts(limits.MAX_TAGS, limits.MAX_TAG_LENGTH))
+    parent: str = field(default="", validator=_optional_hex_digest)
     files: int = field(default=0, validator=_non_negative)
     dirs: int = field(default=0, validator=_non_negative)
     bytes: int = field(default=0, validator=_non_negative)
+
+    def __attrs_post_init__(self):
+        problem = limits.snapshot_problem(self.host, self.paths, self.tags)
+        if problem:
+            raise ValueError(f"snapshot {self.snapshot_id[:16]}: {problem}")
 
 
 class _IdAndSize(Record):
@@ -158,11 +257,11 @@ class HeldChunk(_IdAndSize):
 
 @frozen
 class ServerState(Record):
-    address: str = field(validator=_str)
+    address: str = field(validator=_address)
     alive: bool = field(validator=_bool)
     free_bytes: int = field(validator=_non_negative)
     chunks: int = field(validator=_non_negative)
-    last_seen: float = field(validator=instance_of((int, float)))
+    last_seen: float = field(validator=_time)
 
 
 @frozen
@@ -218,10 +317,10 @@ class ErrorReply(Message):
 
     IS_REPLY = True
     request_id: int = _request_id
-    code: str = field(default="error", validator=_str)
-    reason: str = field(default="", validator=_str)
+    code: str = field(default="error", validator=_text(limits.MAX_CODE_LENGTH))
+    reason: str = field(default="", converter=_reason, validator=_str)
     #: The server at fault, when it is not the one answering (a replica that failed).
-    culprit: str = field(default="", validator=_str)
+    culprit: str = field(default="", validator=_address)
 
 
 @message(3)
@@ -239,7 +338,7 @@ class StoreChunk(Message):
     request_id: int = _request_id
     chunk_id: str = field(default="", validator=_hex_digest)
     checksum: str = field(default="", validator=_hex_digest)
-    forward_to: list = field(factory=list, validator=_strings)
+    forward_to: list = field(factory=list, validator=_chain)
     kind: str = _kind
     payload: bytes = _payload
 
@@ -253,7 +352,7 @@ class ChunkStored(Message):
     request_id: int = _request_id
     chunk_id: str = field(default="", validator=_hex_digest)
     checksum: str = field(default="", validator=_hex_digest)
-    holders: list = field(factory=list, validator=_strings)
+    holders: list = field(factory=list, validator=_chain)
 
 
 @message(12)
@@ -280,9 +379,11 @@ class RegisterServer(Message):
     """A storage server announces itself to the manager."""
 
     request_id: int = _request_id
-    address: str = field(default="", validator=_str)
+    address: str = field(default="", validator=_address)
     free_bytes: int = field(default=0, validator=_non_negative)
     chunk_count: int = field(default=0, validator=_non_negative)
+    #: Size of the data folder's file system (0: not told).
+    total_bytes: int = field(default=0, validator=_non_negative)
 
 
 @message(21)
@@ -295,7 +396,7 @@ class ChunkInventory(Message):
     """
 
     request_id: int = _request_id
-    chunks: list = field(factory=list, converter=_records(HeldChunk))
+    chunks: list = field(factory=list, converter=_records(HeldChunk, limits.MAX_IDS))
     snapshots: list = field(factory=list, validator=_hex_digests)
     final: bool = field(default=True, validator=_bool)
 
@@ -303,9 +404,15 @@ class ChunkInventory(Message):
 @message(22)
 @frozen
 class Heartbeat(Message):
+    """A server's disk and scrub figures, every few seconds."""
+
     request_id: int = _request_id
     free_bytes: int = field(default=0, validator=_non_negative)
     chunk_count: int = field(default=0, validator=_non_negative)
+    total_bytes: int = field(default=0, validator=_non_negative)
+    #: The scrub pass under way: chunks checked of how many (0 of 0: none runs).
+    scrub_done: int = field(default=0, validator=_non_negative)
+    scrub_total: int = field(default=0, validator=_non_negative)
 
 
 @message(30)
@@ -314,9 +421,9 @@ class PlacementRequest(Message):
     """Which of these chunks must be sent, and to which servers."""
 
     request_id: int = _request_id
-    chunks: list = field(factory=list, converter=_records(ChunkNeed))
+    chunks: list = field(factory=list, converter=_records(ChunkNeed, limits.MAX_BATCH_CHUNKS))
     #: Servers the client could not use: the placement avoids them.
-    exclude: list = field(factory=list, validator=_strings)
+    exclude: list = field(factory=list, validator=_servers)
 
 
 @message(31)
@@ -326,10 +433,10 @@ class Placement(Message):
 
     IS_REPLY = True
     request_id: int = _request_id
-    known: list = field(factory=list, validator=_hex_digests)
-    assignments: dict = field(factory=dict, converter=_holders_map)
+    known: list = field(factory=list, validator=_batch_ids)
+    assignments: dict = field(factory=dict, converter=_holders_map(limits.MAX_BATCH_CHUNKS))
     #: The cluster's replication factor: an assignment with fewer servers is degraded.
-    replicas: int = field(default=2, validator=_non_negative)
+    replicas: int = field(default=2, validator=[_int, ge(0), le(limits.MAX_REPLICAS)])
 
 
 @message(32)
@@ -352,15 +459,39 @@ class SnapshotCommitted(Message):
 @message(37)
 @frozen
 class ListSnapshots(Message):
+    """A page of the snapshots, oldest first: at most ``limit``, those after the snapshot
+    ``after_id`` (made at ``after_time``); from the first when ``after_id`` is empty."""
+
     request_id: int = _request_id
+    after_time: float = field(default=0, validator=_time)
+    after_id: str = field(default="", validator=_optional_hex_digest)
+    limit: int = field(default=limits.MAX_SNAPSHOTS_PER_PAGE,
+                       validator=[_int, ge(1), le(limits.MAX_SNAPSHOTS_PER_PAGE)])
 
 
 @message(38)
 @frozen
 class SnapshotList(Message):
+    """A page of snapshots; ``more``: ask again after the last of them."""
+
     IS_REPLY = True
     request_id: int = _request_id
-    snapshots: list = field(factory=list, converter=_records(SnapshotSummary))
+    snapshots: list = field(factory=list, converter=_records(SnapshotSummary,
+                                                             limits.MAX_SNAPSHOTS_PER_PAGE))
+    more: bool = field(default=False, validator=_bool)
+
+    @classmethod
+    def filled(cls, request_id: int, summaries: list, limit: int) -> "SnapshotList":
+        """A page of the first of ``summaries``: at most ``limit``, at least one, and no more
+        than fit in ``SNAPSHOT_PAGE_BYTES`` of header; ``more`` when any are left over."""
+        page, size = [], 0
+        for summary in summaries[:limit]:
+            size += len(json.dumps(summary.to_wire(), separators=(",", ":"),
+                                   ensure_ascii=False).encode()) + 1
+            if page and size > limits.SNAPSHOT_PAGE_BYTES:
+                break
+            page.append(summary)
+        return cls(request_id=request_id, snapshots=page, more=len(page) < len(summaries))
 
 
 @message(39)
@@ -369,7 +500,7 @@ class Locate(Message):
     """Where these chunks or objects are (read-only; places nothing)."""
 
     request_id: int = _request_id
-    chunk_ids: list = field(factory=list, validator=_hex_digests)
+    chunk_ids: list = field(factory=list, validator=_locate_ids)
 
 
 @message(40)
@@ -380,7 +511,7 @@ class Locations(Message):
 
     IS_REPLY = True
     request_id: int = _request_id
-    holders: dict = field(factory=dict, converter=_holders_map)
+    holders: dict = field(factory=dict, converter=_holders_map(limits.MAX_LOCATE_IDS))
 
 
 @message(41)
@@ -396,8 +527,8 @@ class ClusterStatus(Message):
     request_id: int = _request_id
     #: "starting" while the manager waits for servers to report after a start, then "ready".
     state: str = field(default="ready", validator=in_(("starting", "ready")))
-    replicas: int = field(default=2, validator=_non_negative)
-    servers: list = field(factory=list, converter=_records(ServerState))
+    replicas: int = field(default=2, validator=[_int, ge(0), le(limits.MAX_REPLICAS)])
+    servers: list = field(factory=list, converter=_records(ServerState, limits.MAX_SERVERS))
     snapshots: int = field(default=0, validator=_non_negative)
     chunks: int = field(default=0, validator=_non_negative)
     under_replicated: int = field(default=0, validator=_non_negative)
@@ -412,7 +543,7 @@ class ReplicateChunk(Message):
 
     request_id: int = _request_id
     chunk_id: str = field(default="", validator=_hex_digest)
-    forward_to: list = field(factory=list, validator=_strings)
+    forward_to: list = field(factory=list, validator=_chain)
 
 
 @message(23)
@@ -422,7 +553,7 @@ class ChunksAdded(Message):
     snapshot objects among them)."""
 
     request_id: int = _request_id
-    chunks: list = field(factory=list, converter=_records(HeldChunk))
+    chunks: list = field(factory=list, converter=_records(HeldChunk, limits.MAX_IDS))
     snapshots: list = field(factory=list, validator=_hex_digests)
 
 
@@ -479,8 +610,8 @@ class CheckRequest(Message):
 class CheckReport(Message):
     IS_REPLY = True
     request_id: int = _request_id
-    servers_checked: list = field(factory=list, validator=_strings)
-    servers_unreachable: list = field(factory=list, validator=_strings)
+    servers_checked: list = field(factory=list, validator=_servers)
+    servers_unreachable: list = field(factory=list, validator=_servers)
     chunks: int = field(default=0, validator=_non_negative)
     #: Chunks and objects that snapshots reference and no live server holds.
     missing: int = field(default=0, validator=_non_negative)
@@ -490,7 +621,7 @@ class CheckReport(Message):
     #: Tree and chunk list objects read while walking every snapshot.
     trees: int = field(default=0, validator=_non_negative)
     #: Snapshots that reference something missing (they cannot be fully restored).
-    damaged: list = field(factory=list, validator=_strings)
+    damaged: list = field(factory=list, validator=_hex_digests)
 
 
 @message(48)
@@ -520,8 +651,8 @@ class StoreChunks(Message):
     """
 
     request_id: int = _request_id
-    chunks: list = field(factory=list, converter=_records(ChunkRef))
-    forward_to: list = field(factory=list, validator=_strings)
+    chunks: list = field(factory=list, converter=_records(ChunkRef, limits.MAX_BATCH_CHUNKS))
+    forward_to: list = field(factory=list, validator=_chain)
     kind: str = _kind
     payload: bytes = _payload
 
@@ -544,11 +675,134 @@ class ChunksStored(Message):
 
     IS_REPLY = True
     request_id: int = _request_id
-    chunk_ids: list = field(factory=list, validator=_hex_digests)
-    holders: list = field(factory=list, validator=_strings)
+    chunk_ids: list = field(factory=list, validator=_batch_ids)
+    holders: list = field(factory=list, validator=_chain)
+
+
+# --- batched fetch (restore) ---
+
+#: Ids one FetchChunks may ask for.
+MAX_FETCH_IDS = 4096
+#: Chunk bytes one ChunksData carries at most (a single larger chunk still travels alone).
+FETCH_REPLY_BYTES = MAX_CHUNK_SIZE
+
+
+def _fetch_ids(instance, attribute, value):
+    _hex_digests(instance, attribute, value)
+    if len(value) > MAX_FETCH_IDS:
+        raise ValueError(f"{attribute.name} holds {len(value)} ids, more than {MAX_FETCH_IDS}")
+
+
+@message(17)
+@frozen
+class FetchChunks(Message):
+    """Many chunks in one round trip and one disk thread hop (a restore's small files)."""
+
+    request_id: int = _request_id
+    chunk_ids: list = field(factory=list, validator=_fetch_ids)
+
+
+@message(18)
+@frozen
+class ChunksData(Message):
+    """What the server could give of a FetchChunks, its bytes one after another in ``payload``.
+
+    ``missing`` and ``corrupt`` are the ids it has no good copy of (ask another
+    holder for just those). An id in neither list nor in ``chunks`` did not fit
+    in this reply: ask again.
+    """
+
+    IS_REPLY = True
+    request_id: int = _request_id
+    chunks: list = field(factory=list, converter=_records(ChunkRef))
+    missing: list = field(factory=list, validator=_fetch_ids)
+    corrupt: list = field(factory=list, validator=_fetch_ids)
+    payload: bytes = _payload
+
+    def __attrs_post_init__(self):
+        if len(self.chunks) > MAX_FETCH_IDS:
+            raise ValueError(f"more than {MAX_FETCH_IDS} chunks")
+        if sum(c.size for c in self.chunks) != len(self.payload):
+            raise ValueError("the chunks' sizes do not add up to the payload's length")
+
+    def pieces(self) -> list[tuple[ChunkRef, bytes]]:
+        found, offset = [], 0
+        for ref in self.chunks:
+            found.append((ref, self.payload[offset : offset + ref.size]))
+            offset += ref.size
+        return found
 
 
 # --- codec ------------------------------------------------------------------
+
+#: Bytes of a frame's start that name its type: a connection checks the frame's length
+#: against ``frame_limit`` as soon as they arrive.
+TYPE_CODE_SIZE = 2
+#: The handshake's frame, and a request or reply of a few bounded fields.
+HELLO_FRAME = 1024
+SMALL_FRAME = 64 * 1024
+#: One snapshot's summary (its text is bounded by ``limits.MAX_SNAPSHOT_TEXT``), a page of them.
+SUMMARY_FRAME = 512 * 1024
+SNAPSHOT_PAGE_FRAME = limits.SNAPSHOT_PAGE_BYTES + SUMMARY_FRAME
+#: A list of ``limits.MAX_IDS`` chunk ids (67 bytes each in JSON), or of a batch's.
+ID_LIST_FRAME = 4 * 1024 * 1024
+BATCH_FRAME = 512 * 1024
+#: Pages of chunks with sizes, of locations, of servers.
+LIST_FRAME = _HEAD.size + MAX_HEADER_SIZE
+
+#: The largest legal frame of each message type. A type not named here may use the
+#: largest frame of all (``MAX_FRAME_SIZE``).
+FRAME_LIMITS: dict[type, int] = {
+    Hello: HELLO_FRAME,
+    ErrorReply: SMALL_FRAME,
+    Ack: SMALL_FRAME,
+    StoreChunk: MAX_FRAME_SIZE,
+    ChunkStored: SMALL_FRAME,
+    FetchChunk: SMALL_FRAME,
+    ChunkData: MAX_FRAME_SIZE,
+    ReplicateChunk: SMALL_FRAME,
+    StoreChunks: MAX_FRAME_SIZE,
+    ChunksStored: BATCH_FRAME,
+    RegisterServer: SMALL_FRAME,
+    ChunkInventory: LIST_FRAME,
+    Heartbeat: SMALL_FRAME,
+    ChunksAdded: LIST_FRAME,
+    ChunksCorrupt: ID_LIST_FRAME,
+    VerifyChunks: SMALL_FRAME,
+    VerifyReport: ID_LIST_FRAME,
+    SyncNotices: SMALL_FRAME,
+    PlacementRequest: LIST_FRAME,
+    Placement: LIST_FRAME,
+    CommitSnapshot: SMALL_FRAME,
+    SnapshotCommitted: SUMMARY_FRAME,
+    ListSnapshots: SMALL_FRAME,
+    SnapshotList: SNAPSHOT_PAGE_FRAME,
+    Locate: ID_LIST_FRAME,
+    Locations: LIST_FRAME,
+    StatusRequest: SMALL_FRAME,
+    ClusterStatus: LIST_FRAME,
+    CheckRequest: SMALL_FRAME,
+    CheckReport: LIST_FRAME,
+    HasChunks: ID_LIST_FRAME,
+    ChunksHeld: ID_LIST_FRAME,
+    FetchChunks: ID_LIST_FRAME,
+    ChunksData: MAX_FRAME_SIZE,
+}
+
+
+def max_frame_size(message_type: "int | type") -> int:
+    """The largest legal frame (without its length prefix) of a message type, given by its
+    class or its type code; for an unknown code, the least a frame can be."""
+    cls = MESSAGE_TYPES.get(message_type) if isinstance(message_type, int) else message_type
+    if cls is None:
+        return _HEAD.size
+    return FRAME_LIMITS.get(cls, MAX_FRAME_SIZE)
+
+
+def frame_limit(head: bytes) -> int:
+    """The largest legal length of a frame that starts with ``head`` (its first
+    ``TYPE_CODE_SIZE`` bytes): what a connection checks before it buffers the frame."""
+    return max_frame_size(int.from_bytes(head[:TYPE_CODE_SIZE], "big"))
 
 
 def _to_wire(value: Any):
@@ -574,6 +828,9 @@ def encode(msg: Message) -> list[bytes]:
     header = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
     if len(header) > MAX_HEADER_SIZE:
         raise ValueError(f"{type(msg).__name__} header of {len(header)} bytes is too large")
+    length, limit = _HEAD.size + len(header) + len(payload), max_frame_size(type(msg))
+    if length > limit:
+        raise ValueError(f"{type(msg).__name__} of {length} bytes exceeds its limit of {limit}")
     if payload:
         return [_HEAD.pack(msg.TYPE_CODE, len(header)), header, payload]
     return [_HEAD.pack(msg.TYPE_CODE, len(header)), header]
@@ -591,13 +848,17 @@ def decode(frame: bytes) -> Message:
     cls = MESSAGE_TYPES.get(code)
     if cls is None:
         raise DecodeError(f"unknown message type {code}")
+    if len(frame) > max_frame_size(cls):
+        raise DecodeError(f"{cls.__name__} of {len(frame)} bytes exceeds its limit of "
+                          f"{max_frame_size(cls)}")
     header_end = _HEAD.size + header_length
     if header_end > len(frame):
         raise DecodeError(f"{cls.__name__}: header runs past the end of the frame")
     try:
-        fields = json.loads(bytes(frame[_HEAD.size : header_end]))
+        fields = json.loads(bytes(frame[_HEAD.size : header_end]), parse_constant=_no_constant,
+                            parse_float=_finite_float)
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, absurd numbers or nesting
-        raise DecodeError(f"{cls.__name__}: header is not JSON: {e}") from None
+        raise DecodeError(f"{cls.__name__}: header is not JSON: {shorten(str(e))}") from None
     if not isinstance(fields, dict):
         raise DecodeError(f"{cls.__name__}: header is not an object")
     names = {a.name for a in attrs.fields(cls)}
@@ -608,8 +869,20 @@ def decode(frame: bytes) -> Message:
         raise DecodeError(f"{cls.__name__} carries no payload but {len(payload)} bytes follow")
     unknown = set(fields) - names
     if unknown:
-        raise DecodeError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+        raise DecodeError(f"{cls.__name__}: unknown fields {shorten(sorted(unknown))}")
     try:
         return cls(**fields)
     except (TypeError, ValueError) as e:
-        raise DecodeError(f"{cls.__name__}: {e}") from None
+        # (attrs' own messages repeat the value: a peer's, maybe megabytes of it)
+        raise DecodeError(f"{cls.__name__}: {shorten(str(e))}") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("a number out of range")
+    return value

@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from sdbackup import objects
+from sdbackup.limits import shorten
 from sdbackup.objects import Kind
 from sdbackup.protocols.messages import SnapshotSummary
 from sdbackup.services.objectreads import ObjectUnavailable, read_object
@@ -87,7 +88,7 @@ class DagCheck:
                                               (Kind.TREE, Kind.LIST), manager.clock)
         except ObjectUnavailable as e:
             self.log.warn("check: object {object} cannot be read: {why}", object=object_id[:16],
-                          why=str(e))
+                          why=shorten(e))
             self.report.missing.add(object_id)
             return ()
         envelope = objects.open_envelope(payload, kind)

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sdbackup import objects
+from sdbackup.limits import shorten
 from sdbackup.names import escape
 from sdbackup.objects import Kind
 from sdbackup.protocols.messages import SnapshotSummary
@@ -109,10 +110,10 @@ class SnapshotIndexer:
                     await self._index(snapshot_id)
                 except BadSnapshot as e:
                     self.log.warn("snapshot {snapshot} skipped: {why}", snapshot=snapshot_id[:16],
-                                  why=str(e))
+                                  why=shorten(e))
                 except UnknownSnapshot as e:
                     self.log.warn("snapshot {snapshot} cannot be indexed now: {why}",
-                                  snapshot=snapshot_id[:16], why=str(e))
+                                  snapshot=snapshot_id[:16], why=shorten(e))
         finally:
             self._workers -= 1
             self._check_idle()

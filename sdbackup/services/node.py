@@ -1,5 +1,8 @@
-"""What the manager and storage server processes share: a listener, a thread pool,
-periodic calls, and a stop that leaves nothing running or waiting."""
+"""What the manager and storage server processes share: a listener (TLS or loopback, with
+connection limits), a thread pool, periodic calls, and a stop that leaves nothing running
+or waiting."""
+
+from collections import Counter
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -7,9 +10,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.threadpool import ThreadPool
 
 from sdbackup.protocols.peer import MessageProtocol
+from sdbackup.tlsconfig import Transport
 
 
 class NodeService(service.MultiService):
@@ -22,12 +27,15 @@ class NodeService(service.MultiService):
     log = Logger()
     name_for_logs = "sdbackup"
 
-    def __init__(self, listen: str, pool_name: str, pool_threads: int, reactor=None):
+    def __init__(self, listen: str, pool_name: str, pool_threads: int, reactor=None,
+                 transport: Transport | None = None):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
-        self.listen_description = listen
+        self.transport = transport or Transport()
+        # Refused here, at start: no plaintext beyond loopback unless --insecure.
+        self.listen_description = self.transport.listen_description(listen)
         self.port = None
         self._pool = ThreadPool(minthreads=1, maxthreads=pool_threads, name=pool_name)
         self._loops: list[task.LoopingCall] = []
@@ -39,10 +47,21 @@ class NodeService(service.MultiService):
 
     def listen(self, handler, role: str):
         self._pool.start()
-        factory = Factory.forProtocol(lambda: MessageProtocol(handler, role))
+        for warning in self.transport.warnings():
+            self.log.warn("{node}: {warning}", node=self.name_for_logs, warning=warning)
+        factory = Factory.forProtocol(lambda: self.protocol(handler, role))
+        factory = ConnectionLimits(self.transport.server_factory(factory),
+                                   self.transport.max_connections,
+                                   self.transport.max_connections_per_host)
         self._listening = serverFromString(self.reactor, self.listen_description).listen(factory)
         self._listening.addCallback(self._bound)
         self._listening.addErrback(self.fail, f"cannot listen on {self.listen_description}")
+
+    def protocol(self, handler, role: str, expect=None, accepting: bool = True) -> MessageProtocol:
+        """A connection of this node: accepted ones (``accepting``) also time out when idle."""
+        return MessageProtocol(handler, role, tls=self.transport.tls is not None, expect=expect,
+                               clock=self.reactor, handshake_timeout=self.transport.handshake_timeout,
+                               idle_timeout=self.transport.idle_timeout if accepting else None)
 
     def _bound(self, port):
         self.port = port
@@ -99,3 +118,40 @@ def close_all(connections):
     """Nobody may wait on a node that no longer works: drop every connection it has."""
     for connection in list(connections):
         connection.transport.abortConnection()
+
+
+class ConnectionLimits(WrappingFactory):
+    """At most ``total`` connections at once, and ``per_host`` from one peer address; one
+    more is closed at once, before TLS or any frame costs anything."""
+
+    log = Logger()
+
+    def __init__(self, wrapped, total: int, per_host: int):
+        super().__init__(wrapped)
+        self.total = total
+        self.per_host = per_host
+        self.hosts: Counter = Counter()
+
+    def buildProtocol(self, addr):
+        host = getattr(addr, "host", "?")
+        if len(self.protocols) >= self.total:
+            self.log.warn("refused connection from {host}: {count} connections open already",
+                          host=host, count=len(self.protocols))
+            return None
+        if self.hosts[host] >= self.per_host:
+            self.log.warn("refused connection from {host}: {count} connections from it already",
+                          host=host, count=self.hosts[host])
+            return None
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            self.hosts[host] += 1
+            protocol._limits_host = host
+        return protocol
+
+    def unregisterProtocol(self, p):
+        host = getattr(p, "_limits_host", None)
+        if host is not None and p in self.protocols:
+            self.hosts[host] -= 1
+            if self.hosts[host] <= 0:
+                del self.hosts[host]
+        super().unregisterProtocol(p)

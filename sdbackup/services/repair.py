@@ -15,6 +15,7 @@ yet reported is not a lost one.
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from sdbackup.limits import shorten
 from sdbackup.placement import place_chunks
 from sdbackup.protocols.messages import ReplicateChunk
 from sdbackup.protocols.peer import RemoteError
@@ -43,6 +44,8 @@ class Repairer:
         self.running: defer.Deferred | None = None
         #: Something may have left a chunk short since the last pass looked.
         self.needed = True
+        #: Bytes copied again since the start (each new copy counted once), for metrics.
+        self.copied_bytes = 0
         self._again = False
         self._next_start = 0.0
         #: Until then some chunks are too new to judge: passes are needed again.
@@ -131,16 +134,17 @@ class Repairer:
                     await manager.db(manager.catalog.remove_locations, source, [chunk_id])
                     continue  # try the next holder
                 self.log.warn("repair of {chunk} from {source} failed: {why}",
-                              chunk=chunk_id[:16], source=source, why=e.reason)
+                              chunk=chunk_id[:16], source=source, why=shorten(e.reason))
                 return False
             except Exception as e:
                 self.log.warn("repair of {chunk} from {source} failed: {why}",
-                              chunk=chunk_id[:16], source=source, why=str(e))
+                              chunk=chunk_id[:16], source=source, why=shorten(e))
                 continue
             for address in reply.holders:
                 if address in manager.live:
                     manager.live[address].assigned += size
                 await manager.db(manager.catalog.add_locations, address, [(chunk_id, size)])
+            self.copied_bytes += size * len(reply.holders)
             return True
         return False
 

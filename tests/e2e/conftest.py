@@ -28,6 +28,10 @@
   starts the manager again with its ``manager_data`` deleted: it rebuilds its index
   from what the servers report. ``fast_manager_options`` adds a short safe mode
   (``FAST_SAFE_MODE_OPTIONS``) to the fast timings, for tests that restart the manager.
+* ``tls_cluster`` (one per test module) is ``cluster`` with mutual TLS on every link: a
+  CA and certificates (``sdbackup.localcluster.CERTIFICATES``) in its ``tls`` folder, the
+  manager and servers started with them, ``sdbackup`` run with the client's.
+  ``start_cluster(tls=True)`` does the same for one test.
 """
 
 import contextlib
@@ -44,6 +48,8 @@ from pathlib import Path
 
 import attrs
 import pytest
+
+from sdbackup.localcluster import make_certificates, tls_environment, tls_options
 
 BIN = Path(sys.executable).parent
 TWISTD = BIN / "twistd"
@@ -228,6 +234,16 @@ class Cluster:
     server_options: list = attrs.Factory(list)
     #: Commands started with ``start_sdbackup``; ``stop`` kills any still running.
     clients: list = attrs.Factory(list)
+    #: The folder of the CA and certificates of a TLS cluster (None: plaintext on loopback).
+    tls: Path | None = None
+
+    @classmethod
+    def with_tls(cls, root: Path, manager_options=(), server_options=()) -> "Cluster":
+        """A cluster whose links are all mutual TLS, with a CA and certificates in root/tls."""
+        folder = root / "tls"
+        make_certificates(str(folder))
+        return cls(root, manager_options=[*manager_options, *tls_options(str(folder), "manager")],
+                   server_options=[*server_options, *tls_options(str(folder), "server")], tls=folder)
 
     @property
     def manager_data(self) -> Path:
@@ -372,6 +388,8 @@ class Cluster:
     def client_env(self, manager: str | None = None) -> dict:
         env = base_env()
         env["SDBACKUP_MANAGER"] = manager or self.manager_endpoint
+        if self.tls is not None:
+            env.update(tls_environment(str(self.tls)))
         return env
 
     def sdbackup(self, *args, cwd: Path, check: bool = True, manager: str | None = None,
@@ -460,13 +478,25 @@ def cluster(tmp_path_factory):
         started.stop()
 
 
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory):
+    """A manager and three storage servers with mutual TLS on every link, shared by a module."""
+    started = Cluster.with_tls(tmp_path_factory.mktemp("tls_cluster"))
+    try:
+        started.start()
+        yield started
+    finally:
+        started.stop()
+
+
 @pytest.fixture(autouse=True)
 def no_errors_in_cluster_logs(request):
     """Fail a test during which a cluster process logged an error or a traceback."""
-    if "cluster" not in request.fixturenames:
+    name = next((n for n in ("cluster", "tls_cluster") if n in request.fixturenames), None)
+    if name is None:
         yield
         return
-    running: Cluster = request.getfixturevalue("cluster")
+    running: Cluster = request.getfixturevalue(name)
     marks = {id(p): p.mark() for p in running.processes() + running.stopped}
     yield
     errors = []
@@ -496,9 +526,13 @@ def start_cluster(tmp_path_factory):
     clusters: list[Cluster] = []
 
     def start(servers: int = SERVERS, manager_options=FAST_MANAGER_OPTIONS,
-              server_options=FAST_SERVER_OPTIONS) -> Cluster:
-        started = Cluster(tmp_path_factory.mktemp("cluster"), manager_options=list(manager_options),
-                          server_options=list(server_options))
+              server_options=FAST_SERVER_OPTIONS, tls: bool = False) -> Cluster:
+        root = tmp_path_factory.mktemp("cluster")
+        if tls:
+            started = Cluster.with_tls(root, manager_options, server_options)
+        else:
+            started = Cluster(root, manager_options=list(manager_options),
+                              server_options=list(server_options))
         clusters.append(started)
         started.start(servers)
         return started

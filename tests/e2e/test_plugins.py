@@ -38,14 +38,17 @@ def test_twistd_help_lists_both_plugins(tmp_path):
 
 
 @pytest.mark.parametrize(("plugin", "options"), [
-    ("sdbackup-manager", ["--listen", "--data", "--replicas"]),
-    ("sdbackup-server", ["--listen", "--data", "--manager", "--advertise", "--heartbeat"]),
+    ("sdbackup-manager", ["--listen", "--data", "--replicas", "--tls-ca", "--tls-cert", "--tls-key",
+                          "--handshake-timeout", "--idle-timeout", "--max-connections"]),
+    ("sdbackup-server", ["--listen", "--data", "--manager", "--advertise", "--heartbeat", "--tls-ca",
+                         "--tls-cert", "--tls-key", "--max-connections-per-host"]),
 ])
 def test_each_plugin_describes_its_options(tmp_path, plugin, options):
     help_text = run([TWISTD, plugin, "--help"], cwd=tmp_path).stdout
 
     for option in options:
         assert re.search(rf"^\s+(-\w, )?{option}=", help_text, re.MULTILINE), (option, help_text)
+    assert re.search(r"^\s+--insecure\s", help_text, re.MULTILINE), help_text
 
 
 @pytest.fixture(scope="module")

@@ -150,3 +150,68 @@ def test_send_frame_refuses_an_oversize_frame():
     with pytest.raises(ValueError):
         proto.sendFrame(b"a" * 600, b"b" * 401)
     assert transport.value() == b""
+
+
+# --- limits checked before a frame is buffered ------------------------------------------
+
+
+class TypedRecorder(Recorder):
+    """Frames whose first byte names a type; type ``b"s"`` frames are small (10 bytes)."""
+
+    MAX_LENGTH = 1000
+    HEAD_SIZE = 1
+
+    def frame_limit(self, head):
+        return 10 if head == b"s" else self.MAX_LENGTH
+
+
+def test_max_length_changed_at_run_time_applies_to_the_next_frame():
+    proto, transport = connected()
+    proto.MAX_LENGTH = 10  # e.g. before the peer is authenticated
+    proto.dataReceived(framed(b"x" * 10))
+    proto.MAX_LENGTH = 500  # after
+    proto.dataReceived(framed(b"y" * 500))
+    assert proto.frames == [b"x" * 10, b"y" * 500]
+    assert Recorder.MAX_LENGTH == 1000  # (the class, and so other connections, keep theirs)
+    proto.MAX_LENGTH = 10
+    proto.dataReceived(pack("!I", 11))
+    assert transport.disconnected
+
+
+def test_an_announced_length_over_the_limit_is_refused_before_its_body_is_kept():
+    proto, transport = connected()
+    proto.MAX_LENGTH = 4096
+    # 16 MiB announced, and the first bytes of it sent in the same read: nothing is kept.
+    proto.dataReceived(pack("!I", 16 * 1024 * 1024) + b"z" * 60_000)
+    assert transport.disconnected
+    assert proto._buffered == 0 and not proto._pieces
+    proto.dataReceived(b"z" * 60_000)  # (bytes already on their way)
+    assert proto._buffered == 0 and proto.frames == []
+
+
+def test_a_frame_over_its_types_limit_is_refused_once_its_type_arrives():
+    proto, transport = connected(TypedRecorder)
+    proto.dataReceived(framed(b"s" + b"1" * 9, b"b" + b"2" * 900))
+    assert proto.frames == [b"s" + b"1" * 9, b"b" + b"2" * 900]
+    proto.dataReceived(pack("!I", 11))
+    assert not transport.disconnected  # (its type is not known yet)
+    proto.dataReceived(b"s")
+    assert transport.disconnected
+    assert proto.frames == [b"s" + b"1" * 9, b"b" + b"2" * 900]
+
+
+def test_a_type_limit_is_checked_with_the_type_split_across_reads():
+    class TwoByteTypes(Recorder):
+        HEAD_SIZE = 2
+
+        def frame_limit(self, head):
+            return 5 if head == b"ss" else self.MAX_LENGTH
+
+    proto, transport = connected(TwoByteTypes)
+    proto.dataReceived(pack("!I", 4) + b"s")
+    proto.dataReceived(b"sab" + pack("!I", 1) + b"s")  # a frame shorter than a type: no check
+    assert proto.frames == [b"ssab", b"s"]
+    proto.dataReceived(pack("!I", 6) + b"s")
+    assert not transport.disconnected
+    proto.dataReceived(b"s")
+    assert transport.disconnected

@@ -6,11 +6,15 @@ from struct import Struct
 
 import pytest
 
-from sdbackup import hashing
+from sdbackup import hashing, limits
 from sdbackup.protocols.messages import (
+    FRAME_LIMITS,
     MAX_CHUNK_SIZE,
+    MAX_FETCH_IDS,
+    MAX_FRAME_SIZE,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    TYPE_CODE_SIZE,
     Ack,
     CheckReport,
     CheckRequest,
@@ -20,6 +24,7 @@ from sdbackup.protocols.messages import (
     ChunkRef,
     ChunksAdded,
     ChunksCorrupt,
+    ChunksData,
     ChunksHeld,
     ChunksStored,
     ChunkStored,
@@ -28,6 +33,7 @@ from sdbackup.protocols.messages import (
     DecodeError,
     ErrorReply,
     FetchChunk,
+    FetchChunks,
     HasChunks,
     Heartbeat,
     HeldChunk,
@@ -52,6 +58,8 @@ from sdbackup.protocols.messages import (
     decode,
     encode,
     encode_frame,
+    frame_limit,
+    max_frame_size,
 )
 
 HEAD = Struct("!HI")
@@ -348,3 +356,250 @@ def test_store_chunks_pieces_follow_the_sizes():
     assert frame.endswith(b"abcde")
     with pytest.raises(DecodeError, match="add up"):
         decode(frame[:-1])
+
+
+# --- bounds: every field a peer sends has a limit (sdbackup.limits) ---------------------
+
+ADDRESS = "tcp:" + "a" * (limits.MAX_ADDRESS_LENGTH - 4)
+#: The longest address as JSON: every character escaped.
+WORST_ADDRESS = "tcp:" + '"\\' * ((limits.MAX_ADDRESS_LENGTH - 4) // 2)
+OVER_LONG = {
+    "address": (RegisterServer, {"address": ADDRESS + "x"}),
+    "address with a newline": (RegisterServer, {"address": "tcp:a:1\nforged log line"}),
+    "address with a lone surrogate": (RegisterServer, {"address": "tcp:\ud800:1"}),
+    "forward chain": (StoreChunk, {"chunk_id": H1, "checksum": H1,
+                                   "forward_to": ["tcp:a:1"] * (limits.MAX_REPLICAS + 1)}),
+    "forwarded to a long address": (ReplicateChunk, {"chunk_id": H1, "forward_to": [ADDRESS + "x"]}),
+    "holders": (ChunksStored, {"holders": ["tcp:a:1"] * (limits.MAX_REPLICAS + 1)}),
+    "culprit": (ErrorReply, {"culprit": ADDRESS + "x"}),
+    "error code": (ErrorReply, {"code": "c" * (limits.MAX_CODE_LENGTH + 1)}),
+    "ids per request": (HasChunks, {"chunk_ids": [H1] * (limits.MAX_IDS + 1)}),
+    "ids per locate": (Locate, {"chunk_ids": [H1] * (limits.MAX_LOCATE_IDS + 1)}),
+    "chunks per placement": (PlacementRequest, {"chunks": [[H1, 1]] * (limits.MAX_BATCH_CHUNKS + 1)}),
+    "chunks per pack": (StoreChunks, {"chunks": [[H1, 0, H1]] * (limits.MAX_BATCH_CHUNKS + 1)}),
+    "inventory page": (ChunkInventory, {"chunks": [[H1, 1]] * (limits.MAX_IDS + 1)}),
+    "holders per location": (Locations, {"holders": {H1: ["tcp:a:1"] * (limits.MAX_REPLICAS + 1)}}),
+    "location address": (Locations, {"holders": {H1: [ADDRESS + "x"]}}),
+    "assignment address": (Placement, {"assignments": {H1: ["tcp:a:1\r\n"]}}),
+    "excluded servers": (PlacementRequest, {"exclude": ["tcp:a:1"] * (limits.MAX_SERVERS + 1)}),
+    "status servers": (ClusterStatus, {"servers": [
+        {"address": "tcp:a:1", "alive": True, "free_bytes": 0, "chunks": 0, "last_seen": 0}]
+        * (limits.MAX_SERVERS + 1)}),
+    "address not ASCII": (RegisterServer, {"address": "tcp:ex\u0430mple.com:1"}),
+    "replicas": (Placement, {"replicas": limits.MAX_REPLICAS + 1}),
+    "count beyond 64 bits": (Heartbeat, {"free_bytes": 2**63}),
+    "request id beyond 64 bits": (Ack, {"request_id": 2**64}),
+    "damaged not ids": (CheckReport, {"damaged": ["x" * 100]}),
+    "snapshots per page": (SnapshotList, {"snapshots": [SUMMARY.to_wire()] * (
+        limits.MAX_SNAPSHOTS_PER_PAGE + 1)}),
+    "page limit zero": (ListSnapshots, {"limit": 0}),
+    "page limit too large": (ListSnapshots, {"limit": limits.MAX_SNAPSHOTS_PER_PAGE + 1}),
+    "cursor not an id": (ListSnapshots, {"after_id": "latest"}),
+    "cursor time not a number": (ListSnapshots, {"after_time": "now", "after_id": S1}),
+    "cursor time huge": (ListSnapshots, {"after_time": 10**300, "after_id": S1}),
+}
+
+
+def summary_with(**fields) -> dict:
+    return {**SUMMARY.to_wire(), **fields}
+
+
+OVER_LONG_SUMMARIES = {
+    "host": summary_with(host="h" * (limits.MAX_HOST_LENGTH + 1)),
+    "host with control characters": summary_with(host="laptop\x1b[2J"),
+    "path": summary_with(paths=["/" * (limits.MAX_PATH_LENGTH + 1)]),
+    "paths": summary_with(paths=["/p"] * (limits.MAX_SNAPSHOT_PATHS + 1)),
+    "paths together": summary_with(paths=["/" * limits.MAX_PATH_LENGTH] * (
+        limits.MAX_SNAPSHOT_TEXT // limits.MAX_PATH_LENGTH + 1)),
+    "tag": summary_with(tags=["t" * (limits.MAX_TAG_LENGTH + 1)]),
+    "tags": summary_with(tags=["t"] * (limits.MAX_TAGS + 1)),
+    "parent not an id": summary_with(parent="x"),
+    "time not finite": summary_with(time=1e400),
+    "count beyond 64 bits": summary_with(files=2**63),
+}
+
+
+def test_over_long_or_unprintable_fields_are_decode_errors(subtests):
+    for case, (cls, fields) in OVER_LONG.items():
+        with subtests.test(msg=case), pytest.raises(DecodeError):
+            decode(frame(cls.TYPE_CODE, json.dumps(fields).encode()))
+    for case, summary in OVER_LONG_SUMMARIES.items():
+        with subtests.test(msg=f"summary {case}"), pytest.raises(DecodeError):
+            decode(frame(SnapshotCommitted.TYPE_CODE, json.dumps({"snapshot": summary}).encode()))
+
+
+def test_fields_at_their_bounds_are_accepted(subtests):
+    at_bounds = [
+        RegisterServer(address=ADDRESS, free_bytes=limits.MAX_COUNT),
+        StoreChunk(chunk_id=H1, checksum=H1, forward_to=[ADDRESS] * (limits.MAX_REPLICAS - 1)),
+        HasChunks(chunk_ids=[H1] * limits.MAX_IDS),
+        Locations(holders={H1: [ADDRESS] * limits.MAX_REPLICAS}),
+        SnapshotCommitted(snapshot=SnapshotSummary(
+            S1, -1.5, "h" * limits.MAX_HOST_LENGTH,
+            ["/" * limits.MAX_PATH_LENGTH] * (limits.MAX_SNAPSHOT_TEXT // limits.MAX_PATH_LENGTH - 1),
+            T1, tags=["t" * limits.MAX_TAG_LENGTH] * 3)),
+        ListSnapshots(after_time=1700000000.123456, after_id=S1, limit=1),
+    ]
+    for msg in at_bounds:
+        with subtests.test(msg=type(msg).__name__):
+            assert decode(encode_frame(msg)) == msg
+
+
+def test_json_constants_and_overflowing_numbers_are_decode_errors(subtests):
+    for number in (b"NaN", b"Infinity", b"-Infinity", b"1e400"):
+        with subtests.test(number=number), pytest.raises(DecodeError):
+            decode(frame(Heartbeat.TYPE_CODE, b'{"free_bytes":' + number + b"}"))
+
+
+def test_senders_cannot_build_an_over_long_field():
+    with pytest.raises(ValueError):
+        RegisterServer(address=ADDRESS + "x")
+    with pytest.raises(ValueError):
+        HasChunks(chunk_ids=[H1] * (limits.MAX_IDS + 1))
+
+
+def test_an_error_reason_is_cut_not_refused():
+    # A long reason (about a long value) must still reach the user, not fail the reply.
+    reply = ErrorReply(code="bad-request", reason="x" * 100_000 + "\udcff")
+    assert len(reply.reason) == limits.MAX_REASON_LENGTH
+    assert decode(encode_frame(reply)) == reply
+    assert ErrorReply(reason="broken name \udcff").reason == "broken name \\udcff"
+
+
+def test_a_decode_error_does_not_repeat_a_huge_value(subtests):
+    # Attack 13: an 8 MiB id was logged in full with the frame's rejection.
+    huge = "z" * (8 * 1024 * 1024)
+    frames = {
+        "chunk id": frame(StoreChunk.TYPE_CODE, json.dumps({"chunk_id": huge}).encode()),
+        "id in a list": frame(ChunkInventory.TYPE_CODE,
+                              json.dumps({"snapshots": [huge[:3_000_000]]}).encode()),
+        "field name": frame(StoreChunk.TYPE_CODE, json.dumps({huge: 1}).encode()),
+        "kind": frame(StoreChunk.TYPE_CODE, json.dumps({"chunk_id": H1, "checksum": H1,
+                                                        "kind": huge}).encode()),
+        "wrong type": frame(StoreChunk.TYPE_CODE, json.dumps({"chunk_id": H1, "checksum": H1,
+                                                              "forward_to": huge}).encode()),
+    }
+    for case, data in frames.items():
+        with subtests.test(msg=case), pytest.raises(DecodeError) as caught:
+            decode(data)
+        assert len(str(caught.value)) < 600
+
+
+def test_shorten_cuts_and_escapes():
+    assert limits.shorten("short") == "short"
+    cut = limits.shorten("x" * 10_000)
+    assert cut.startswith("x" * 200) and len(cut) < 250 and "10000 characters" in cut
+    assert limits.shorten("two\nlines\x1b[2J") == "two\\nlines\\x1b[2J"
+    assert limits.shorten(b"\x00" * 10**6, limit=20) == "b'\\x00\\x00\\x00\\x00\\x... (1000000 items)"
+
+
+# --- frame limits per message type -------------------------------------------------------
+
+
+def test_every_message_type_has_its_own_frame_limit():
+    assert set(FRAME_LIMITS) == set(MESSAGE_TYPES.values())
+    for code, cls in MESSAGE_TYPES.items():
+        assert max_frame_size(code) == max_frame_size(cls) == FRAME_LIMITS[cls]
+        assert frame_limit(code.to_bytes(TYPE_CODE_SIZE, "big")) == FRAME_LIMITS[cls]
+        assert FRAME_LIMITS[cls] <= MAX_FRAME_SIZE
+    assert max_frame_size(Hello) <= 1024
+    assert max_frame_size(FetchChunk) <= 64 * 1024
+    assert max_frame_size(StoreChunks) == MAX_FRAME_SIZE
+    assert frame_limit(b"\xff\xff") == HEAD.size  # an unknown type: nothing to wait for
+
+
+def padded(cls, length: int) -> bytes:
+    """A frame of ``cls`` of ``length`` bytes: its default fields, and blanks."""
+    return frame(cls.TYPE_CODE, b"{" + b" " * (length - HEAD.size - 2) + b"}")
+
+
+def test_a_frame_over_its_types_limit_is_a_decode_error(subtests):
+    for cls in (Ack, ListSnapshots, StatusRequest, SyncNotices):
+        with subtests.test(msg=f"{cls.__name__} at its limit"):
+            assert decode(padded(cls, max_frame_size(cls))) == cls()
+    for cls in (Hello, Ack, FetchChunk, RegisterServer, ListSnapshots, Locate, SnapshotList):
+        with subtests.test(msg=f"{cls.__name__} over"), pytest.raises(DecodeError, match="exceeds"):
+            decode(padded(cls, max_frame_size(cls) + 1))
+
+
+def test_an_over_large_message_cannot_be_sent():
+    with pytest.raises(ValueError, match="exceeds its limit"):
+        encode(Hello(version=10**2000, role="client"))
+
+
+LARGEST = {
+    "a status of the most servers": ClusterStatus(servers=[
+        ServerState(WORST_ADDRESS, True, limits.MAX_COUNT,
+                    limits.MAX_COUNT, 1.7e9)] * limits.MAX_SERVERS, snapshots=limits.MAX_COUNT),
+    "an inventory page": ChunkInventory(chunks=[HeldChunk(H1, MAX_CHUNK_SIZE)] * limits.MAX_IDS,
+                                        snapshots=[S1] * limits.MAX_IDS),
+    "a largest summary": SnapshotCommitted(snapshot=SnapshotSummary(
+        S1, 1.7e9, "😀" * limits.MAX_HOST_LENGTH,
+        ["😀" * 1000] * ((limits.MAX_SNAPSHOT_TEXT - limits.MAX_HOST_LENGTH - 1000) // 1000),
+        T1, tags=["😀" * 250] * 4, parent=H3, files=limits.MAX_COUNT)),
+    "ids": HasChunks(chunk_ids=[H1] * limits.MAX_IDS),
+    "stored": ChunksStored(chunk_ids=[H1] * limits.MAX_BATCH_CHUNKS,
+                           holders=[WORST_ADDRESS] * limits.MAX_REPLICAS),
+    "a check": CheckReport(servers_checked=[WORST_ADDRESS] * limits.MAX_SERVERS,
+                           servers_unreachable=[WORST_ADDRESS] * limits.MAX_SERVERS,
+                           damaged=[S1] * limits.MAX_IDS),
+    "a placement of a full batch, 3 copies": Placement(
+        known=[H1] * limits.MAX_BATCH_CHUNKS,
+        assignments={hashing.chunk_id(str(i).encode()): [f"tcp:server-{i}.example.net:5001"] * 3
+                     for i in range(limits.MAX_BATCH_CHUNKS)}),
+    "locations of a full page, 3 copies": Locations(holders={
+        hashing.chunk_id(str(i).encode()): [f"tcp:server-{i}.example.net:5001"] * 3
+        for i in range(limits.MAX_LOCATE_IDS)}),
+}
+
+
+def test_the_largest_legal_messages_fit_their_frames(subtests):
+    for case, msg in LARGEST.items():
+        with subtests.test(msg=case):
+            data = encode_frame(msg)
+            assert len(data) <= max_frame_size(type(msg))
+            assert decode(data) == msg
+
+
+def test_a_snapshot_page_stays_within_its_frame():
+    big = SnapshotSummary(S1, 1.7e9, "h", ["/" * limits.MAX_PATH_LENGTH] * 3, T1)
+    page = SnapshotList.filled(5, [big] * 500, 400)
+    assert 1 <= len(page.snapshots) < 400 and page.more
+    assert len(encode_frame(page)) <= max_frame_size(SnapshotList)
+    small = [SUMMARY] * 10
+    assert SnapshotList.filled(5, small, 10) == SnapshotList(request_id=5, snapshots=small)
+    assert SnapshotList.filled(5, [*small, SUMMARY], 10).more
+    # One summary always goes, whatever its size: a page never comes back empty.
+    huge = SnapshotSummary(S1, 1.7e9, "h", ["😀" * limits.MAX_PATH_LENGTH] * 3, T1)
+    assert len(SnapshotList.filled(1, [huge] * 30, 1000).snapshots) >= 1
+
+
+# --- batched fetch (restore) ---
+
+SAMPLES[FetchChunks] = FetchChunks(request_id=21, chunk_ids=[H1, H2, H3])
+SAMPLES[ChunksData] = ChunksData(request_id=21, chunks=[ChunkRef(H1, 3, H1), ChunkRef(H2, 0, H2)],
+                                 missing=[H3], corrupt=[S1], payload=b"abc")
+
+
+def test_chunks_data_pieces_follow_the_sizes():
+    msg = ChunksData(chunks=[ChunkRef(H1, 3, H1), ChunkRef(H2, 2, H2)], missing=[H3],
+                     payload=b"abcde")
+    assert [(ref.chunk_id, bytes(piece)) for ref, piece in msg.pieces()] == [(H1, b"abc"), (H2, b"de")]
+    frame = encode_frame(msg)
+    assert header_of(frame)["chunks"] == [[H1, 3, H1], [H2, 2, H2]]
+    with pytest.raises(DecodeError, match="add up"):
+        decode(frame[:-1])
+
+
+@pytest.mark.parametrize(("cls", "fields"), [
+    (FetchChunks, {"chunk_ids": [H1] * (MAX_FETCH_IDS + 1)}),
+    (FetchChunks, {"chunk_ids": ["not hex"]}),
+    (ChunksData, {"missing": [H1] * (MAX_FETCH_IDS + 1)}),
+    (ChunksData, {"chunks": [[H1, 3]]}),
+    (ChunksData, {"chunks": [[H1, MAX_CHUNK_SIZE + 1, H1]]}),
+    (ChunksData, {"corrupt": "abc"}),
+], ids=["too many ids", "id not hex", "too many missing", "chunk without checksum",
+        "chunk too large", "corrupt not a list"])
+def test_bad_batched_fetches_are_refused(cls, fields):
+    with pytest.raises(DecodeError):
+        decode(frame(cls.TYPE_CODE, json.dumps(fields).encode()))

@@ -26,7 +26,7 @@ from sdbackup.protocols.messages import (
     decode,
     encode_frame,
 )
-from sdbackup.protocols.peer import MessageProtocol, RemoteError
+from sdbackup.protocols.peer import HANDSHAKE_FRAME_SIZE, MessageProtocol, RemoteError
 
 H1 = hashing.chunk_id(b"one")
 H2 = hashing.chunk_id(b"two")
@@ -105,9 +105,9 @@ def _framed(body: bytes) -> bytes:
     return pack("!I", len(body)) + body
 
 
-def greeted(handler=None, role="server"):
+def greeted(handler=None, role="server", peer="client"):
     proto, transport = connected(handler, role)
-    deliver(proto, Hello(version=PROTOCOL_VERSION, role="client"))
+    deliver(proto, Hello(version=PROTOCOL_VERSION, role=peer))
     transport.clear()
     return proto, transport
 
@@ -315,7 +315,7 @@ def test_unexpected_exception_becomes_internal_and_is_logged(logged_errors):
 
 def test_failing_notification_is_logged_without_a_reply(logged_errors):
     handler = Handler()
-    proto, transport = greeted(handler)
+    proto, transport = greeted(handler, role="manager", peer="server")
     deliver(proto, Heartbeat(request_id=0, free_bytes=0))
     assert sent(transport) == []
     assert len(logged_errors.flush(ValueError)) == 1
@@ -326,7 +326,7 @@ def test_failing_notification_is_logged_without_a_reply(logged_errors):
 
 def test_refused_notification_is_not_logged_as_an_error():
     handler = Handler()
-    proto, transport = greeted(handler)
+    proto, transport = greeted(handler, role="manager", peer="server")
     deliver(proto, Heartbeat(request_id=0, free_bytes=1))
     assert sent(transport) == []
     assert len(handler.received) == 1
@@ -443,3 +443,159 @@ def test_a_request_unanswered_in_time_fails_and_a_late_answer_is_dropped():
     [second] = sent(transport)
     deliver(proto, ChunkData(request_id=second.request_id, chunk_id=H1, checksum=H1, payload=b"y"))
     assert success(later).payload == b"y"
+
+
+# --- authorisation ------------------------------------------------------------------
+
+
+def test_every_request_and_notice_has_its_senders_in_the_table():
+    from sdbackup.protocols.authority import SENDERS
+    from sdbackup.protocols.messages import MESSAGE_TYPES
+
+    requests = {cls.__name__ for cls in MESSAGE_TYPES.values() if not cls.IS_REPLY} - {"Hello"}
+    assert requests - set(SENDERS) == set()
+    assert {name.split()[0] for name in SENDERS} <= requests
+
+
+def test_a_message_from_a_role_not_allowed_is_forbidden_and_the_connection_serves_on():
+    handler = Handler()
+    proto, transport = greeted(handler, role="manager", peer="client")
+    deliver(proto, Heartbeat(request_id=9, free_bytes=10))
+    [reply] = sent(transport)
+    assert (reply.request_id, reply.code) == (9, "forbidden")
+    assert "a client may not send Heartbeat" in reply.reason
+    assert handler.received == []
+    deliver(proto, FetchChunk(request_id=10, chunk_id=H1))
+    assert [type(m) for m in sent(transport)] == [ChunkData]
+    assert not transport.disconnecting
+
+
+def test_a_forbidden_notice_is_dropped_without_a_reply():
+    handler = Handler()
+    proto, transport = greeted(handler, role="manager", peer="client")
+    deliver(proto, Heartbeat(request_id=0, free_bytes=10))
+    assert sent(transport) == []
+    assert handler.received == []
+
+
+def test_check_read_data_needs_an_admin_under_tls():
+    from sdbackup.protocols import authority
+    from sdbackup.protocols.messages import CheckRequest
+
+    costly = CheckRequest(request_id=1, read_data=True)
+    assert authority.refusal("client", CheckRequest(request_id=1), authenticated=True) is None
+    assert "only admin" in authority.refusal("client", costly, authenticated=True)
+    assert authority.refusal("admin", costly, authenticated=True) is None
+    # Without TLS there are no identities: a local client is trusted as an admin.
+    assert authority.refusal("client", costly, authenticated=False) is None
+
+
+def test_only_the_manager_orders_replication_and_verification():
+    from sdbackup.protocols import authority
+    from sdbackup.protocols.messages import ReplicateChunk, SyncNotices, VerifyChunks
+
+    for msg in (ReplicateChunk(chunk_id=H1, forward_to=["tcp:localhost:1"]), VerifyChunks(),
+                SyncNotices()):
+        assert authority.refusal("manager", msg, authenticated=True) is None
+        for role in ("client", "admin", "server"):
+            assert authority.refusal(role, msg, authenticated=True) is not None
+
+
+# --- refusing a peer -------------------------------------------------------------------
+
+
+def test_a_peer_of_a_role_not_expected_is_told_why_and_closed():
+    proto = MessageProtocol(Handler(), "client", expect=("manager",))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    transport.clear()
+    deliver(proto, Hello(version=PROTOCOL_VERSION, role="server"))
+    [refusal] = sent(transport)
+    assert (refusal.request_id, refusal.code) == (0, "forbidden")
+    assert "a manager was expected here, not a server" in refusal.reason
+    assert transport.disconnecting
+    assert not proto.ready.called
+
+
+def test_a_refusal_from_the_peer_fails_every_request_with_its_reason():
+    proto, transport = greeted(role="client", peer="manager")
+    pending = proto.request(ListSnapshots())
+    deliver(proto, ErrorReply(request_id=0, code="forbidden", reason="the manager refused this "
+                              "connection: its certificate is a client's, but it said it is a server"))
+    assert transport.disconnecting
+    proto.connectionLost(Failure(ConnectionDone()))
+    error = failure(pending).value
+    assert isinstance(error, RemoteError)
+    assert error.code == "forbidden"
+    assert "its certificate is a client's" in error.reason
+    assert failure(proto.request(ListSnapshots())).value is error
+
+
+# --- hostile connections ---------------------------------------------------------------
+
+
+def test_only_small_frames_are_read_before_the_hello():
+    proto, transport = connected()
+    proto.dataReceived(pack("!I", 16 * 1024 * 1024))  # announces 16 MiB, sends nothing more
+    assert transport.disconnected
+
+
+def test_large_frames_are_read_once_the_hello_is_accepted():
+    proto, transport = greeted(role="client", peer="server")
+    d = proto.request(FetchChunk(chunk_id=H1))
+    [request] = sent(transport)
+    deliver(proto, ErrorReply(request_id=request.request_id, code="chunk-missing", reason="x" * 5000))
+    error = failure(d).value
+    assert error.code == "chunk-missing"
+    assert len(error.reason) > HANDSHAKE_FRAME_SIZE
+    assert not transport.disconnecting
+
+
+def test_no_handshake_within_the_timeout_closes_the_connection():
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    proto = MessageProtocol(Handler(), "server", clock=clock, handshake_timeout=30)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    clock.advance(29)
+    assert not transport.disconnected
+    clock.advance(1)
+    assert transport.disconnected
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_handshake_in_time_cancels_the_timeout():
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    proto = MessageProtocol(Handler(), "server", clock=clock, handshake_timeout=30)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    clock.advance(10)
+    deliver(proto, Hello(version=PROTOCOL_VERSION, role="client"))
+    clock.advance(60)
+    assert not transport.disconnecting
+
+
+def test_an_idle_connection_is_closed_but_not_one_with_work_in_flight():
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    handler = Handler()
+    proto = MessageProtocol(handler, "server", clock=clock, idle_timeout=100)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    deliver(proto, Hello(version=PROTOCOL_VERSION, role="client"))
+    deliver(proto, CommitSnapshot(request_id=3, snapshot_id=SNAPSHOT))  # still being handled
+    clock.advance(250)
+    assert not transport.disconnecting
+    handler.later[3].callback(SnapshotCommitted(request_id=3, snapshot=SUMMARY))
+    sent(transport)
+    clock.advance(99)
+    assert not transport.disconnecting
+    clock.advance(2)
+    assert transport.disconnecting
+    [notice] = sent(transport)  # the peer learns it may connect again
+    assert (notice.request_id, notice.code) == (0, "idle")

@@ -1,0 +1,186 @@
+"""Transport rules: loopback only without TLS, refused at start; connection limits; TLS roles.
+
+In-process, with real sockets on 127.0.0.1 and real certificates.
+"""
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.python import usage
+
+from sdbackup import manager_tap, pki, server_tap
+from sdbackup.localcluster import make_certificates
+from sdbackup.protocols.peer import MessageProtocol, RemoteError
+from sdbackup.services.manager import ManagerService
+from sdbackup.tlsconfig import AddressRefused, Transport, load_identity
+
+
+def test_a_listen_without_interface_binds_loopback_without_tls():
+    assert Transport().listen_description("tcp:5000") == "tcp:5000:interface=127.0.0.1"
+    ipv6 = r"tcp:0:interface=\:\:1"
+    assert Transport().listen_description(ipv6) == ipv6
+
+
+@pytest.mark.parametrize("listen", ["tcp:0:interface=0.0.0.0", "tcp:5000:interface=192.0.2.7"])
+def test_a_non_loopback_listen_without_tls_is_refused_at_start(tmp_path, listen):
+    with pytest.raises(AddressRefused, match=r"refusing to listen on .* without TLS"):
+        ManagerService(listen, str(tmp_path / "m"), reactor=reactor)
+    with pytest.raises(usage.UsageError, match="--insecure"):
+        manager_tap.Options().parseOptions(["--listen", listen, "--data", str(tmp_path / "m")])
+
+
+def test_insecure_allows_it_and_says_so():
+    transport = Transport(insecure=True)
+    assert transport.listen_description("tcp:5000:interface=0.0.0.0") == "tcp:5000:interface=0.0.0.0"
+    assert transport.listen_description("tcp:5000") == "tcp:5000"
+    transport.check_connect("tcp:backup.example:5000")
+    assert "anyone who can reach the ports" in transport.warnings()[0]
+
+
+@pytest.mark.parametrize("option", ["--manager", "--advertise"])
+def test_a_server_refuses_a_non_loopback_manager_or_advertised_address_without_tls(tmp_path, option):
+    with pytest.raises(usage.UsageError, match="without TLS"):
+        server_tap.Options().parseOptions(["--listen", "tcp:0", "--data", str(tmp_path / "d"),
+                                           option, "tcp:backup.example:5000"])
+
+
+def test_connections_go_to_loopback_only_without_tls():
+    Transport().check_connect("tcp:localhost:5000")
+    Transport().check_connect("tcp:127.0.0.2:5000")
+    with pytest.raises(AddressRefused, match="only loopback addresses"):
+        Transport().check_connect("tcp:backup.example:5000")
+    with pytest.raises(AddressRefused, match="only tcp: endpoints"):
+        Transport().check_connect("unix:/run/some.sock")
+
+
+def test_tls_allows_any_address(tmp_path):
+    make_certificates(str(tmp_path))
+    tls = load_identity(str(tmp_path / "ca.crt"), str(tmp_path / "manager.crt"),
+                        str(tmp_path / "manager.key"))
+    transport = Transport(tls=tls)
+    assert transport.listen_description("tcp:5000") == "tcp:5000"
+    transport.check_connect("tcp:backup.example:5000")
+
+
+def test_the_taps_want_a_certificate_of_their_role(tmp_path):
+    make_certificates(str(tmp_path))
+    options = ["--listen", "tcp:0", "--data", str(tmp_path / "m"), "--tls-ca", str(tmp_path / "ca.crt"),
+               "--tls-cert", str(tmp_path / "server.crt"), "--tls-key", str(tmp_path / "server.key")]
+    with pytest.raises(usage.UsageError, match="a manager needs one issued with --role manager"):
+        manager_tap.Options().parseOptions(options)
+    with pytest.raises(usage.UsageError, match="all of --tls-ca, --tls-cert and --tls-key"):
+        manager_tap.Options().parseOptions(options[:6])
+
+
+class Silent(Protocol):
+    def __init__(self):
+        self.lost = defer.Deferred()
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_beyond_the_per_host_limit_are_closed(tmp_path):
+    manager = ManagerService("tcp:0:interface=127.0.0.1", str(tmp_path / "m"), reactor=reactor,
+                             transport=Transport(max_connections_per_host=2))
+    manager.startService()
+    try:
+        port = (await manager.when_listening()).getHost().port
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        kept = [await connectProtocol(endpoint, Silent()) for _ in range(2)]
+        refused = await connectProtocol(endpoint, Silent())
+        await refused.lost  # closed at once
+        await task.deferLater(reactor, 0.2)
+        assert not any(p.lost.called for p in kept)
+        for p in kept:
+            p.transport.loseConnection()
+            await p.lost
+        again = await connectProtocol(endpoint, Silent())  # room again once they are gone
+        await task.deferLater(reactor, 0.2)
+        assert not again.lost.called
+        again.transport.loseConnection()
+        await again.lost
+    finally:
+        await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_connection_is_closed_at_the_handshake_timeout(tmp_path):
+    manager = ManagerService("tcp:0:interface=127.0.0.1", str(tmp_path / "m"), reactor=reactor,
+                             transport=Transport(handshake_timeout=0.3))
+    manager.startService()
+    try:
+        port = (await manager.when_listening()).getHost().port
+        silent = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Silent())
+        started = reactor.seconds()
+        await silent.lost
+        assert reactor.seconds() - started < 5
+    finally:
+        await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_under_tls_the_role_is_the_certificates(tmp_path):
+    make_certificates(str(tmp_path))
+
+    def transport(name):
+        return Transport(tls=load_identity(str(tmp_path / "ca.crt"), str(tmp_path / f"{name}.crt"),
+                                           str(tmp_path / f"{name}.key")))
+
+    manager = ManagerService("tcp:0:interface=127.0.0.1", str(tmp_path / "m"), reactor=reactor,
+                             transport=transport("manager"))
+    manager.startService()
+    try:
+        port = (await manager.when_listening()).getHost().port
+        address = f"tcp:127.0.0.1:{port}"
+        for name, hello, role in [("admin", "client", "admin"), ("server", "server", "server")]:
+            proto = MessageProtocol(None, hello, tls=True, expect=("manager",), clock=reactor)
+            await connectProtocol(transport(name).client_endpoint(reactor, address, 5), proto)
+            await proto.ready
+            await task.deferLater(reactor, 0.1)
+            [accepted] = [c for c in manager.manager.connections if c.peer_name == name]
+            assert accepted.peer_role == role
+            assert accepted.peer_identity == pki.fingerprint(
+                pki.load_certificate((tmp_path / f"{name}.crt").read_bytes()))
+            proto.transport.loseConnection()
+            await task.deferLater(reactor, 0.1)
+        proto = MessageProtocol(None, "manager", tls=True, expect=("manager",), clock=reactor)
+        await connectProtocol(transport("client").client_endpoint(reactor, address, 5), proto)
+        await proto.ready
+        with pytest.raises(RemoteError, match="its certificate is a client's, but it said it is a "
+                                              "manager"):
+            await proto.request(manager_status(), 5, reactor)
+    finally:
+        await manager.stopService()
+
+
+def manager_status():
+    from sdbackup.protocols.messages import StatusRequest
+
+    return StatusRequest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_whose_idle_link_was_closed_connects_again(tmp_path):
+    from sdbackup.client.session import Session
+    from sdbackup.protocols.messages import StatusRequest
+
+    manager = ManagerService("tcp:0:interface=127.0.0.1", str(tmp_path / "m"), reactor=reactor,
+                             transport=Transport(idle_timeout=0.2))
+    manager.startService()
+    try:
+        port = (await manager.when_listening()).getHost().port
+        session = await Session(reactor, f"tcp:127.0.0.1:{port}").connect()
+        first = session.manager
+        await task.deferLater(reactor, 0.6)
+        assert first.closed  # the manager closed it, and said why
+        assert first.refusal.code == "idle"
+        status = await session.ask(StatusRequest())
+        assert status.state == "starting"
+        assert session.manager is not first
+        await session.close()
+    finally:
+        await manager.stopService()
