@@ -31,7 +31,7 @@ from typing import BinaryIO
 import blake3
 from fastcdc import fastcdc
 
-from sdbackup.client.walk import open_at
+from sdbackup.client.walk import open_at, read_xattrs
 
 MIN_SIZE = 256 * 1024
 AVG_SIZE = 1024 * 1024
@@ -110,15 +110,18 @@ def changed_since(st: os.stat_result, after: os.stat_result, size_read: int) -> 
 
 
 class FileRead:
-    """A file's chunks ``[(chunk id, bytes)]``, whole-file hash and size, as read."""
+    """A file's chunks ``[(chunk id, bytes)]``, whole-file hash and size, as read, and its
+    extended attributes (read through the open file: the walk leaves a file's to its read)."""
 
-    __slots__ = ("changed", "chunks", "hash", "size")
+    __slots__ = ("changed", "chunks", "hash", "size", "xattrs")
 
-    def __init__(self, chunks: list, file_hash: bytes, size: int, changed: bool):
+    def __init__(self, chunks: list, file_hash: bytes, size: int, changed: bool,
+                 xattrs: tuple = ()):
         self.chunks = chunks
         self.hash = file_hash
         self.size = size
         self.changed = changed
+        self.xattrs = xattrs
 
 
 def hash_chunks(pieces) -> list[tuple[bytes, bytes]]:
@@ -141,6 +144,7 @@ def read_small_files(files: list[tuple[int, bytes, os.stat_result]]) -> list:
 def _read_small_file(dir_fd: int, name: bytes, st: os.stat_result) -> FileRead:
     fd = open_file(dir_fd, name)
     try:
+        xattrs = read_xattrs(fd, True)
         parts, total, want = [], 0, st.st_size + 1
         while total < SMALL_READ_LIMIT:
             part = os.read(fd, min(want, SMALL_READ_LIMIT - total))
@@ -161,7 +165,7 @@ def _read_small_file(dir_fd: int, name: bytes, st: os.stat_result) -> FileRead:
         file_hash = chunks[0][0]  # the whole file is the one chunk: hashed once
     else:
         file_hash = blake3.blake3(data).digest() if chunks else EMPTY_HASH
-    return FileRead(chunks, file_hash, total, changed_since(st, after, total))
+    return FileRead(chunks, file_hash, total, changed_since(st, after, total), xattrs)
 
 
 class FileReader:
@@ -181,9 +185,11 @@ class FileReader:
         self._fd = -1
         self._tail = memoryview(b"")  # the unfinished chunk at the end of the last read
         self._done = False
+        self._xattrs: tuple = ()
 
     def open(self):
         self._fd = open_file(self.dir_fd, self.name)
+        self._xattrs = read_xattrs(self._fd, True)
 
     def next_chunks(self) -> list[tuple[bytes, memoryview]]:
         """The next chunks ``[(id, bytes)]``; ``[]`` at the end of the file."""
@@ -207,7 +213,7 @@ class FileReader:
     def finish(self) -> FileRead:
         """The whole file's hash and size (no chunks: they were handed out already)."""
         changed = changed_since(self.st, os.fstat(self._fd), self.size)
-        return FileRead([], self._hasher.digest(), self.size, changed)
+        return FileRead([], self._hasher.digest(), self.size, changed, self._xattrs)
 
     def close(self):
         if self._fd >= 0:

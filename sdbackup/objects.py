@@ -21,6 +21,7 @@ Names, link targets and extended attributes are bytes: a Linux name is any
 bytes but ``/`` and NUL, and comes back exactly.
 """
 
+import operator
 import struct
 from collections.abc import Iterable
 
@@ -216,21 +217,20 @@ _NODE_KEYS = {
     "content_lists": "C", "hash": "h", "subtree": "st",
 }
 _NODE_FIELDS = {key: name for name, key in _NODE_KEYS.items()}
-_NODE_DEFAULTS = {
-    _NODE_KEYS[a.name]: a.default for a in attrs.fields(Node)
-    if a.default is not attrs.NOTHING
-}
-_NODE_DEFAULTS["x"] = []
-_NODE_DEFAULTS["c"] = []
-_NODE_DEFAULTS["C"] = []
+
+
+#: ``(wire key, default)`` of every Node field in wire-key order, and a getter of the fields'
+#: values in that order: a node's map is built in one pass (msgpack packs tuples as arrays,
+#: so the tuple fields go as they are).
+_NODE_ORDER = tuple(sorted((key, name) for name, key in _NODE_KEYS.items()))
+_NODE_SPEC = tuple((key, attrs.fields_dict(Node)[name].default) for key, name in _NODE_ORDER)
+_node_values = operator.attrgetter(*(name for _, name in _NODE_ORDER))
 
 
 def _node_to_map(node: Node) -> dict:
-    fields = {_NODE_KEYS[a.name]: getattr(node, a.name) for a in attrs.fields(Node)}
-    fields["x"] = [list(pair) for pair in node.xattrs]
-    fields["c"] = list(node.content)
-    fields["C"] = list(node.content_lists)
-    return _canonical_map(fields, _NODE_DEFAULTS)
+    """A node's canonical map: wire keys in order, defaults left out."""
+    return {key: value for (key, default), value in zip(_NODE_SPEC, _node_values(node), strict=True)
+            if value != default}
 
 
 def _node_from_map(value) -> Node:
@@ -250,6 +250,32 @@ def _node_from_map(value) -> Node:
         return Node(**fields)
     except (TypeError, ValueError) as e:
         raise ObjectFormatError(f"bad node: {e}") from None
+
+
+#: How a trusted node's fields are set: the slot setter of each field (bypassing the frozen
+#: class's validators), its wire key, default, and whether it holds a list to make a tuple.
+_TUPLES = {"xattrs", "content", "content_lists"}
+_NODE_SLOTS = tuple((Node.__dict__[a.name].__set__, _NODE_KEYS[a.name], a.default,
+                     a.name in _TUPLES) for a in attrs.fields(Node))
+_NODE_WIRE_KEYS = frozenset(_NODE_FIELDS)
+
+
+def _trusted_node_from_map(value) -> Node:
+    """A Node from a map of a tree whose bytes matched its id, without the per-field
+    validators (about half the cost of a decode). Only for nodes compared with the file
+    system, never used to touch it; a restore decodes with every check."""
+    if not isinstance(value, dict) or not value.keys() <= _NODE_WIRE_KEYS:
+        raise ObjectFormatError("a node is a map of known fields")
+    node = object.__new__(Node)
+    get = value.get
+    for set_slot, key, default, listed in _NODE_SLOTS:
+        item = get(key, default)
+        if listed and item:
+            item = tuple(tuple(p) if isinstance(p, list) else p for p in item)
+        set_slot(node, item)
+    if type(node.name) is not bytes or node.type not in NODE_TYPES:
+        raise ObjectFormatError("a node has a name (bytes) and a type")
+    return node
 
 
 @frozen
@@ -288,16 +314,22 @@ def encode_tree(tree: Tree) -> bytes:
     return seal(Kind.TREE, tree_refs, data_refs, body)
 
 
-def decode_tree(data: bytes) -> Tree:
+def decode_tree(data: bytes, trusted: bool = False) -> Tree:
+    """The tree in ``data``. ``trusted``: ``data`` was checked against its id, and its nodes
+    are only compared with the file system, never used to touch it (a backup's parent trees):
+    the nodes are built without their per-field validators. The structure is checked all the
+    same: known fields, names in order, refs matching the nodes."""
     envelope = open_envelope(data, Kind.TREE)
     items = _unpack(envelope.body, "tree")
     if not isinstance(items, list):
         raise ObjectFormatError("a tree body is a list of nodes")
+    make = _trusted_node_from_map if trusted else _node_from_map
     try:
-        tree = Tree(tuple(_node_from_map(item) for item in items))
-    except ValueError as e:
+        tree = Tree(tuple(make(item) for item in items))
+        refs = ({r for n in tree.nodes for r in n.tree_refs()},
+                {r for n in tree.nodes for r in n.data_refs()})
+    except (TypeError, ValueError) as e:  # TypeError: a trusted node's field of another type
         raise ObjectFormatError(str(e)) from None
-    refs = {r for n in tree.nodes for r in n.tree_refs()}, {r for n in tree.nodes for r in n.data_refs()}
     if refs != (set(envelope.tree_refs), set(envelope.data_refs)):
         raise ObjectFormatError("a tree's refs do not match its nodes")
     return tree

@@ -20,12 +20,14 @@ import attrs
 from twisted.logger import Logger
 
 from sdbackup import hashing, objects
-from sdbackup.client.archiver import Archiver, ParentTrees
+from sdbackup.client.archiver import Archiver
+from sdbackup.client.parenttrees import ParentTrees
 from sdbackup.client.progress import Progress
 from sdbackup.client.repository import Repository
-from sdbackup.client.session import Session
+from sdbackup.client.session import ClientError, Session
 from sdbackup.client.uploader import HeldCheck, Signal, Uploader
 from sdbackup.client.walk import Report, Walker, plan
+from sdbackup.limits import snapshot_problem
 from sdbackup.names import escape
 from sdbackup.objects import Kind
 from sdbackup.protocols.messages import CommitSnapshot, SnapshotSummary
@@ -67,6 +69,9 @@ class Backup:
         started = time.time_ns()
         trim = tune_malloc()
         walk_plan = plan(self.paths)
+        problem = snapshot_problem(self.host, [escape(p) for p in walk_plan.paths], list(self.tags))
+        if problem:  # the manager would refuse the snapshot: say so before storing anything
+            raise ClientError(f"cannot back up: the snapshot's {problem}")
         repository = Repository(self.session)
         parent = None if self.force else await self._parent(repository, walk_plan.paths)
         parent_root, parents = b"", None

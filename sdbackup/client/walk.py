@@ -27,6 +27,7 @@ import os
 import posixpath
 import pwd
 import stat
+from concurrent.futures import ThreadPoolExecutor
 
 import attrs
 
@@ -34,6 +35,11 @@ from sdbackup.client.session import ClientError
 from sdbackup.names import escape
 from sdbackup.paths import UnsafePath, snapshot_path
 
+#: Names of a folder looked at (lstat) ahead of the walk, in slices of STAT_SLICE names
+#: spread over STAT_THREADS threads.
+STAT_AHEAD = 512
+STAT_SLICE = 32
+STAT_THREADS = 4
 #: Events one ``next_events`` call returns at most, and folders it opens at most.
 WALK_EVENTS = 2000
 WALK_FOLDERS = 64
@@ -253,9 +259,10 @@ def plan(paths: list[str], cwd: str | None = None) -> Plan:
 
 
 class _Frame:
-    """A folder being walked: the names still to look at."""
+    """A folder being walked: the names still to look at, and the next ones' lstat results
+    (or the OSError of each), looked at ahead."""
 
-    __slots__ = ("folder", "index", "names", "plan", "snapshot_folder")
+    __slots__ = ("folder", "index", "names", "plan", "snapshot_folder", "stats")
 
     def __init__(self, folder, names, plan=None, snapshot_folder=True):
         self.folder = folder
@@ -263,6 +270,17 @@ class _Frame:
         self.index = 0
         self.plan = plan
         self.snapshot_folder = snapshot_folder
+        self.stats: dict = {}
+
+
+def _lstat_all(dir_fd: int, names: list) -> list:
+    found = []
+    for name in names:
+        try:
+            found.append(os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
+        except OSError as e:
+            found.append(e)
+    return found
 
 
 class Walker:
@@ -276,6 +294,7 @@ class Walker:
         self._started = False
         #: Folders opened and not closed yet: ``close`` closes them after a failure.
         self._open: set[Folder] = set()
+        self._stat_pool: ThreadPoolExecutor | None = None
 
     def next_events(self) -> list:
         """The next events, in order; ``[]`` once the walk is over."""
@@ -297,7 +316,7 @@ class Walker:
             if frame.plan is not None:
                 opened += self._visit_planned(frame, name, events)
             else:
-                opened += self._visit(frame.folder, name, events)
+                opened += self._visit(frame.folder, name, events, self._lstat(frame, name))
         return events
 
     def close(self):
@@ -305,15 +324,39 @@ class Walker:
         for folder in list(self._open):
             folder.close()
         self._stack.clear()
+        if self._stat_pool is not None:
+            self._stat_pool.shutdown()
+            self._stat_pool = None
+
+    def _lstat(self, frame: _Frame, name: bytes):
+        """``name``'s lstat result (or OSError), the next ``STAT_AHEAD`` names of its folder
+        looked at together in ``STAT_THREADS`` threads: with the inodes not in memory, the
+        disk is asked for several at once rather than one after the other (measured on
+        50,000 files, cold: the lstat calls were half of the walk's time)."""
+        found = frame.stats.pop(name, None)
+        if found is not None:
+            return found
+        start = frame.index - 1
+        ahead = frame.names[start : start + STAT_AHEAD]
+        if len(ahead) < 2 * STAT_SLICE:
+            return _lstat_all(frame.folder.fd, [name])[0]
+        if self._stat_pool is None:
+            self._stat_pool = ThreadPoolExecutor(STAT_THREADS, "sdbackup-lstat")
+        slices = [ahead[i : i + STAT_SLICE] for i in range(0, len(ahead), STAT_SLICE)]
+        fd = frame.folder.fd
+        results = self._stat_pool.map(lambda names: _lstat_all(fd, names), slices)
+        frame.stats = dict(zip(ahead, (r for part in results for r in part), strict=True))
+        return frame.stats.pop(name)
 
     # --- one entry ---------------------------------------------------------------
 
-    def _visit(self, folder: Folder, name: bytes, events: list) -> int:
-        """Look at ``name`` in ``folder``; the number of folders opened (0 or 1)."""
-        try:
-            st = os.stat(name, dir_fd=folder.fd, follow_symlinks=False)
-        except OSError as e:
-            self.report.warn(f"cannot read {escape(posixpath.join(folder.path, name))}: {e.strerror}")
+    def _visit(self, folder: Folder, name: bytes, events: list, st=None) -> int:
+        """Look at ``name`` in ``folder`` (``st``: its lstat result or OSError, if known); the
+        number of folders opened (0 or 1)."""
+        if st is None:
+            st = _lstat_all(folder.fd, [name])[0]
+        if isinstance(st, OSError):
+            self.report.warn(f"cannot read {escape(posixpath.join(folder.path, name))}: {st.strerror}")
             return 0
         entry = self._entry(folder, name, st)
         if entry is None:
@@ -396,7 +439,9 @@ class Walker:
         try:
             if kind == "symlink":
                 fields["target"] = os.readlink(name, dir_fd=folder.fd)
-            xattrs = read_xattrs(xattrs_of or b"/proc/self/fd/%d/%s" % (folder.fd, name), follow)
+            # A regular file's are read with its content, or taken from the parent snapshot.
+            xattrs = () if kind == "file" else read_xattrs(
+                xattrs_of or b"/proc/self/fd/%d/%s" % (folder.fd, name), follow)
         except OSError as e:
             self.report.warn(f"cannot read {escape(posixpath.join(folder.path, name))}: {e.strerror}")
             return None
@@ -405,11 +450,12 @@ class Walker:
         return Entry(name, kind, st, fields, folder)
 
 
-def read_xattrs(path: bytes, follow: bool = False) -> tuple:
+def read_xattrs(path: bytes | int, follow: bool = False) -> tuple:
     """Every extended attribute we may read, ``((name, value), ...)`` sorted by name.
 
     ``/proc/self/fd/<folder>/<name>`` reaches an entry through its folder's
     descriptor (whatever the depth), without following the entry if it is a link.
+    ``path`` may be an open file's descriptor (then ``follow`` must be True).
     """
     try:
         names = os.listxattr(path, follow_symlinks=follow)

@@ -169,33 +169,39 @@ class ChunkStore:
                 objects.open_envelope(payload, kind)
             except objects.ObjectFormatError as e:
                 raise BadObject(f"{kind} object {chunk_id[:16]} is not valid: {e}") from None
+        # Ids are plain hashes of the bytes: a chunk stored under another id would be taken
+        # by later backups for data it is not.
+        if chunk_id != (actual if kind == Kind.DATA else hashing.object_id(kind, payload)):
+            raise InvalidChunkId(f"{kind} {chunk_id[:16]}: the id is not the hash of the bytes")
 
     def _write_all(self, kind: str, chunks: list[tuple[str, str, bytes]]) -> list[tuple[str, int]]:
         """Each chunk written to ``incoming/``, the lot made durable, each renamed into place,
-        and each folder touched fsynced: a crash at any point leaves no chunk or a whole one.
+        and the renames made durable: a crash at any point leaves no chunk or a whole one.
 
-        A pack of many small chunks is made durable with one ``syncfs`` rather than one
-        fsync each (measured here: 0.7 against 4.6 ms a chunk with the disk busy).
+        A pack of many small chunks is made durable with one ``syncfs`` before the renames and
+        one after, rather than one fsync per chunk and one per folder touched (a pack's chunks
+        land in as many folders as it has chunks, nearly: measured on a 50,000-file first
+        backup, the folders' fsyncs took two thirds of each server's time).
         """
         written = []
+        each = len(chunks) < SYNC_EACH_BELOW
         try:
             for chunk_id, checksum, payload in chunks:
-                written.append((chunk_id, self._write_temp(kind, chunk_id, checksum, payload,
-                                                           len(chunks) < SYNC_EACH_BELOW),
+                written.append((chunk_id, self._write_temp(kind, chunk_id, checksum, payload, each),
                                 len(payload)))
-            if len(chunks) >= SYNC_EACH_BELOW:
+            if not each:
                 _sync_file_system(self.incoming)
         except BaseException:
             for _, temp, _ in written:
                 os.unlink(temp)
             raise
-        added, folders = [], set()
+        added, folders, made = [], set(), False
         for chunk_id, temp, size in written:
             path = self._home(kind, chunk_id)
             folder = os.path.dirname(path)
             if folder not in folders and not os.path.isdir(folder):
                 os.makedirs(folder, exist_ok=True)
-                _fsync_dir(self.chunks)
+                made = True
             with self._lock:
                 if os.path.exists(path):
                     os.unlink(temp)
@@ -204,8 +210,15 @@ class ChunkStore:
                 self._count += 1
             folders.add(folder)
             added.append((chunk_id, size))
-        for folder in folders:
-            _fsync_dir(folder)
+        if not added:
+            return added
+        if each:
+            if made:
+                _fsync_dir(self.chunks)
+            for folder in folders:
+                _fsync_dir(folder)
+        else:
+            _sync_file_system(self.chunks)
         return added
 
     def _write_temp(self, kind: str, chunk_id: str, checksum: str, payload: bytes,
@@ -256,6 +269,41 @@ class ChunkStore:
             raise ChunkMissing(f"chunk {chunk_id[:16]} is not held here") from None
         kind, checksum = self._verify(path, chunk_id, data)
         return kind, checksum, data[HEADER_SIZE:]
+
+    def get_many(self, chunk_ids: list[str], max_bytes: int) -> list[tuple[str, object]]:
+        """``(chunk_id, (kind, checksum, payload) or ChunkMissing or ChunkCorrupt)`` for the
+        first of ``chunk_ids`` whose payloads fit in ``max_bytes`` (at least one), in order.
+
+        One call reads many small chunks: a restore's thousands of small files
+        cost a thread hop per batch, not per chunk. Bad copies are quarantined.
+        """
+        found: list[tuple[str, object]] = []
+        total = 0
+        for chunk_id in chunk_ids:
+            opened = None
+            for kind in (Kind.DATA, Kind.SNAPSHOT):  # no stat first: the open is the check
+                path = self._home(kind, chunk_id)
+                try:
+                    opened = open(path, "rb")  # closed by the with below
+                    break
+                except FileNotFoundError:
+                    continue
+            if opened is None:
+                found.append((chunk_id, ChunkMissing(f"chunk {chunk_id[:16]} is not held here")))
+                continue
+            with opened as f:
+                size = max(os.fstat(f.fileno()).st_size - HEADER_SIZE, 0)
+                if total and total + size > max_bytes:
+                    break
+                data = f.read()
+            try:
+                kind, checksum = self._verify(path, chunk_id, data)
+            except ChunkCorrupt as e:
+                found.append((chunk_id, e))
+                continue
+            total += len(data) - HEADER_SIZE
+            found.append((chunk_id, (kind, checksum, data[HEADER_SIZE:])))
+        return found
 
     def _verify(self, path: str, chunk_id: str, data: bytes) -> tuple[str, str]:
         kind = _KIND_NAMES.get(data[len(MAGIC)]) if len(data) >= HEADER_SIZE else None

@@ -20,6 +20,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from sdbackup.limits import MAX_REPLICAS, MAX_SERVERS, shorten
 from sdbackup.placement import ServerLoad, place_chunks
 from sdbackup.protocols.messages import (
     Ack,
@@ -41,8 +42,13 @@ from sdbackup.services.indexer import SnapshotIndexer
 from sdbackup.services.node import NodeService, close_all
 from sdbackup.services.repair import PLACEMENT_GRANULARITY, Repairer
 from sdbackup.services.safemode import SafeMode
+from sdbackup.tlsconfig import Transport
+from sdbackup.web.monitor import ManagerMonitor
 
 MiB = 1024 * 1024
+#: Chunks placed together at most (their bytes, and how many): a client's pack.
+RUN_BYTES = MiB
+RUN_CHUNKS = 128
 #: Seconds the manager waits for a server to send its pending notices before a commit.
 SYNC_TIMEOUT = 30.0
 
@@ -63,6 +69,11 @@ class LiveServer:
     #: Chunks and snapshots in the inventory under way so far.
     reported_chunks: int = 0
     reported_snapshots: int = 0
+    #: Its disk's size, and its scrub pass under way (chunks checked of how many), for the
+    #: dashboard.
+    total_bytes: int = 0
+    scrub_done: int = 0
+    scrub_total: int = 0
 
 
 def when_ready(handler):
@@ -75,6 +86,29 @@ def when_ready(handler):
         return handler(self, msg, connection)
 
     return gated
+
+
+def place_runs(loads: list[ServerLoad], wanted: list[tuple[str, int]], count: int
+               ) -> dict[str, list[str]]:
+    """Servers for each ``(chunk_id, size)``: consecutive chunks go together in runs of up to
+    ``RUN_BYTES`` and ``RUN_CHUNKS``, each run placed (and balanced) as one.
+
+    A client sends the chunks that share servers in one pack, and a server makes each pack
+    durable with a sync of its own: placed one by one, a batch of small chunks was spread
+    over every pair of servers, in packs of a few dozen chunks, and the servers spent most
+    of a first backup of 50,000 files syncing."""
+    runs, run, size = [], [], 0
+    for chunk_id, chunk_size in wanted:
+        if run and (size + chunk_size > RUN_BYTES or len(run) == RUN_CHUNKS):
+            runs.append((run, size))
+            run, size = [], 0
+        run.append(chunk_id)
+        size += chunk_size
+    if run:
+        runs.append((run, size))
+    placed = place_chunks(loads, [(ids[0], size) for ids, size in runs], count,
+                          PLACEMENT_GRANULARITY)
+    return {chunk_id: placed[ids[0]] for ids, _ in runs for chunk_id in ids}
 
 
 class Manager:
@@ -170,12 +204,21 @@ class Manager:
         if not msg.address:
             raise RemoteError("a server must give the address clients reach it at", "bad-request")
         old = self.live.get(msg.address)
+        if (old is not None and old.connection is not connection
+                and old.connection.peer_identity != connection.peer_identity):
+            # Under TLS: a live server's address is its certificate's until it is gone.
+            self.log.warn("refused registration of {address} by {peer}: a live server holds it "
+                          "under another certificate", address=msg.address,
+                          peer=connection.describe_peer())
+            raise RemoteError(f"{msg.address} is held by a live server with another certificate",
+                              "forbidden")
         if old is not None and old.connection is not connection:
             self.log.warn("server {address} registered again; dropping its old link",
                           address=msg.address)
             old.connection.transport.loseConnection()
         self.live[msg.address] = LiveServer(
-            msg.address, connection, msg.free_bytes, msg.chunk_count, self._now()
+            msg.address, connection, msg.free_bytes, msg.chunk_count, self._now(),
+            total_bytes=msg.total_bytes,
         )
         self.safe_mode.server_registered(msg.address, self._now())
         await self.db(self.catalog.begin_report, msg.address)
@@ -224,6 +267,8 @@ class Manager:
         server = self._server_of(connection)
         server.free_bytes = msg.free_bytes
         server.chunk_count = msg.chunk_count
+        server.total_bytes = msg.total_bytes
+        server.scrub_done, server.scrub_total = msg.scrub_done, msg.scrub_total
         server.last_seen = self._now()
         return self.db(self.catalog.record_server, server.address, msg.free_bytes,
                        msg.chunk_count, server.last_seen)
@@ -275,7 +320,7 @@ class Manager:
         count = min(self.replicas, len(loads))
         assignments = {}
         if wanted:
-            assignments = place_chunks(loads, list(wanted.items()), count, PLACEMENT_GRANULARITY)
+            assignments = place_runs(loads, list(wanted.items()), count)
             for chunk_id, servers in assignments.items():
                 for address in servers:
                     self.live[address].assigned += wanted[chunk_id]
@@ -311,14 +356,16 @@ class Manager:
         for server, (ok, result) in zip(servers, replies, strict=True):
             if not ok:
                 self.log.warn("server {address} did not sync its notices: {why}",
-                              address=server.address, why=result.getErrorMessage())
+                              address=server.address, why=shorten(result.getErrorMessage()))
 
     # --- reading ---------------------------------------------------------------
 
     @when_ready
     async def handle_ListSnapshots(self, msg, connection):
-        snapshots = await self.db(self.catalog.snapshots)
-        return SnapshotList(request_id=msg.request_id, snapshots=snapshots)
+        """A page of snapshots (one more is read than fits, to know whether more follow)."""
+        after = (msg.after_time, msg.after_id) if msg.after_id else None
+        found = await self.db(self.catalog.snapshot_page, after, msg.limit + 1)
+        return SnapshotList.filled(msg.request_id, found, msg.limit)
 
     @when_ready
     async def handle_Locate(self, msg, connection):
@@ -328,7 +375,7 @@ class Manager:
     def _live_holders(self, holders: dict[str, list[str]]) -> dict[str, list[str]]:
         """The live holders of each chunk; all of them when none is live (one may be back)."""
         return {
-            chunk_id: [s for s in servers if s in self.live] or servers
+            chunk_id: ([s for s in servers if s in self.live] or servers)[:MAX_REPLICAS]
             for chunk_id, servers in holders.items()
         }
 
@@ -345,8 +392,10 @@ class Manager:
                                                       live.last_seen)
             states.append(ServerState(address, live is not None, free_bytes, chunk_count,
                                       last_seen))
+        if len(states) > MAX_SERVERS:  # more than a reply may carry: keep the live ones
+            states.sort(key=lambda state: not state.alive)
         return ClusterStatus(request_id=msg.request_id, state=self.state, replicas=self.replicas,
-                             servers=states, snapshots=snapshots, chunks=chunks,
+                             servers=states[:MAX_SERVERS], snapshots=snapshots, chunks=chunks,
                              under_replicated=under, missing=missing)
 
     @when_ready
@@ -388,9 +437,12 @@ class ManagerService(NodeService):
 
     def __init__(self, listen: str, data: str, replicas: int = 2, dead_after: float = 15.0,
                  repair_interval: float = 5.0, repair_rate: float = 50 * MiB,
-                 safe_mode_timeout: float = 30.0, safe_mode_settle: float = 3.0, reactor=None):
+                 safe_mode_timeout: float = 30.0, safe_mode_settle: float = 3.0, reactor=None,
+                 metrics: str | None = None, web: str | None = None,
+                 web_password_file: str | None = None, history_interval: float = 30.0,
+                 transport: Transport | None = None):
         # One catalog thread: SQLite calls are serialised, never on the reactor.
-        super().__init__(listen, "sdbackup-catalog", 1, reactor)
+        super().__init__(listen, "sdbackup-catalog", 1, reactor, transport)
         self.data = data
         self.replicas = replicas
         self.dead_after = dead_after
@@ -399,6 +451,8 @@ class ManagerService(NodeService):
         self.safe_mode_timeout = safe_mode_timeout
         self.safe_mode_settle = safe_mode_settle
         self.manager: Manager | None = None
+        #: ``--metrics`` and ``--web``: refuses a forbidden address here, before starting.
+        self.monitor = ManagerMonitor(self, metrics, web, web_password_file, history_interval)
 
     def startService(self):
         super().startService()
@@ -412,6 +466,7 @@ class ManagerService(NodeService):
         self.every(max(self.dead_after / 4, 0.05), self.manager.check_liveness, "liveness")
         self.every(self.repair_interval, self.manager.repair.tick, "repair")
         self.listen(self.manager, "manager")
+        self.monitor.start()
 
     def listened(self, port):
         self.log.info("sdbackup-manager listening on port {port}, catalog in {data}, "
@@ -420,6 +475,7 @@ class ManagerService(NodeService):
         self.manager.start()
 
     async def stopping(self):
+        await self.monitor.stop()
         self.manager.stop()
         close_all(self.manager.connections)
 

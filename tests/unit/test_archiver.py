@@ -15,7 +15,9 @@ from twisted.internet import reactor
 
 from sdbackup import hashing, objects
 from sdbackup.client import archiver as archiver_module
-from sdbackup.client.archiver import Archiver, ParentTrees
+from sdbackup.client import parenttrees as parenttrees_module
+from sdbackup.client.archiver import Archiver
+from sdbackup.client.parenttrees import ParentTrees
 from sdbackup.client.session import ClientError
 from sdbackup.client.uploader import Signal
 from sdbackup.client.walk import Entry, Report, Walker, plan
@@ -300,6 +302,27 @@ async def test_a_long_file_keeps_its_chunk_ids_in_chunk_lists(store, tmp_path, m
 
 
 @pytest_twisted.ensureDeferred
+async def test_extended_attributes_of_unchanged_files_come_from_the_parent_until_they_change(
+        store, tmp_path):
+    """An unchanged file's xattrs are the parent snapshot's (it is not read); setting one
+    changes the file's ctime, so the next backup reads the file and has the new value."""
+    write(tmp_path / "src/small", b"small")
+    write(tmp_path / "src/large", os.urandom(archiver_module.SMALL_FILE + 1))
+    for name in ("small", "large"):
+        os.setxattr(tmp_path / "src" / name, "user.colour", b"blue")
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    second, archiver, _ = await archive(store, ["src"], parent_root=first, cwd=tmp_path)
+    assert second == first and archiver.stats.unchanged == 2
+    for name in ("small", "large"):
+        assert store.node(second, b"src", name.encode()).xattrs == ((b"user.colour", b"blue"),)
+    os.setxattr(tmp_path / "src/small", "user.colour", b"green")
+    third, archiver, _ = await archive(store, ["src"], parent_root=second, cwd=tmp_path)
+    assert archiver.stats.unchanged == 1
+    assert store.node(third, b"src", b"small").xattrs == ((b"user.colour", b"green"),)
+    assert store.node(third, b"src", b"large").xattrs == ((b"user.colour", b"blue"),)
+
+
+@pytest_twisted.ensureDeferred
 async def test_odd_names_deep_paths_hard_links_and_xattrs_reach_the_trees(store, tmp_path):
     base = os.fsencode(tmp_path / "src")
     os.mkdir(base)
@@ -347,7 +370,7 @@ async def test_a_small_read_ahead_window_still_finds_every_parent_tree(store, tm
     since the parent give theirs back; new folders have none."""
     for name, value in (("TREES_AHEAD", 3), ("NODES_AHEAD", 12), ("ROUND_TREES", 2),
                         ("LOAD_ROUNDS", 2)):
-        monkeypatch.setattr(archiver_module, name, value)
+        monkeypatch.setattr(parenttrees_module, name, value)
     for a in range(4):
         for b in range(3):
             for c in range(2):

@@ -4,10 +4,12 @@ the parent chosen like restic, and an unchanged backup that stores almost nothin
 import os
 import socket
 
+import pytest
 import pytest_twisted
 
 from sdbackup.client.backup import Backup
 from sdbackup.client.repository import Repository
+from sdbackup.client.session import ClientError
 
 
 def write(path, data: bytes):
@@ -103,3 +105,16 @@ async def test_the_parent_is_the_latest_of_this_host_with_the_same_set_of_paths(
     # Asked for by a prefix of its id: used whatever its paths.
     chosen = await backup(cluster, ["a"], parent=first.snapshot_id[:12])
     assert (chosen.parent, chosen.unchanged) == (first.snapshot_id, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tag_too_long_to_list_is_refused_before_anything_is_stored(cluster, tmp_path):
+    write(tmp_path / "a.txt", b"some data")
+    with pytest.raises(ClientError, match="one of the tags is 300 characters long, more than 255"):
+        await backup(cluster, [tmp_path / "a.txt"], tags=("t" * 300,))
+    assert stored_objects(cluster) == {}
+    session = await cluster.session()
+    try:
+        assert await Repository(session).snapshots() == []
+    finally:
+        await session.close()

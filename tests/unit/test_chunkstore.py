@@ -15,7 +15,6 @@ from sdbackup.services.chunkstore import (
     ChunkMissing,
     ChunkStore,
     InvalidChunkId,
-    KindConflict,
 )
 
 HEADER = HEADER_SIZE
@@ -334,24 +333,27 @@ def test_an_unknown_kind_is_refused(store, data_dir):
     assert files_under(data_dir) == []
 
 
-def test_an_id_held_as_another_kind_is_refused(store):
+def test_bytes_under_an_id_that_is_not_their_hash_are_refused(store, data_dir):
+    # Otherwise later backups would count on the id for data it does not hold.
+    real = chunk(b"the real content")
+    forged = (real[0], hashing.checksum(b"other bytes"), b"other bytes")
+    with pytest.raises(InvalidChunkId, match="the id is not the hash of the bytes"):
+        store.put(DATA, *forged)
+    assert not store.has(real[0])
+    # The same for objects, and for an object's id sent as another kind.
     tree = an_object("tree", a_tree(b"a"))
+    with pytest.raises(InvalidChunkId):
+        store.put("tree", tree[0], *an_object("tree", a_tree(b"b"))[1:])
     store.put("tree", *tree)
-    # The same id sent again as data (or as a snapshot) must not pass for the tree.
-    with pytest.raises(KindConflict) as raised:
-        store.put(DATA, tree[0], tree[1], tree[2])
-    assert raised.value.code == "kind-conflict"
-    snapshot = an_object("snapshot", a_snapshot())
-    store.put("snapshot", *snapshot)
-    with pytest.raises(KindConflict):
-        store.put(DATA, snapshot[0], hashing.checksum(b"y"), b"y")
-    assert store.put("tree", *tree) is False
+    with pytest.raises(InvalidChunkId):
+        store.put(DATA, *tree)
     assert store.get(tree[0])[0] == "tree"
-    # A pack with one conflicting id stores none of the others.
+    # A pack with one forged id stores none of the others.
     fresh = chunk(b"innocent bystander")
-    with pytest.raises(KindConflict):
-        store.put_many(DATA, [fresh, (tree[0], tree[1], tree[2])])
+    with pytest.raises(InvalidChunkId):
+        store.put_many(DATA, [fresh, forged])
     assert not store.has(fresh[0])
+    assert files_under(data_dir / "incoming") == []
 
 
 def test_a_snapshot_found_among_the_chunks_is_corrupt(store, data_dir):

@@ -3,6 +3,7 @@
 import random
 import struct
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -50,6 +51,38 @@ trees = st.lists(nodes(), max_size=8, unique_by=lambda n: n.name).map(objects.ma
 def test_every_tree_round_trips_exactly(tree):
     data = objects.encode_tree(tree)
     assert objects.decode_tree(data) == tree
+
+
+@given(trees)
+@settings(max_examples=150, deadline=None)
+def test_a_trusted_decode_gives_the_same_tree(tree):
+    """The fast path for parent trees (no per-field validators) builds equal Nodes."""
+    data = objects.encode_tree(tree)
+    trusted = objects.decode_tree(data, trusted=True)
+    assert trusted == tree
+    assert [hash(n) for n in trusted.nodes] == [hash(n) for n in tree.nodes]
+
+
+def _reference_body(tree) -> bytes:
+    """A tree body as the format defines it, spelled out: each node a map of its wire keys in
+    sorted order, defaults (empty lists included) left out."""
+    maps = []
+    for node in tree.nodes:
+        fields = {key: getattr(node, name) for name, key in objects._NODE_KEYS.items()}
+        fields.update(x=[list(p) for p in node.xattrs], c=list(node.content),
+                      C=list(node.content_lists))
+        defaults = {objects._NODE_KEYS[a.name]: a.default for a in attrs.fields(Node)}
+        defaults.update(x=[], c=[], C=[])
+        maps.append({k: fields[k] for k in sorted(fields) if fields[k] != defaults[k]})
+    return objects._pack(maps)
+
+
+@given(trees)
+@settings(max_examples=150, deadline=None)
+def test_tree_bytes_follow_the_format(tree):
+    """The encoder's shortcuts change no byte: an unchanged folder keeps its tree id across
+    sdbackup versions."""
+    assert objects.open_envelope(objects.encode_tree(tree)).body == _reference_body(tree)
 
 
 @given(trees, st.randoms(use_true_random=False))
@@ -184,6 +217,26 @@ def test_hostile_nodes_are_refused():
     unsorted = objects._pack([{"n": b"b", "t": "file"}, {"n": b"a", "t": "file"}])
     with pytest.raises(ObjectFormatError, match="sorted"):
         objects.decode_tree(objects.seal(Kind.TREE, [], [], unsorted))
+
+
+def test_a_trusted_decode_still_checks_the_structure():
+    """Trusted skips the per-field checks, not the shape: fields, names in order, refs."""
+    bodies = {
+        "known fields": [{"n": b"a", "t": "file", "zz": 1}],
+        "has a name": [{"t": "file"}],
+        "sorted": [{"n": b"b", "t": "file"}, {"n": b"a", "t": "file"}],
+        "a name .bytes.": [{"n": "a", "t": "file"}],
+        "a type": [{"n": b"a", "t": "socket"}],
+    }
+    for why, nodes_ in bodies.items():
+        with pytest.raises(ObjectFormatError, match=why):
+            objects.decode_tree(objects.seal(Kind.TREE, [], [], objects._pack(nodes_)), trusted=True)
+    envelope = objects.open_envelope(objects.encode_tree(
+        objects.make_tree([Node(name=b"d", type="dir", subtree=ID_A)])))
+    with pytest.raises(ObjectFormatError, match="refs do not match"):
+        objects.decode_tree(objects.seal(Kind.TREE, [ID_B], [], envelope.body), trusted=True)
+    with pytest.raises(ObjectFormatError, match="not an sdbackup object"):
+        objects.decode_tree(b"x" * 64, trusted=True)
 
 
 def test_envelope_counts_cannot_run_past_the_end():

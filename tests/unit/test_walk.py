@@ -9,6 +9,8 @@ import struct
 
 import pytest
 
+from sdbackup.chunking import FileReader, read_small_files
+from sdbackup.client import walk as walk_module
 from sdbackup.client.session import ClientError
 from sdbackup.client.walk import Enter, Entry, Leave, Release, Report, Walker, plan
 
@@ -52,6 +54,30 @@ def at(root, *names):
 
 def local_parts(path) -> list[bytes]:
     return os.fsencode(os.path.abspath(path)).strip(b"/").split(b"/")
+
+
+def test_a_large_folder_looked_at_ahead_gives_each_entry_its_own_metadata(tmp_path):
+    """Folders with more names than a slice are lstat'ed ahead, in threads: each entry still
+    gets its own type, size and inode, in name order."""
+    src = tmp_path / "src"
+    src.mkdir()
+    count = walk_module.STAT_AHEAD + 3 * walk_module.STAT_SLICE
+    for i in range(count):
+        if i % 7 == 0:
+            (src / f"e{i:04}").mkdir()
+        elif i % 5 == 0:
+            os.symlink(f"target-{i}", src / f"e{i:04}")
+        else:
+            (src / f"e{i:04}").write_bytes(b"x" * i)
+    root, report = walk_all([src])
+    children = at(root, *local_parts(src))["children"]
+    assert list(children) == sorted(children) and len(children) == count
+    for name, child in children.items():
+        st = os.lstat(src / os.fsdecode(name))
+        entry = child["entry"]
+        assert (entry.st.st_ino, entry.st.st_size, entry.type) == (st.st_ino, st.st_size, {
+            stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFREG: "file"}[stat.S_IFMT(st.st_mode)])
+    assert report.warnings == []
 
 
 def test_every_kind_of_entry(tmp_path):
@@ -178,9 +204,22 @@ def test_extended_attributes_and_acls_come_along_sorted(tmp_path):
         os.setxattr(src / "link", "trusted.on-link", b"L", follow_symlinks=False)
     root, report = walk_all([src])
     folder = at(root, *local_parts(src))
-    xattrs = dict(folder["children"][b"file"]["entry"].fields["xattrs"])
+    # A regular file's are read with its content (or taken from the parent snapshot).
+    assert "xattrs" not in folder["children"][b"file"]["entry"].fields
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        [small] = read_small_files([(fd, b"file", os.lstat(target))])
+        large = FileReader(fd, b"file", os.lstat(target))
+        large.open()
+        while large.next_chunks():
+            pass
+        assert large.finish().xattrs == small.xattrs
+        large.close()
+    finally:
+        os.close(fd)
+    xattrs = dict(small.xattrs)
     assert xattrs[b"user.alpha"] == b"\x00binary\xff" and xattrs[b"user.zeta"] == b"last"
-    names = [n for n, _ in folder["children"][b"file"]["entry"].fields["xattrs"]]
+    names = [n for n, _ in small.xattrs]
     assert names == sorted(names)
     if acl:
         assert xattrs[b"system.posix_acl_access"] == posix_acl(1234)

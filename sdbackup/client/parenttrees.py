@@ -1,0 +1,254 @@
+"""The parent snapshot's trees, read ahead of the walk in the order it will want them.
+
+Part of the tree builder (archiver.py): for each folder the walk enters, the
+builder takes the folder's tree in the parent snapshot from here, to find
+the files that did not change. The trees are read in rounds (one Locate for
+many ids, their fetches together) well ahead of the walk, and decoded on the
+trusted path (``objects.decode_tree(trusted=True)``): their bytes were
+checked against their ids, and their nodes are only compared with what the
+walk finds.
+"""
+
+import bisect
+import heapq
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+
+from sdbackup import objects
+from sdbackup.client.walk import Report
+from sdbackup.objects import Kind
+
+#: Ids located at once, such rounds under way, and trees (and their Nodes, which take
+#: about 1 KiB each once decoded) read ahead of the walk at most.
+ROUND_TREES = 16
+LOAD_ROUNDS = 16
+TREES_AHEAD = 2048
+NODES_AHEAD = 10_000
+#: Trees up to this size are decoded on the reactor; larger ones in a thread.
+DECODE_INLINE = 256 * 1024
+
+
+def subtrees(tree: objects.Tree | None) -> dict[bytes, int]:
+    """The subfolders' tree ids of ``tree`` in name order (the walk's order), with how many
+    subfolders have each (empty folders share one)."""
+    counts: dict[bytes, int] = {}
+    if tree is not None:
+        for node in tree.nodes:
+            if node.type == "dir" and node.subtree:
+                counts[node.subtree] = counts.get(node.subtree, 0) + 1
+    return counts
+
+
+def positions_below(tree: objects.Tree, position: tuple) -> list[tuple[tuple, bytes]]:
+    """Where each subfolder's tree comes in the walk's order: after ``position`` (its
+    folder's), by the index of its name. Comparing these tuples is comparing walk order."""
+    return [((*position, i), node.subtree) for i, node in enumerate(tree.nodes)
+            if node.type == "dir" and node.subtree]
+
+
+class ParentTrees:
+    """The parent snapshot's trees, read ahead of the walk in the order it will want them.
+
+    Both go depth-first in name order. Every tree to read has a *position*,
+    the indexes of the names that lead to it, and positions compare like the
+    walk's order; the next trees read are those that come first. A round
+    locates ``ROUND_TREES`` ids at once and fetches them together,
+    ``LOAD_ROUNDS`` rounds at a time, while fewer than ``TREES_AHEAD`` trees
+    (and ``NODES_AHEAD`` Nodes, about 1 KiB each) wait to be entered. When
+    the window is full and a tree that comes sooner is waiting, the tree read
+    that comes last is let go, to be read again when its turn comes: the
+    window always holds what the walk needs next.
+
+    Each tree read ahead is counted as wanted by the folder above it; a folder
+    entered takes its tree (``enter``) and, with it, the count of its
+    subfolders' trees, which it gives back when the walk leaves it
+    (``release``): a folder gone since the parent snapshot drops its trees and
+    everything read ahead below it. A tree that cannot be read is a note; its
+    folder is backed up without a parent.
+    """
+
+    def __init__(self, repository, report: Report):
+        self.repository = repository
+        self.report = report
+        self._refs: dict[bytes, int] = {}  # folders that may still enter each tree
+        self._heap: list[tuple[tuple, bytes]] = []  # (position, id) to read, soonest first
+        self._trees: dict[bytes, objects.Tree | None] = {}  # read, not entered yet
+        self._position: dict[bytes, tuple] = {}  # of each tree read or being read
+        self._placed: list[tuple[tuple, bytes]] = []  # positions of trees read, sorted
+        self._below: dict[bytes, dict[bytes, int]] = {}  # each read tree's subtrees, wanted
+        self._nodes = 0  # in the trees read ahead
+        self._seen = [0, 0]  # trees read and their Nodes: how many a tree being read may bring
+        self._loading: dict[bytes, list] = {}
+        self._rounds = 0
+
+    async def enter(self, tree_id: bytes, wanted: bool, position: tuple = ()
+                    ) -> tuple[objects.Tree | None, dict]:
+        """A folder's tree in the parent snapshot (None if it cannot be read), and its
+        subtrees, now wanted on behalf of this folder: ``release`` them when it is left.
+        ``wanted``: the tree was counted for this folder (it is a subfolder's)."""
+        if tree_id in self._trees:
+            tree = self._trees[tree_id]
+        else:
+            waiter = defer.Deferred()
+            if tree_id in self._loading:
+                self._loading[tree_id].append(waiter)
+            else:
+                self._loading[tree_id] = [waiter]
+                self._start([(position, tree_id)])
+            tree = await waiter
+        if wanted and self._refs.get(tree_id) == 1 and tree_id in self._below:
+            below = self._below.pop(tree_id)  # the last folder to enter it takes them over
+            self._forget(tree_id)
+            self._pump()
+            return tree, below
+        if wanted:
+            self.release({tree_id: 1})
+        below = subtrees(tree)
+        if tree is not None:
+            self._want(below, positions_below(tree, position))
+            self._pump()
+        return tree, below
+
+    def release(self, counts: dict[bytes, int]):
+        """Give wanted trees back; what nobody wants any more is dropped, with what was read
+        ahead below it."""
+        self._release(counts)
+        self._pump()
+
+    def _want(self, counts: dict[bytes, int], positions: list):
+        for tree_id, count in counts.items():
+            self._refs[tree_id] = self._refs.get(tree_id, 0) + count
+        for item in positions:
+            heapq.heappush(self._heap, item)
+
+    def _release(self, counts: dict[bytes, int]):
+        pending = [counts]
+        while pending:
+            for tree_id, count in pending.pop().items():
+                left = self._refs.get(tree_id, 0) - count
+                if left > 0:
+                    self._refs[tree_id] = left
+                    continue
+                below = self._below.pop(tree_id, None)
+                self._forget(tree_id)
+                if below:
+                    pending.append(below)
+
+    def _forget(self, tree_id: bytes):
+        self._refs.pop(tree_id, None)
+        if tree_id in self._trees:
+            tree = self._trees.pop(tree_id)
+            self._nodes -= len(tree.nodes) if tree is not None else 0
+            self._position.pop(tree_id, None)
+
+    def _nodes_per_tree(self) -> float:
+        trees, nodes = self._seen
+        return nodes / trees if trees else 16
+
+    def _room(self, more: int = 0) -> bool:
+        reading = len(self._loading) + more
+        return (len(self._trees) + reading < TREES_AHEAD
+                and self._nodes + reading * self._nodes_per_tree() < NODES_AHEAD)
+
+    def _readable(self, tree_id: bytes) -> bool:
+        return tree_id in self._refs and tree_id not in self._trees and tree_id not in self._loading
+
+    def _pump(self):
+        heap = self._heap
+        while heap and self._rounds < LOAD_ROUNDS:
+            position, tree_id = heap[0]
+            if not self._readable(tree_id):
+                heapq.heappop(heap)
+                continue
+            if not self._room():
+                if self._let_go_after(position):
+                    continue
+                return
+            ids: list[tuple[tuple, bytes]] = []
+            while heap and len(ids) < ROUND_TREES and self._room(len(ids)):
+                position, tree_id = heapq.heappop(heap)
+                if self._readable(tree_id) and all(t != tree_id for _, t in ids):
+                    ids.append((position, tree_id))
+            self._start(ids)
+
+    def _let_go_after(self, position: tuple) -> bool:
+        """Make room for the tree at ``position``: let go of the tree read that comes last in
+        the walk's order, if it comes after; True if one was let go."""
+        placed = self._placed
+        if len(placed) > 2 * len(self._trees) + 64:  # drop the positions of trees gone
+            placed[:] = [(p, t) for p, t in placed if self._position.get(t) == p and t in self._trees]
+        while placed:
+            last, tree_id = placed[-1]
+            if tree_id not in self._trees or self._position.get(tree_id) != last:
+                placed.pop()
+                continue
+            if last <= position:
+                return False
+            placed.pop()
+            tree = self._trees.pop(tree_id)
+            self._nodes -= len(tree.nodes) if tree is not None else 0
+            del self._position[tree_id]
+            below = self._below.pop(tree_id, None)
+            if below:
+                self._release(below)
+            heapq.heappush(self._heap, (last, tree_id))  # still wanted: read again in turn
+            return True
+        return False
+
+    def _start(self, ids: list[tuple[tuple, bytes]]):
+        for position, tree_id in ids:
+            self._loading.setdefault(tree_id, [])
+            self._position[tree_id] = position
+        self._rounds += 1
+        defer.ensureDeferred(self._load([tree_id for _, tree_id in ids]))
+
+    async def _load(self, ids: list[bytes]):
+        undelivered = set(ids)
+        try:
+            try:
+                holders = await self.repository.locate([t.hex() for t in ids])
+            except Exception as e:
+                self.report.note(f"cannot locate the parent snapshot's trees: {e}")
+                holders = {}
+            await defer.DeferredList([
+                defer.ensureDeferred(self._load_one(t, holders.get(t.hex(), []), undelivered))
+                for t in ids])
+        finally:
+            for tree_id in list(undelivered):
+                self._deliver(tree_id, None, undelivered)
+            self._rounds -= 1
+            self._pump()
+
+    async def _load_one(self, tree_id: bytes, holders: list[str], undelivered: set):
+        try:
+            data = await self.repository.fetch(Kind.TREE, tree_id.hex(), holders)
+            if len(data) <= DECODE_INLINE:
+                tree = objects.decode_tree(data, trusted=True)
+            else:
+                tree = await deferToThread(objects.decode_tree, data, True)
+        except Exception as e:
+            self.report.note(f"the parent snapshot's tree {tree_id.hex()[:16]} cannot be read "
+                             f"({e}): its folder is read again")
+            tree = None
+        self._deliver(tree_id, tree, undelivered)
+
+    def _deliver(self, tree_id: bytes, tree, undelivered: set):
+        undelivered.discard(tree_id)
+        waiters = self._loading.pop(tree_id)
+        position = self._position.pop(tree_id, ())
+        if tree is not None:
+            self._seen[0] += 1
+            self._seen[1] += len(tree.nodes)
+        if tree_id in self._refs:
+            # Wanted: keep it for its folder, and read on below it, in the walk's order.
+            self._trees[tree_id] = tree
+            self._position[tree_id] = position
+            bisect.insort(self._placed, (position, tree_id))
+            self._nodes += len(tree.nodes) if tree is not None else 0
+            self._below[tree_id] = below = subtrees(tree)
+            if tree is not None:
+                self._want(below, positions_below(tree, position))
+            self._pump()
+        for waiter in waiters:
+            waiter.callback(tree)
