@@ -13,14 +13,16 @@ A link a snapshot holds is created as a link and never followed, so no entry
 can land outside the target, and paths of any length restore (no call ever
 sees more than one name).
 
-Files are written under a short temporary name (``.sdbackup-<pid>-<n>.tmp``
-fits any folder, whatever the length of the real name), runs of zero blocks
-are not written (the file stays sparse), the whole-file hash is checked, the
-metadata set, and only then is the file renamed to its name: a restore never
+Files are written nameless (``O_TMPFILE``; where the file system cannot, under
+a short temporary name, ``.sdbackup-<pid>-<n>.tmp``, that fits any folder,
+whatever the length of the real name), runs of zero blocks are not written
+(the file stays sparse), the whole-file hash is checked, the metadata set,
+and only then is the file linked (or renamed) to its name: a restore never
 leaves a partial file under a real name. Metadata goes on after the content
 and in this order: owner (root only; by name where that name exists here),
 extended attributes, mode (after chown, which clears setuid; after the ACL,
-whose mask it sets), then times to the nanosecond. Folders get theirs when
+whose mask it sets; setuid and setgid only as root, else dropped with a note),
+then times to the nanosecond. Folders get theirs when
 everything inside them is done, since writing in a folder changes its mtime.
 """
 
@@ -49,6 +51,8 @@ _ZEROS = bytes(4 * 1024 * 1024)
 
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_SET_ID = stat.S_ISUID | stat.S_ISGID
+_TMPFILE_FLAGS = os.O_WRONLY | getattr(os, "O_TMPFILE", 0) | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 #: setxattr failures that mean "this file system or process cannot keep that attribute".
 _XATTR_REFUSED = {errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL,
@@ -151,6 +155,8 @@ class FileSystemWriter:
         self.owners = Owners()
         self._pid = os.getpid()
         self._temps = itertools.count()
+        #: Files are written nameless (no temporary name to create, rename and clean up).
+        self._tmpfile = hasattr(os, "O_TMPFILE")
 
     # --- folders -----------------------------------------------------------------------
 
@@ -186,10 +192,19 @@ class FileSystemWriter:
     # --- files -------------------------------------------------------------------------
 
     def open_file(self, folder: Folder, node: Node) -> "FileOut":
-        """A file to write chunk by chunk, under a temporary name until ``finish``."""
+        """A file to write chunk by chunk, nameless (``O_TMPFILE``) or under a temporary name
+        until ``finish``."""
         name = _name(node)
         if node.type != "file":
             raise RestoreError(f"{folder.display(name)}: a {node.type} has no content to write")
+        if self._tmpfile:
+            try:
+                fd = os.open(b".", _TMPFILE_FLAGS, 0o600, dir_fd=folder.fd)
+                return FileOut(self, folder, node, None, fd)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self._tmpfile = False  # this file system cannot: temporary names from now on
         while True:
             temp = self._temp_name()
             try:
@@ -209,6 +224,23 @@ class FileSystemWriter:
             out.abort()
             raise
         return out.finish()
+
+    def write_entries(self, entries) -> list:
+        """Many small files (``(folder, node, pieces)``) and links, FIFOs and devices
+        (``(folder, node, None)``) in one call, so a restore of many small entries makes a
+        thread hop per batch, not per entry. Each entry's notes, or the error that stopped
+        it: one entry's failure does not stop the others.
+        """
+        outcomes: list = []
+        for folder, node, pieces in entries:
+            try:
+                if pieces is None:
+                    outcomes.append(self.make_special(folder, node))
+                else:
+                    outcomes.append(self.write_file(folder, node, pieces))
+            except Exception as e:
+                outcomes.append(e)
+        return outcomes
 
     # --- links, FIFOs, devices ----------------------------------------------------------
 
@@ -317,11 +349,17 @@ class FileSystemWriter:
         """Owner, xattrs, mode, times of an open file or folder (``target`` its descriptor),
         or of a FIFO or device through ``/proc/self/fd/N`` of an ``O_PATH`` descriptor
         (opening those for real could block or touch hardware)."""
+        mode = stat.S_IMODE(node.mode)
         if self.as_root:
             os.chown(target, *self._owner(node))
+        elif mode & _SET_ID:
+            # The entry belongs to whoever restores: setuid or setgid would give their rights
+            # to a program from the snapshot.
+            mode &= ~_SET_ID
+            notes.append(f"{where}: setuid and setgid bits not restored (only root restores them)")
         for key, value in node.xattrs:
             _set_xattr(target, key, value, notes, where, follow=True)
-        os.chmod(target, stat.S_IMODE(node.mode))
+        os.chmod(target, mode)
         os.utime(target, ns=(node.atime_ns, node.mtime_ns))
 
     def _symlink_metadata(self, folder: Folder, name: bytes, node: Node, notes: list):
@@ -338,13 +376,16 @@ class FileSystemWriter:
 class FileOut:
     """A file being restored: sequential writes that skip zero blocks, then ``finish``."""
 
-    def __init__(self, writer: FileSystemWriter, folder: Folder, node: Node, temp: bytes, fd: int):
+    def __init__(self, writer: FileSystemWriter, folder: Folder, node: Node, temp: bytes | None,
+                 fd: int):
         self.writer = writer
         self.folder = folder
         self.node = node
         self.temp = temp
         self.fd: int | None = fd
         self.offset = 0
+        #: The end of the last bytes written: short of ``offset`` when zeros ended the file.
+        self.written_to = 0
         self.hasher = blake3.blake3()
 
     def write(self, data) -> bool:
@@ -354,6 +395,8 @@ class FileOut:
         view = memoryview(data)
         for start, end in runs:
             _pwrite_all(self.fd, view[start:end], self.offset + start)
+        if runs:
+            self.written_to = self.offset + runs[-1][1]
         self.offset += len(data)
         return not runs
 
@@ -380,24 +423,30 @@ class FileOut:
                                    f"{node.size}; not written")
             if node.hash and self.hasher.digest() != node.hash:
                 raise RestoreError(f"{where}: restored bytes do not match the file's hash; not written")
-            os.ftruncate(self.fd, node.size)  # the skipped zeros at the end
+            if self.written_to != node.size:
+                os.ftruncate(self.fd, node.size)  # the skipped zeros at the end
             self.writer._metadata(self.fd, node, notes, where)
+            if self.temp is None:  # nameless: link it in by its descriptor
+                self.writer._place(self.folder, node.name, lambda n: os.link(
+                    f"/proc/self/fd/{self.fd}", n, dst_dir_fd=self.folder.fd, follow_symlinks=True))
             fd, self.fd = self.fd, None
             os.close(fd)
-            self.writer._place(self.folder, node.name, lambda n: os.rename(
-                self.temp, n, src_dir_fd=self.folder.fd, dst_dir_fd=self.folder.fd))
+            if self.temp is not None:
+                self.writer._place(self.folder, node.name, lambda n: os.rename(
+                    self.temp, n, src_dir_fd=self.folder.fd, dst_dir_fd=self.folder.fd))
         except BaseException:
             self.abort()
             raise
         return notes
 
     def abort(self):
-        """Close and remove the temporary file."""
+        """Close and remove the temporary file (a nameless one goes with its descriptor)."""
         if self.fd is not None:
             fd, self.fd = self.fd, None
             os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.temp, dir_fd=self.folder.fd)
+        if self.temp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.temp, dir_fd=self.folder.fd)
 
 
 def _name(node: Node) -> bytes:

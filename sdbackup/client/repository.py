@@ -11,13 +11,21 @@ the cluster through it.
 
 from collections import OrderedDict
 
+from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
 from sdbackup import hashing, objects
 from sdbackup.client.session import ClientError, Session
 from sdbackup.names import unescape
 from sdbackup.objects import Kind
-from sdbackup.protocols.messages import FetchChunk, ListSnapshots, Locate, SnapshotSummary
+from sdbackup.protocols.messages import (
+    MAX_FETCH_IDS,
+    FetchChunk,
+    FetchChunks,
+    ListSnapshots,
+    Locate,
+    SnapshotSummary,
+)
 
 #: Ids asked about in one Locate.
 LOCATE_PAGE = 10_000
@@ -50,8 +58,16 @@ class Repository:
     # --- snapshots --------------------------------------------------------------
 
     async def snapshots(self) -> list[SnapshotSummary]:
-        """Every snapshot, oldest first."""
-        return (await self.session.ask(ListSnapshots())).snapshots
+        """Every snapshot, oldest first, asked for a page at a time."""
+        found: list[SnapshotSummary] = []
+        request = ListSnapshots()
+        while True:
+            page = await self.session.ask(request)
+            found.extend(page.snapshots)
+            if not page.more or not page.snapshots:
+                return found
+            last = page.snapshots[-1]
+            request = ListSnapshots(after_time=last.time, after_id=last.snapshot_id)
 
     async def resolve(self, ref: str) -> SnapshotSummary:
         """A snapshot from ``latest``, its id, or a unique prefix of its id."""
@@ -148,3 +164,84 @@ class Repository:
                 return payload
             reasons.append(f"{server}: its copy does not match the id")
         raise ChunkUnavailable(f"no good copy of {kind} {chunk_id[:16]}: " + "; ".join(reasons))
+
+    async def fetch_many(self, kind: str, wanted: dict[str, list[str]]
+                         ) -> dict[str, bytes | ChunkUnavailable]:
+        """The verified bytes of every chunk in ``wanted`` (id -> holders), fetched with one
+        FetchChunks per holder (and more while replies are full); a chunk no holder has a good
+        copy of maps to its ``ChunkUnavailable``, so one bad chunk fails only what uses it.
+
+        Each chunk starts at one of its holders in turn, so reads spread over the
+        servers; those a holder lacks or holds bad are asked of their next holder.
+        """
+        found: dict[str, bytes | ChunkUnavailable] = {}
+        reasons: dict[str, list[str]] = {}
+        queues: dict[str, list[str]] = {}  # chunk id -> holders not tried yet
+        for chunk_id, holders in wanted.items():
+            if not holders:
+                found[chunk_id] = ChunkUnavailable(f"no server holds {kind} {chunk_id[:16]}")
+                continue
+            self._turn += 1
+            start = self._turn % len(holders)
+            queues[chunk_id] = holders[start:] + holders[:start]
+        while queues:
+            by_server: dict[str, list[str]] = {}
+            for chunk_id, servers in queues.items():
+                by_server.setdefault(servers[0], []).append(chunk_id)
+            asked = [defer.ensureDeferred(self._fetch_from(kind, server, ids))
+                     for server, ids in by_server.items()]
+            outcomes = await defer.gatherResults(asked, consumeErrors=True)
+            for (server, ids), (good, failed) in zip(by_server.items(), outcomes, strict=True):
+                for chunk_id, payload in good.items():
+                    found[chunk_id] = payload
+                    del queues[chunk_id]
+                for chunk_id in ids:
+                    if chunk_id in good:
+                        continue
+                    reasons.setdefault(chunk_id, []).append(f"{server}: {failed[chunk_id]}")
+                    queues[chunk_id].pop(0)
+                    if not queues[chunk_id]:
+                        del queues[chunk_id]
+                        found[chunk_id] = ChunkUnavailable(
+                            f"no good copy of {kind} {chunk_id[:16]}: " + "; ".join(reasons[chunk_id]))
+        return found
+
+    async def _fetch_from(self, kind: str, server: str, chunk_ids: list[str]
+                          ) -> tuple[dict[str, bytes], dict[str, str]]:
+        """What ``server`` gives good copies of (id -> bytes), and why it gave no others."""
+        good: dict[str, bytes] = {}
+        failed: dict[str, str] = {}
+        left = list(chunk_ids)
+        while left:
+            asked, left = left[:MAX_FETCH_IDS], left[MAX_FETCH_IDS:]
+            try:
+                reply = await self.session.servers.request(server, FetchChunks(chunk_ids=asked))
+            except Exception as e:
+                why = str(getattr(e, "reason", None) or e)
+                failed.update((chunk_id, why) for chunk_id in asked + left)
+                break
+            wanted = set(asked)
+            pieces = [(ref, payload) for ref, payload in reply.pieces() if ref.chunk_id in wanted]
+            checks = (_verify_all(kind, pieces) if len(reply.payload) <= HASH_INLINE
+                      else await deferToThread(_verify_all, kind, pieces))
+            for (ref, payload), ok in zip(pieces, checks, strict=True):
+                if ok:
+                    good[ref.chunk_id] = payload
+                else:
+                    failed[ref.chunk_id] = "its copy does not match the id"
+            for chunk_id in reply.missing:
+                failed.setdefault(chunk_id, "does not hold it")
+            for chunk_id in reply.corrupt:
+                failed.setdefault(chunk_id, "its copy is corrupt")
+            answered = {ref.chunk_id for ref in reply.chunks} | set(reply.missing) | set(reply.corrupt)
+            unanswered = [chunk_id for chunk_id in asked if chunk_id not in answered]
+            if not reply.chunks and unanswered:
+                # A reply that gives nothing and names nothing would make us ask forever.
+                failed.update((chunk_id, "answered nothing") for chunk_id in unanswered + left)
+                break
+            left = unanswered + left
+        return good, failed
+
+
+def _verify_all(kind: str, pieces: list) -> list[bool]:
+    return [verify(kind, ref.chunk_id, ref.checksum, payload) for ref, payload in pieces]

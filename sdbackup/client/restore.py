@@ -3,12 +3,19 @@
 The walk goes depth first through the snapshot's trees (``TreeReader``). A
 folder is created when the walk enters it and gets its metadata when
 everything inside it is done (files still downloading included), so folders
-finish deepest first and their mtimes stay as saved. Files download several
-at a time: at most ``FILES_AT_ONCE`` files and ``CHUNKS_IN_FLIGHT`` chunks
-are under way, and a file never waits for a chunk slot while it holds fetched
-chunks (it writes them first), so files sharing the slots cannot all wait for
-each other. Every chunk is verified against its id by ``Repository.fetch``,
-and every file against its whole-file hash by the writer.
+finish deepest first and their mtimes stay as saved.
+
+Small files, links, FIFOs and devices are restored in batches: the walk
+gathers up to ``BATCH_BYTES`` (or ``BATCH_ENTRIES``) of them, their chunks
+come in a few ``FetchChunks`` round trips (``Repository.fetch_many``), and one
+thread call writes them all. ``BATCHES_AT_ONCE`` batches are under way while
+the walk gathers the next, so fetching, writing and reading trees overlap, and
+memory is bounded by the batches in flight. Larger files download chunk by
+chunk beside them: at most ``FILES_AT_ONCE`` files and ``CHUNKS_IN_FLIGHT``
+chunks are under way, and a file never waits for a chunk slot while it holds
+fetched chunks (it writes them first), so files sharing the slots cannot all
+wait for each other. Every chunk is verified against its id by the
+repository, and every file against its whole-file hash by the writer.
 
 Hard links: the first entry of a ``(dev, inode)`` group met in the walk is
 restored whole; the others wait for it and become links to it. If the first
@@ -29,7 +36,7 @@ from sdbackup import objects
 from sdbackup.client import fswriter
 from sdbackup.client.fswriter import FileSystemWriter, Folder, RestoreError
 from sdbackup.client.progress import Progress
-from sdbackup.client.repository import Repository
+from sdbackup.client.repository import ChunkUnavailable, Repository
 from sdbackup.client.session import ClientError, Session
 from sdbackup.client.treereader import Enter, Entry, Leave, TreeReader
 from sdbackup.objects import Kind, Node
@@ -41,9 +48,16 @@ CHUNKS_IN_FLIGHT = 16
 FILE_WINDOW = 8
 #: Files restored at once (many small files are bound by round trips, not bytes).
 FILES_AT_ONCE = 16
-#: Files of at most this size without chunk lists are fetched whole, then written in one
-#: thread hop.
+#: Files of at most this size without chunk lists are fetched whole and written in batches.
 SMALL_FILE = 1024 * 1024
+#: Bytes of small files gathered in one batch (its chunks come in a few FetchChunks).
+BATCH_BYTES = 4 * 1024 * 1024
+#: Entries gathered in one batch at most.
+BATCH_ENTRIES = 1000
+#: Batches fetched or written at once: bounds memory at about this many times BATCH_BYTES.
+BATCHES_AT_ONCE = 4
+#: Batches written at once.
+WRITERS_AT_ONCE = 1
 
 
 @attrs.define
@@ -66,6 +80,17 @@ class _FolderState:
     parent: "_FolderState | None"
     pending: int = 1  # the walk is inside it
     finishing: bool = False
+
+
+@attrs.define(eq=False)
+class _Batched:
+    """A small entry waiting in a batch; its folder counts it as pending."""
+
+    state: _FolderState
+    path: tuple
+    node: Node
+    holders: dict
+    group: "_LinkGroup | None"
 
 
 @attrs.define(eq=False)
@@ -111,6 +136,10 @@ class Restore:
         self.progress = progress
         self.chunk_slots = defer.DeferredSemaphore(CHUNKS_IN_FLIGHT)
         self.file_slots = defer.DeferredSemaphore(FILES_AT_ONCE)
+        self.batch_slots = defer.DeferredSemaphore(BATCHES_AT_ONCE)
+        self.write_slots = defer.DeferredSemaphore(WRITERS_AT_ONCE)
+        self._batch: list[_Batched] = []
+        self._batch_bytes = 0
         self.writer: FileSystemWriter | None = None
         self.result = RestoreResult(snapshot_id="")
         #: Chunk ids (hex) found to be all zeros, and their sizes: written as holes, fetched once.
@@ -169,6 +198,7 @@ class Restore:
                 state = stack.pop()
                 if state is not None:
                     self._release(state)
+        await self._flush()
 
     async def _enter(self, parent: _FolderState | None, event: Enter) -> _FolderState | None:
         """Create the folder; None when it cannot be (nothing below it is restored)."""
@@ -199,11 +229,15 @@ class Restore:
                 self._start(state, event.path, self._link(state, node, event.holders, group))
                 return
             group = self._links[key] = _LinkGroup(node.type)
-        if node.type == "file":
+        if node.type != "file" or (node.size <= SMALL_FILE and not node.content_lists):
+            state.pending += 1
+            self._batch.append(_Batched(state, event.path, node, event.holders, group))
+            self._batch_bytes += node.size
+            if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= BATCH_ENTRIES:
+                await self._flush()
+        else:
             await self.file_slots.acquire()
             self._start(state, event.path, self._file(state, node, event.holders, group), slot=True)
-        else:
-            self._start(state, event.path, self._special(state, node, group))
 
     def _start(self, state: _FolderState, path: tuple, work, slot: bool = False):
         state.pending += 1
@@ -242,6 +276,80 @@ class Restore:
         else:
             self.result.notes.extend(outcome)
         self._release(state.parent)
+
+    # --- batches of small entries ------------------------------------------------------
+
+    async def _flush(self):
+        """Send the batch gathered so far on its way (waiting while ``BATCHES_AT_ONCE`` are)."""
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        if not batch:
+            return
+        await self.batch_slots.acquire()
+        d = defer.ensureDeferred(self._write_batch(batch))
+        self._running.add(d)
+        d.addBoth(lambda _: (self.batch_slots.release(), self._running.discard(d)))
+
+    async def _write_batch(self, batch: list[_Batched]):
+        """Fetch the chunks of a batch's files, write all its entries in one thread call."""
+        outcomes: list = [None] * len(batch)
+        try:
+            wanted = {}
+            for item in batch:
+                for chunk_id in item.node.content if item.node.type == "file" else ():
+                    hex_id = chunk_id.hex()
+                    if hex_id not in self._zero_chunks:
+                        wanted[hex_id] = item.holders.get(hex_id, [])
+            fetched = await self.repository.fetch_many(Kind.DATA, wanted) if wanted else {}
+            work = []
+            for index, item in enumerate(batch):
+                if item.node.type != "file":
+                    work.append((index, (item.state.folder, item.node, None)))
+                    continue
+                try:
+                    pieces = self._pieces(item.node, fetched)
+                except ChunkUnavailable as e:
+                    outcomes[index] = e
+                    continue
+                work.append((index, (item.state.folder, item.node, pieces)))
+            del fetched
+            done = await self.write_slots.run(deferToThread, self.writer.write_entries,
+                                              [entry for _, entry in work])
+            for (index, _), outcome in zip(work, done, strict=True):
+                outcomes[index] = outcome
+        except Exception as e:
+            outcomes = [e if outcome is None else outcome for outcome in outcomes]
+        for item, outcome in zip(batch, outcomes, strict=True):
+            self._batched_done(item, outcome)
+
+    def _pieces(self, node: Node, fetched: dict) -> list[bytes]:
+        """A small file's chunks, from a batch's fetched chunks (ChunkUnavailable if one failed)."""
+        pieces = []
+        for chunk_id in node.content:
+            hex_id = chunk_id.hex()
+            zeros = self._zero_chunks.get(hex_id)
+            data = bytes(zeros) if zeros is not None else fetched[hex_id]
+            if isinstance(data, ChunkUnavailable):
+                raise data
+            pieces.append(data)
+        return pieces
+
+    def _batched_done(self, item: _Batched, outcome):
+        if isinstance(outcome, BaseException):
+            if item.group is not None:
+                item.group.settle(None)
+            self.result.errors.append(_describe(outcome, item.path))
+        else:
+            if item.group is not None:
+                item.group.settle((item.state, item.node.name))
+            self.result.notes.extend(outcome)
+            if item.node.type == "file":
+                self.result.files += 1
+                self.result.bytes += item.node.size
+                if self.progress is not None:
+                    self.progress.advance(size=item.node.size, files=1)
+            else:
+                self.result.others += 1
+        self._release(item.state)
 
     # --- entries ------------------------------------------------------------------------
 
@@ -304,19 +412,12 @@ class Restore:
     # --- file contents --------------------------------------------------------------------
 
     async def _write_file(self, folder: Folder, node: Node, holders: dict) -> list[str]:
-        if node.size <= SMALL_FILE and not node.content_lists:
-            pieces = []
-            for chunk_id in node.content:
-                hex_id = chunk_id.hex()
-                zeros = self._zero_chunks.get(hex_id)
-                if zeros is not None:
-                    pieces.append(bytes(zeros))
-                    continue
-                await self.chunk_slots.acquire()
-                try:
-                    pieces.append(await self.repository.fetch(Kind.DATA, hex_id, holders.get(hex_id, [])))
-                finally:
-                    self.chunk_slots.release()
+        if node.size <= SMALL_FILE and not node.content_lists:  # one of a link group, restored alone
+            fetched = await self.repository.fetch_many(Kind.DATA, {
+                chunk_id.hex(): holders.get(chunk_id.hex(), []) for chunk_id in node.content
+                if chunk_id.hex() not in self._zero_chunks})
+            pieces = self._pieces(node, fetched)
+            del fetched
             notes = await deferToThread(self.writer.write_file, folder, node, pieces)
             if self.progress is not None:
                 self.progress.advance(size=node.size)

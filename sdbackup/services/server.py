@@ -15,22 +15,26 @@ with backoff), the heartbeat, the scrub and the disk thread pool.
 """
 
 import errno
+import os
 import random
 
 from twisted.application import internet
 from twisted.internet import defer, error, task
-from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from sdbackup.metrics import ServerMetrics
 from sdbackup.objects import Kind
 from sdbackup.protocols.messages import (
+    FETCH_REPLY_BYTES,
     MAX_CHUNK_SIZE,
     Ack,
     ChunkData,
     ChunkInventory,
+    ChunkRef,
     ChunksAdded,
     ChunksCorrupt,
+    ChunksData,
     ChunksStored,
     ChunkStored,
     Heartbeat,
@@ -41,12 +45,15 @@ from sdbackup.protocols.messages import (
     StoreChunks,
     VerifyReport,
 )
-from sdbackup.protocols.peer import MessageProtocol, PeerPool, RemoteError
+from sdbackup.protocols.peer import ConnectionRefusedByPeer, MessageProtocol, PeerPool, RemoteError
 from sdbackup.services.chunkstore import ChunkCorrupt, ChunkMissing, ChunkStore
 from sdbackup.services.node import NodeService, close_all
+from sdbackup.tlsconfig import Transport
 
 #: Stores one connection may have under way before the server stops reading from it.
 MAX_STORES_PER_CONNECTION = 8
+#: Fetches one connection may have under way before the server stops reading from it.
+MAX_FETCHES_PER_CONNECTION = 4
 #: Seconds a primary waits for its replica's confirmation.
 FORWARD_TIMEOUT = 60.0
 #: Chunks per inventory or notice page: about 3 MB of JSON for ``[id, size]`` pairs, plus as
@@ -70,6 +77,13 @@ class StorageServer:
         self.address = address
         self.manager: MessageProtocol | None = None
         self._stores_in_flight: dict[MessageProtocol, int] = {}
+        self._fetch_gates: dict[MessageProtocol, _FetchGate] = {}
+        #: Chunk bytes read for fetches since the start (what the disks served to readers).
+        self.bytes_served = 0
+        #: Bytes re-read and re-hashed by scrubs since the start, and the pass under way:
+        #: chunks checked out of the chunks listed when it began (0 of 0 between passes).
+        self.scrubbed_bytes = 0
+        self.scrub_done = self.scrub_total = 0
         self.connections: set[MessageProtocol] = set()  # closed when the service stops
         # News for the manager not sent yet, in order: id -> (size, is a snapshot) for added
         # chunks, id -> None for corrupt ones.
@@ -173,9 +187,47 @@ class StorageServer:
             raise
 
     async def handle_FetchChunk(self, msg, connection):
-        kind, checksum, payload = await self._read(msg.chunk_id)
+        gate = self._fetch_gate(connection)
+        gate.started()
+        try:
+            kind, checksum, payload = await self._read(msg.chunk_id)
+        finally:
+            gate.finished()
+        self.bytes_served += len(payload)
         return ChunkData(request_id=msg.request_id, chunk_id=msg.chunk_id, checksum=checksum,
                          kind=kind, payload=payload)
+
+    async def handle_FetchChunks(self, msg, connection):
+        """Many chunks read in one disk thread hop, as many as fit in one reply; each one
+        missing or corrupt here is named, so the client asks another holder for just those."""
+        gate = self._fetch_gate(connection)
+        gate.started()
+        try:
+            found = await self.disk(self.store.get_many, msg.chunk_ids, FETCH_REPLY_BYTES)
+        finally:
+            gate.finished()
+        chunks, payloads, missing, corrupt = [], [], [], []
+        for chunk_id, outcome in found:
+            if isinstance(outcome, ChunkCorrupt):
+                self.log.warn("chunk {chunk} is corrupt: quarantined", chunk=chunk_id)
+                self._notify(self._corrupt, chunk_id, None)
+                corrupt.append(chunk_id)
+            elif isinstance(outcome, ChunkMissing):
+                missing.append(chunk_id)
+            else:
+                _, checksum, payload = outcome
+                chunks.append(ChunkRef(chunk_id, len(payload), checksum))
+                payloads.append(payload)
+        payload = b"".join(payloads)
+        self.bytes_served += len(payload)
+        return ChunksData(request_id=msg.request_id, chunks=chunks, missing=missing, corrupt=corrupt,
+                          payload=payload)
+
+    def _fetch_gate(self, connection) -> "_FetchGate":
+        gate = self._fetch_gates.get(connection)
+        if gate is None:
+            gate = self._fetch_gates[connection] = _FetchGate(connection)
+        return gate
 
     async def handle_ReplicateChunk(self, msg, connection):
         """Re-replication: copy a chunk held here, as the kind it is, to the servers the
@@ -190,16 +242,23 @@ class StorageServer:
     async def scrub(self, rate: float | None = None) -> list[str]:
         """Re-read and re-hash every chunk, at most ``rate`` bytes a second; the bad ones."""
         corrupt = []
-        for chunk_id in await self.disk(lambda: list(self.store.chunk_ids())):
-            try:
-                _, _, payload = await self._read(chunk_id)
-            except ChunkCorrupt:
-                corrupt.append(chunk_id)
-                continue
-            except ChunkMissing:
-                continue  # deleted or quarantined since the listing
-            if rate:
-                await task.deferLater(self.clock, len(payload) / rate)
+        chunk_ids = await self.disk(lambda: list(self.store.chunk_ids()))
+        self.scrub_done, self.scrub_total = 0, len(chunk_ids)
+        try:
+            for chunk_id in chunk_ids:
+                self.scrub_done += 1
+                try:
+                    _, _, payload = await self._read(chunk_id)
+                except ChunkCorrupt:
+                    corrupt.append(chunk_id)
+                    continue
+                except ChunkMissing:
+                    continue  # deleted or quarantined since the listing
+                self.scrubbed_bytes += len(payload)
+                if rate:
+                    await task.deferLater(self.clock, len(payload) / rate)
+        finally:
+            self.scrub_done = self.scrub_total = 0
         if corrupt:
             self.log.warn("scrub found {count} corrupt chunks", count=len(corrupt))
         return corrupt
@@ -272,6 +331,7 @@ class StorageServer:
     def connection_lost(self, connection):
         self.connections.discard(connection)
         self._stores_in_flight.pop(connection, None)
+        self._fetch_gates.pop(connection, None)
 
 
 class StorageService(NodeService):
@@ -281,8 +341,9 @@ class StorageService(NodeService):
 
     def __init__(self, listen: str, data: str, manager: str, advertise: str | None = None,
                  heartbeat: float = 5.0, scrub_interval: float = 86400.0,
-                 scrub_rate: float = 20 * MiB, reconnect_delay: float = 5.0, reactor=None):
-        super().__init__(listen, "sdbackup-disk", 4, reactor)
+                 scrub_rate: float = 20 * MiB, reconnect_delay: float = 5.0, reactor=None,
+                 metrics: str | None = None, transport: Transport | None = None):
+        super().__init__(listen, "sdbackup-disk", 4, reactor, transport)
         self.data = data
         self.manager_description = manager
         self.advertise = advertise
@@ -295,14 +356,19 @@ class StorageService(NodeService):
         self.manager_link: internet.ClientService | None = None
         self._registered = defer.Deferred()
         self._scrubbing: defer.Deferred | None = None
+        #: ``--metrics``: Prometheus text on its own listener (None: off).
+        self.metrics = None if metrics is None else ServerMetrics(self, metrics)
 
     def startService(self):
         super().startService()
         store = ChunkStore(self.data)
         # Shorter than the client's wait, so the client hears why a replica failed.
-        self.peers = PeerPool(self.reactor, None, "server", request_timeout=FORWARD_TIMEOUT)
+        self.peers = PeerPool(self.reactor, None, "server", request_timeout=FORWARD_TIMEOUT,
+                              transport=self.transport)
         self.server = StorageServer(store, self.run_in_pool, self.peers, self.reactor)
         self.listen(self.server, "server")
+        if self.metrics is not None:
+            self.metrics.start()
 
     def listened(self, port):
         bound = port.getHost().port
@@ -310,9 +376,11 @@ class StorageService(NodeService):
         self.log.info("sdbackup-server listening on port {port} as {address}, data in {data}",
                       port=bound, address=self.server.address, data=self.store.root)
         self.manager_link = internet.ClientService(
-            clientFromString(self.reactor, self.manager_description),
+            self.transport.client_endpoint(self.reactor, self.manager_description,
+                                           what="reach the manager at"),
             # The manager asks this server to replicate and to verify: same handler as peers.
-            Factory.forProtocol(lambda: MessageProtocol(self.server, "server")),
+            Factory.forProtocol(lambda: self.protocol(self.server, "server", expect=("manager",),
+                                                      accepting=False)),
             retryPolicy=internet.backoffPolicy(
                 initialDelay=min(1.0, self.reconnect_delay), maxDelay=self.reconnect_delay,
                 jitter=lambda: random.random() * min(1.0, self.reconnect_delay)),
@@ -330,8 +398,7 @@ class StorageService(NodeService):
     async def _register_async(self, connection):
         await connection.ready
         await connection.request(RegisterServer(
-            address=self.server.address, free_bytes=self.store.free_bytes(),
-            chunk_count=self.store.count()))
+            address=self.server.address, chunk_count=self.store.count(), **self._disk_space()))
         await self.server.send_inventory(connection)
         self.server.manager = connection
         self.server.flush()  # what was stored while the inventory was under way
@@ -353,6 +420,10 @@ class StorageService(NodeService):
     def _registration_failed(self, failure, connection):
         if failure.check(error.ConnectionLost, error.ConnectionDone, TimeoutError):
             self.log.info("lost the manager while registering; will register again")
+        elif failure.check(RemoteError, ConnectionRefusedByPeer):
+            # Wrong certificate, CA or role: said once per try, without a traceback.
+            self.log.error("the manager refused this server: {why}", why=str(failure.value))
+            connection.transport.loseConnection()
         else:
             self.log.failure("registering with the manager", failure)
             connection.transport.loseConnection()
@@ -363,9 +434,16 @@ class StorageService(NodeService):
         self._registered.addCallback(lambda address: (d.callback(address), address)[1])
         return d
 
+    def _disk_space(self) -> dict:
+        """Free and total bytes of the data folder's file system, for the manager's dashboard."""
+        stats = os.statvfs(self.store.root)
+        return {"free_bytes": stats.f_bavail * stats.f_frsize,
+                "total_bytes": stats.f_blocks * stats.f_frsize}
+
     def _send_heartbeat(self):
-        self.server.tell_manager(Heartbeat(free_bytes=self.store.free_bytes(),
-                                           chunk_count=self.store.count()))
+        self.server.tell_manager(Heartbeat(
+            chunk_count=self.store.count(), scrub_done=self.server.scrub_done,
+            scrub_total=self.server.scrub_total, **self._disk_space()))
 
     async def _scrub_forever(self):
         """Paced scrub passes with ``scrub_interval`` seconds of rest between them."""
@@ -379,10 +457,64 @@ class StorageService(NodeService):
                 self.log.failure("scrub pass failed")
 
     async def stopping(self):
+        if self.metrics is not None:
+            await self.metrics.stop()
         if self._scrubbing is not None:
             self._scrubbing.cancel()
         close_all(self.server.connections)
         await self.peers.close()
+
+
+class _FetchGate:
+    """Stops reading a connection's requests while it has ``MAX_FETCHES_PER_CONNECTION``
+    fetches under way, or while the replies already sent are not being read (its transport's
+    write buffer is full): a reader that does not read costs the server a bounded amount of
+    memory, not a copy of every chunk it asks for.
+
+    It is the transport's (streaming) producer: the transport pauses it when its
+    write buffer fills and resumes it once drained.
+    """
+
+    def __init__(self, connection: MessageProtocol):
+        self.connection = connection
+        self.fetching = 0
+        self.replies_waiting = False
+        self.paused = False
+        try:
+            connection.transport.registerProducer(self, True)
+        except RuntimeError:  # another producer is registered: the count alone bounds fetches
+            pass
+
+    def started(self):
+        self.fetching += 1
+        self._update()
+
+    def finished(self):
+        self.fetching -= 1
+        self._update()
+
+    # IPushProducer, called by the transport about its write buffer.
+    def pauseProducing(self):
+        self.replies_waiting = True
+        self._update()
+
+    def resumeProducing(self):
+        self.replies_waiting = False
+        self._update()
+
+    def stopProducing(self):
+        self.replies_waiting = False
+
+    def _update(self):
+        if not self.connection.connected:
+            return
+        if self.fetching >= MAX_FETCHES_PER_CONNECTION or self.replies_waiting:
+            # Even when paused already: another path may have resumed reading since.
+            self.connection.pauseProducing()
+            self.paused = True
+        elif self.paused:
+            self.paused = False
+            self.connection.resumeProducing()
 
 
 def _held(chunk_id: str, size: int) -> HeldChunk:

@@ -12,14 +12,17 @@ import attrs
 import blake3
 import pytest
 import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from sdbackup import hashing, objects
 from sdbackup.client.listing import entry_line
-from sdbackup.client.repository import Repository
+from sdbackup.client.repository import ChunkUnavailable, Repository
 from sdbackup.client.restore import Restore
 from sdbackup.client.treereader import Enter, Entry, TreeReader
 from sdbackup.objects import Kind, Node
-from sdbackup.protocols.messages import CommitSnapshot
+from sdbackup.protocols.messages import CommitSnapshot, FetchChunks
+from sdbackup.protocols.peer import MessageProtocol
 
 ROOT = os.geteuid() == 0
 MTIME = 1_600_000_000_123_456_789
@@ -367,3 +370,74 @@ async def test_when_the_first_of_a_hard_link_group_fails_the_next_is_restored_wh
     assert (target / "a/h1/kept").read_bytes() == b"kept"
     assert (target / "b/h2").read_bytes() == data
     assert os.lstat(target / "b/h2").st_ino == os.lstat(target / "b/h3").st_ino
+
+
+# --- batched fetches ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_takes_each_chunk_from_a_holder_with_a_good_copy(cluster, wire_client, session):
+    pieces = {hashing.chunk_id(data): data for data in (os.urandom(3000 + i) for i in range(8))}
+    await wire_client.store(Kind.DATA, list(pieces.items()))
+    repository = Repository(session)
+
+
+    async def all_located():
+        found = await repository.locate(list(pieces))
+        return found if len(found) == len(pieces) else None
+
+    holders = await cluster.until(all_located, what="the manager hearing of every chunk")
+    damaged = cluster.server(holders[next(iter(pieces))][0])
+    on_damaged = [c for c in pieces if damaged.server.address in holders[c]]
+    gone, bad = on_damaged[: len(on_damaged) // 2], on_damaged[len(on_damaged) // 2 :]
+    for chunk_id in gone:
+        os.unlink(damaged.store.path_for(chunk_id))
+    for chunk_id in bad:
+        path = damaged.store.path_for(chunk_id)
+        with open(path, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+    only_there = gone[0]  # asked of the damaged server alone: nobody can give it
+
+    found = await repository.fetch_many(Kind.DATA, {
+        chunk_id: [damaged.server.address] if chunk_id == only_there else holders[chunk_id]
+        for chunk_id in pieces})
+
+    assert {c: d for c, d in found.items() if c != only_there} == {
+        c: d for c, d in pieces.items() if c != only_there}
+    assert isinstance(found[only_there], ChunkUnavailable)
+    assert "does not hold it" in str(found[only_there])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reader_that_does_not_read_stops_being_served(cluster):
+    """50 fetches of 4 MiB each are sent at once and their answers are not read: the server
+    stops reading the requests instead of holding 200 MiB of answers; once the reader reads,
+    every answer comes, whole."""
+    server = cluster.servers[0]
+    big = [os.urandom(2 * MiB) for _ in range(2)]
+    ids = [hashing.chunk_id(data) for data in big]
+    for chunk_id, data in zip(ids, big, strict=True):
+        server.store.put(Kind.DATA, chunk_id, hashing.checksum(data), data)
+    port = server.server.address.rsplit(":", 1)[1]
+    reader = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", int(port)),
+                                   MessageProtocol(None, "client"))
+    await reader.ready
+    try:
+        reader.pauseProducing()  # replies are not read
+        asked = [reader.request(FetchChunks(chunk_ids=ids)) for _ in range(50)]
+        served_before = server.server.bytes_served
+        await cluster.until(lambda: server.server.bytes_served > served_before, what="some answers")
+        settled = -1
+        while settled != server.server.bytes_served:
+            settled = server.server.bytes_served
+            await task.deferLater(reactor, 0.5)
+
+        assert settled - served_before <= 16 * 4 * MiB  # of the 200 MiB asked for
+
+        reader.resumeProducing()
+        replies = await defer.gatherResults(asked)
+    finally:
+        reader.transport.loseConnection()
+    assert all([bytes(piece) for _, piece in reply.pieces()] == big for reply in replies)
+    assert server.server.bytes_served - served_before == 50 * 4 * MiB

@@ -130,12 +130,28 @@ def test_a_file_replaces_an_older_file_of_the_same_name(writer, target):
     assert (target / "f").read_bytes() == b"new"
 
 
+def test_many_entries_in_one_call_and_one_failure_stops_only_its_entry(writer, target):
+    (target / "blocked").mkdir(parents=True)
+    (target / "blocked" / "inside").write_bytes(b"kept")
+    outcomes = writer.write_entries([
+        (writer.root, file_node(b"a", b"aaa"), [b"a", b"aa"]),
+        (writer.root, file_node(b"bad", b"right"), [b"wrong"]),
+        (writer.root, file_node(b"blocked", b"b"), [b"b"]),
+        (writer.root, node(b"link", "symlink", target=b"a"), None),
+        (writer.root, file_node(b"z", b""), []),
+    ])
+    assert [type(o).__name__ if isinstance(o, Exception) else o for o in outcomes] == [
+        [], "RestoreError", "RestoreError", [], []]
+    assert sorted(os.listdir(target)) == ["a", "blocked", "link", "z"]
+    assert (target / "a").read_bytes() == b"aaa" and os.readlink(target / "link") == "a"
+    assert (target / "blocked" / "inside").read_bytes() == b"kept"
+
+
 def test_a_folder_in_the_way_of_a_file_is_kept_and_reported(writer, target):
     (target / "f").mkdir()
     (target / "f" / "inside").write_bytes(b"kept")
-    with pytest.raises(OSError) as raised:
+    with pytest.raises(RestoreError, match="f: a folder of that name is in the way; not replaced"):
         writer.write_file(writer.root, file_node(b"f", b"new"), [b"new"])
-    assert raised.value.errno == errno.EISDIR
     assert (target / "f" / "inside").read_bytes() == b"kept"
     assert sorted(os.listdir(target)) == ["f"]
 
@@ -464,6 +480,24 @@ def test_setuid_and_setgid_survive_the_change_of_owner(writer, target):
     writer.write_file(writer.root, file_node(b"su", b"#!", mode=0o6755, uid=4242, gid=4343), [b"#!"])
     st = os.lstat(target / "su")
     assert stat.S_IMODE(st.st_mode) == 0o6755 and (st.st_uid, st.st_gid) == (4242, 4343)
+
+
+def test_setuid_and_setgid_are_dropped_with_a_note_when_not_root(target):
+    """Restored by anyone else, the entries are theirs: a setuid program from a snapshot would
+    run with their rights. The sticky bit is kept."""
+    writer = FileSystemWriter(str(target), as_root=False)
+    try:
+        notes = writer.write_file(writer.root, file_node(b"su", b"#!", mode=0o6755), [b"#!"])
+        folder = writer.make_folder(writer.root, node(b"shared", "dir", mode=0o3775))
+        notes += writer.finish_folder(folder)
+        notes += writer.write_file(writer.root, file_node(b"plain", b"x", mode=0o755), [b"x"])
+    finally:
+        writer.close()
+    assert stat.S_IMODE(os.lstat(target / "su").st_mode) == 0o755
+    assert stat.S_IMODE(os.lstat(target / "shared").st_mode) == 0o1775
+    assert stat.S_IMODE(os.lstat(target / "plain").st_mode) == 0o755
+    assert notes == ["su: setuid and setgid bits not restored (only root restores them)",
+                     "shared: setuid and setgid bits not restored (only root restores them)"]
 
 
 def test_owner_is_left_alone_when_not_root(target):
