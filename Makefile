@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,13 +19,22 @@ $(VENV)/.test-installed: $(BIN)/python pyproject.toml
 demo: $(BIN)/python
 	$(BIN)/pip install --quiet .
 	rm -f $(VENV)/.test-installed
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python demo/demo.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python demo/demo.py $(DEMO_ARGS)
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .
 
-test: $(VENV)/.test-installed lint
+test: $(VENV)/.test-installed lint chromium
 	$(BIN)/python -m pytest
+
+# The dashboard's browser test runs Debian's chromium headless: apt-get installs it when
+# missing (as root, or through sudo). Without it that test fails; it never skips.
+chromium:
+	@command -v chromium >/dev/null || { \
+	  echo "installing chromium from Debian's packages (apt-get)"; \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 # Not part of `make test`: several minutes, a real cluster, restic and borg (apt-get installs
 # them when missing). Options go through BENCH_ARGS, e.g. make bench BENCH_ARGS="--size-mib 256".

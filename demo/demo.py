@@ -1,12 +1,14 @@
 """The sdbackup demo: a real cluster on this machine, a backup, a restore, a check.
 
-Starts a manager and three storage servers as separate ``twistd`` processes
-in ``demo_work/``, backs up a sample folder with the ``sdbackup`` command,
+Creates a cluster CA and certificates (``sdbackup tls``), starts a manager and
+three storage servers as separate ``twistd`` processes in ``demo_work/``, every
+link mutual TLS, backs up a sample folder with the ``sdbackup`` command,
 restores it, compares every file byte for byte, and stops the cluster, even
 on failure or Ctrl-C. Exit status 0 only when the restored copy is identical.
 """
 
 import os
+import re
 import shutil
 import signal
 import stat
@@ -14,11 +16,14 @@ import subprocess
 import sys
 import time
 
-from sdbackup.localcluster import ClusterFailed, LocalCluster, environment
+from sdbackup.localcluster import CERTIFICATES, ClusterFailed, LocalCluster, environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "demo_work")
 SAMPLE = "sample"  # relative to WORK, so the snapshot names it "sample"
+TLS = "tls"  # the CA and certificates, relative to WORK
+#: The manager's dashboard (loopback; the design's ports go on from 5000).
+DASHBOARD = "tcp:5080:interface=127.0.0.1"
 HEARTBEAT = 1  # seconds: status shows the servers' chunk counts soon after the backup
 # The venv's bin first, so twistd and sdbackup are the ones installed next to this python.
 ENV = environment()
@@ -110,9 +115,20 @@ def main():
           f"commands run in {os.path.relpath(WORK, ROOT)}/\n")
     # The original design's ports: the manager on 5000, the servers on 5001, 5002, 5003.
     cluster = LocalCluster(WORK, servers=3, manager_port=5000, first_server_port=5001,
-                           heartbeat=HEARTBEAT, interface="", echo=True)
+                           heartbeat=HEARTBEAT, interface="", echo=True, tls=TLS,
+                           manager_options=["--web", DASHBOARD, "--history-interval", "5"])
     try:
+        sdbackup("tls", "ca", "--dir", TLS)
+        for name, role in CERTIFICATES.items():
+            sdbackup("tls", "cert", "--dir", TLS, "--role", role, "--name", name)
+        print()
         cluster.start()
+        port = re.search(r"sdbackup-manager dashboard on port (\d+)", cluster.manager.output())
+        print(f"\nthe dashboard: http://127.0.0.1:{port.group(1) if port else '?'}/ "
+              f"(while the demo runs; `make demo DEMO_ARGS=--stay` keeps the cluster up)")
+        ENV.update(cluster.client_environment())
+        shown = [f"{k}={os.path.relpath(v, WORK)}" for k, v in ENV.items() if k.startswith("SDBACKUP_TLS")]
+        print(f"\nthe client's certificate: {' '.join(shown)}")
         sdbackup("status")
         sdbackup("backup", SAMPLE)
         sdbackup("snapshots")
@@ -123,6 +139,10 @@ def main():
               f"{entries - files} folders too")
         time.sleep(HEARTBEAT + 0.5)  # the servers report their chunk counts with each heartbeat
         sdbackup("status")
+        if "--stay" in sys.argv:
+            print("\nthe cluster stays up for the dashboard; Ctrl-C stops it", flush=True)
+            while True:
+                time.sleep(3600)
     except (DemoFailed, ClusterFailed) as e:
         print(f"\ndemo failed: {e}", file=sys.stderr)
         return 1
