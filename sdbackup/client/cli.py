@@ -6,10 +6,16 @@
     sdbackup ls [SNAPSHOT] [PATH] [-l] list what a snapshot holds (at PATH)
     sdbackup restore SNAPSHOT --target DIR [--include PATH]...
     sdbackup status                    the manager's state and one line per storage server
-    sdbackup check [--read-data]       verify every snapshot's objects and chunks
+    sdbackup check [--read-data]       verify every snapshot's objects and chunks (--read-data:
+                                       admin only under TLS)
+    sdbackup tls ca --dir DIR          create a cluster CA: DIR/ca.crt, DIR/ca.key
+    sdbackup tls cert --dir DIR --role ROLE --name NAME [--host HOST]...
+                                       issue DIR/NAME.crt and DIR/NAME.key for a role
 
 The manager is ``--manager ENDPOINT``, else ``$SDBACKUP_MANAGER``, else
-``tcp:localhost:5000``. Names in paths are shown, and typed, escaped as
+``tcp:localhost:5000``. ``--tls-ca/--tls-cert/--tls-key`` (else
+``$SDBACKUP_TLS_CA/CERT/KEY``) make every link mutual TLS; without them only
+loopback addresses are reached, unless ``--insecure``. Names in paths are shown, and typed, escaped as
 ``sdbackup.names.escape`` does (a backslash, a control character or a byte
 that is not UTF-8 becomes ``\\``, ``\\n``, ``\\xff``...).
 """
@@ -17,10 +23,13 @@ that is not UTF-8 becomes ``\\``, ``\\n``, ``\\xff``...).
 import argparse
 import datetime
 import os
+import shlex
+import signal
 import sys
 
 from twisted.internet import defer, task
 
+from sdbackup import __version__, pki
 from sdbackup.client.backup import Backup
 from sdbackup.client.listing import entry_line
 from sdbackup.client.progress import Progress, human_bytes
@@ -32,6 +41,7 @@ from sdbackup.objects import Kind, Node, ObjectFormatError, decode_chunk_list
 from sdbackup.paths import UnsafePath, parse_path
 from sdbackup.protocols.messages import CheckRequest, StatusRequest
 from sdbackup.protocols.peer import RemoteError
+from sdbackup.tlsconfig import TLSConfigError, Transport, load_identity
 
 DEFAULT_MANAGER = "tcp:localhost:5000"
 #: Exit status when the command finished but some files were skipped or failed.
@@ -56,17 +66,28 @@ def _short(snapshot_id: str | bytes | None) -> str:
     return (snapshot_id or "")[:SHORT_ID]
 
 
-async def cmd_backup(session: Session, args) -> int:
-    paths = args.paths
+def ask_for_paths(stdin=None, ask=input) -> list[str]:
+    """The files or folders to back up, typed at a prompt: several, separated by spaces (quote a
+    name holding one), with ``~`` expanded as a shell would."""
+    stdin = stdin or sys.stdin
+    if not stdin.isatty():
+        raise ClientError("give the files or folders to back up")
+    try:
+        answer = ask("File names to back up: ")
+    except EOFError:
+        raise ClientError("no file name given") from None
+    try:
+        paths = [os.path.expanduser(p) for p in shlex.split(answer)]
+    except ValueError as e:
+        raise ClientError(f"cannot read those names: {e}") from None
     if not paths:
-        if not sys.stdin.isatty():
-            raise ClientError("give the files or folders to back up")
-        answer = input("File name to back up: ").strip()
-        if not answer:
-            raise ClientError("no file name given")
-        paths = [answer]
+        raise ClientError("no file name given")
+    return paths
+
+
+async def cmd_backup(session: Session, args) -> int:
     progress = Progress(0, 0)
-    result = await Backup(session, paths, progress=progress, parent=args.parent, force=args.force,
+    result = await Backup(session, args.paths, progress=progress, parent=args.parent, force=args.force,
                           tags=tuple(args.tag), host=args.host).run()
     progress.finish()
     for note in result.notes:
@@ -146,8 +167,8 @@ async def cmd_restore(session: Session, args) -> int:
         print(f"error: {error}", file=sys.stderr)
     print(f"snapshot {_short(result.snapshot_id)} restored to {args.target}: {result.files} files, "
           f"{result.folders} folders, {result.others} links and special files, "
-          f"{human_bytes(result.bytes)}, every byte verified"
-          + (f"; {len(result.errors)} failed" if result.errors else ""))
+          f"{human_bytes(result.bytes)}, "
+          + (f"{len(result.errors)} failed" if result.errors else "every byte verified"))
     return EXIT_INCOMPLETE if result.errors else 0
 
 
@@ -196,13 +217,71 @@ COMMANDS = {
 }
 
 
+def cmd_tls(args) -> int:
+    """``sdbackup tls ca|cert``: files only, no cluster needed."""
+    if args.tls_command == "ca":
+        pki.save_ca(args.dir, pki.create_ca(args.name or "sdbackup cluster CA"))
+        cert_path, key_path = pki.ca_paths(args.dir)
+        print(f"created the cluster CA: {cert_path} (give it to every process with --tls-ca) and "
+              f"{key_path} (keep it secret: it can issue certificates)")
+        return 0
+    issued = pki.issue(pki.load_ca(args.dir), args.role, args.name,
+                       tuple(args.host) if args.host else pki.DEFAULT_HOSTS)
+    cert_path, key_path = pki.save_certificate(args.dir, args.name, issued)
+    hosts = ", ".join(args.host or pki.DEFAULT_HOSTS)
+    article = "an" if args.role[0] in "aeiou" else "a"
+    print(f"issued {article} {args.role} certificate {cert_path} and key {key_path} for {hosts}")
+    return 0
+
+
+def transport_of(args) -> Transport:
+    """TLS from the options, else from ``$SDBACKUP_TLS_CA/CERT/KEY``; else loopback only."""
+    files = [getattr(args, f"tls_{name}", None) or os.environ.get(f"SDBACKUP_TLS_{name.upper()}")
+             for name in ("ca", "cert", "key")]
+    insecure = getattr(args, "insecure", False)
+    if not any(files):
+        return Transport(insecure=insecure)
+    if not all(files):
+        raise ClientError("give all of --tls-ca, --tls-cert and --tls-key (or $SDBACKUP_TLS_CA, "
+                          "$SDBACKUP_TLS_CERT, $SDBACKUP_TLS_KEY), or none")
+    try:
+        identity = load_identity(*files)
+    except TLSConfigError as e:
+        raise ClientError(str(e)) from None
+    if identity.role not in ("client", "admin"):
+        raise ClientError(f"{files[1]} is a {identity.role}'s certificate; the client needs one "
+                          f"issued with --role client or --role admin")
+    return Transport(tls=identity, insecure=insecure)
+
+
 def build_parser() -> argparse.ArgumentParser:
     manager = argparse.ArgumentParser(add_help=False)
     manager.add_argument("--manager", default=argparse.SUPPRESS,
                          help="manager endpoint (default: $SDBACKUP_MANAGER or tcp:localhost:5000)")
+    manager.add_argument("--tls-ca", default=argparse.SUPPRESS, metavar="FILE",
+                         help="the cluster CA's certificate (default: $SDBACKUP_TLS_CA)")
+    manager.add_argument("--tls-cert", default=argparse.SUPPRESS, metavar="FILE",
+                         help="this client's certificate (default: $SDBACKUP_TLS_CERT)")
+    manager.add_argument("--tls-key", default=argparse.SUPPRESS, metavar="FILE",
+                         help="this client's key (default: $SDBACKUP_TLS_KEY)")
+    manager.add_argument("--insecure", action="store_true", default=argparse.SUPPRESS,
+                         help="without TLS, reach addresses other than loopback (plaintext)")
     parser = argparse.ArgumentParser(prog="sdbackup", parents=[manager],
                                      description="Back up to and restore from an sdbackup cluster.")
+    parser.add_argument("--version", action="version", version=f"sdbackup {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("tls", help="create the cluster CA and certificates")
+    tls = p.add_subparsers(dest="tls_command", required=True)
+    p = tls.add_parser("ca", help="create a cluster CA: DIR/ca.crt and DIR/ca.key (0600)")
+    p.add_argument("--dir", required=True, help="folder for the CA's files")
+    p.add_argument("--name", help="the CA's common name")
+    p = tls.add_parser("cert", help="issue DIR/NAME.crt and DIR/NAME.key with the CA in DIR")
+    p.add_argument("--dir", required=True, help="folder of the CA, and of the new files")
+    p.add_argument("--role", required=True, choices=pki.ROLES, help="what the holder may do")
+    p.add_argument("--name", required=True, help="the certificate's name (and its files')")
+    p.add_argument("--host", action="append", metavar="HOST",
+                   help="a host name or IP address the holder is reached at (repeatable; "
+                        "default: localhost and 127.0.0.1)")
     p = sub.add_parser("backup", parents=[manager], help="back up files and folders")
     p.add_argument("paths", nargs="*", metavar="PATH")
     p.add_argument("--parent", metavar="ID",
@@ -233,9 +312,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def manager_endpoint(text: str) -> str:
+    """The manager's client endpoint from what a user may type: ``tcp:HOST:PORT``, ``HOST:PORT``
+    or a bare ``PORT`` (on localhost)."""
+    text = text.strip()
+    if text.isdigit():
+        text = f"tcp:localhost:{text}"
+    elif not text.startswith("tcp:") and text.count(":") == 1:
+        text = f"tcp:{text}"
+    kind, _, rest = text.partition(":")
+    host, _, port = rest.rpartition(":")
+    if kind != "tcp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClientError(f"--manager {text!r}: give PORT, HOST:PORT or tcp:HOST:PORT")
+    return text
+
+
 async def run(reactor, args) -> int:
     manager = getattr(args, "manager", None) or os.environ.get("SDBACKUP_MANAGER") or DEFAULT_MANAGER
-    session = Session(reactor, manager)
+    session = Session(reactor, manager_endpoint(manager), transport=transport_of(args))
     try:
         await session.connect()
         return await COMMANDS[args.command](session, args)
@@ -243,25 +337,72 @@ async def run(reactor, args) -> int:
         await session.close()
 
 
+#: Exit statuses after SIGINT (Ctrl-C) and SIGTERM, as a shell reports a process they killed.
+EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command == "tls":
+        try:
+            sys.exit(cmd_tls(args))
+        except (pki.CertificateError, OSError) as e:
+            print(f"sdbackup: {e}", file=sys.stderr)
+            sys.exit(1)
+    if args.command == "backup" and not args.paths:
+        try:
+            args.paths = ask_for_paths()
+        except ClientError as e:
+            print(f"\nsdbackup: {e}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            sys.exit(EXIT_ON_SIGNAL[signal.SIGINT])
     status = []
+    received = []
 
     async def go(reactor):
+        command = defer.ensureDeferred(run(reactor, args))
+
+        def interrupt(signum, frame):
+            # The command is cancelled, so what it holds is closed and cleaned up by its own
+            # ``finally`` clauses (a restore's temporary file, the connections) before the exit.
+            if received:  # a second one: the user will not wait for the clean-up
+                os._exit(EXIT_ON_SIGNAL[signum])
+            received.append(signum)
+            reactor.callFromThread(command.cancel)
+
+        def install():
+            for signum in EXIT_ON_SIGNAL:
+                signal.signal(signum, interrupt)
+
+        # Twisted puts its own handlers (which stop the reactor at once) in place just after
+        # the reactor starts running: ours go in after them.
+        reactor.callLater(0, install)
         try:
-            status.append(await run(reactor, args))
+            status.append(await command)
+        except Exception:
+            if not received:
+                raise
+            # Whatever the cancelled step made of it (a lost connection, an error): interrupted.
+            if sys.stderr.isatty():
+                sys.stderr.write("\n")  # end the progress line
+            print("sdbackup: interrupted", file=sys.stderr)
+            status.append(EXIT_ON_SIGNAL[received[0]])
+
+    async def report_errors(reactor):
+        try:
+            await go(reactor)
         except (ClientError, RemoteError, UnsafePath, ObjectFormatError) as e:
             print(f"sdbackup: {e}", file=sys.stderr)
             status.append(1)
-        except KeyboardInterrupt:
-            status.append(130)
         except BrokenPipeError:
             # The reader (``| head``) went away: stop quietly, as ls and cat do.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             status.append(0)
 
     try:
-        task.react(lambda reactor: defer.ensureDeferred(go(reactor)))
+        task.react(lambda reactor: defer.ensureDeferred(report_errors(reactor)))
     except SystemExit as e:
         if e.code not in (0, None):
             raise

@@ -29,7 +29,7 @@ NAMES = ["teste.txt", "tree"]
 MTIME_BASE = 1_600_000_000_123_456_789
 MTIME_STEP = 86_400_000_000_007
 STATUS_ROW = re.compile(r"^(?P<address>\S+)\s+(?P<state>alive|dead)\s+[\d.]+ \S+\s+(?P<chunks>\d+)\s")
-PROMPT = b"File name to back up:"
+PROMPT = b"File names to back up:"
 
 
 # --- source trees and how to compare them ------------------------------------------------
