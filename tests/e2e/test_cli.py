@@ -317,7 +317,7 @@ def test_unreachable_manager_is_one_clear_error(run_sdbackup, tmp_path, command,
         started = time.monotonic()
         result = run_sdbackup(*args, cwd=tmp_path, env=env, check=False, timeout=30)
 
-    assert result.returncode not in (0, None), result.describe()
+    assert result.returncode == 1, result.describe()
     assert result.stdout == "", result.describe()
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.describe()
@@ -382,7 +382,7 @@ def test_backup_without_a_path_asks_for_one_on_a_terminal(cluster, src, tmp_path
 def test_backup_without_a_path_or_a_terminal_fails_clearly(cluster, src):
     result = cluster.sdbackup("backup", cwd=src, check=False)
 
-    assert result.returncode != 0, result.describe()
+    assert result.returncode == 1, result.describe()
     assert "snapshot" not in result.stdout
     assert len(result.stderr.strip().splitlines()) == 1, result.describe()
 

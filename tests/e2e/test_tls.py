@@ -161,7 +161,7 @@ def test_a_server_refuses_to_start_with_a_client_certificate(tls_cluster, tmp_pa
          tls_cluster.manager_endpoint, "--tls-ca", ca, "--tls-cert", cert, "--tls-key", key],
         cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
-    assert started.returncode != 0
+    assert started.returncode == 1, started
     assert "a server needs one issued with --role server" in started.stdout + started.stderr
 
 
