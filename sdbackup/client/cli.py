@@ -8,6 +8,12 @@
     sdbackup status                    the manager's state and one line per storage server
     sdbackup check [--read-data]       verify every snapshot's objects and chunks (--read-data:
                                        admin only under TLS)
+    sdbackup forget [ID...] [--keep-last N] [--keep-hourly N] [--keep-daily N] [--keep-weekly N]
+                    [--keep-monthly N] [--keep-yearly N] [--keep-within DURATION]
+                    [--keep-tag TAG[,TAG]]... [--host H]... [--path P]... [--tag TAG[,TAG]]...
+                    [--group-by host,paths,tags] [--dry-run]
+                                       unlist snapshots, by id or by restic's policies (admin
+                                       only under TLS; no space is freed until prune exists)
     sdbackup tls ca --dir DIR          create a cluster CA: DIR/ca.crt, DIR/ca.key
     sdbackup tls cert --dir DIR --role ROLE --name NAME [--host HOST]...
                                        issue DIR/NAME.crt and DIR/NAME.key for a role
@@ -29,7 +35,7 @@ import sys
 
 from twisted.internet import defer, task
 
-from sdbackup import __version__, pki
+from sdbackup import __version__, pki, retention
 from sdbackup.client.backup import Backup
 from sdbackup.client.listing import entry_line
 from sdbackup.client.progress import Progress, human_bytes
@@ -37,9 +43,10 @@ from sdbackup.client.repository import Repository
 from sdbackup.client.restore import Restore
 from sdbackup.client.session import ClientError, Session
 from sdbackup.client.treereader import Enter, Entry, TreeReader
+from sdbackup.limits import MAX_IDS
 from sdbackup.objects import Kind, Node, ObjectFormatError, decode_chunk_list
 from sdbackup.paths import UnsafePath, parse_path
-from sdbackup.protocols.messages import CheckRequest, StatusRequest
+from sdbackup.protocols.messages import CheckRequest, ForgetSnapshots, StatusRequest
 from sdbackup.protocols.peer import RemoteError
 from sdbackup.tlsconfig import TLSConfigError, Transport, load_identity
 
@@ -207,6 +214,92 @@ async def cmd_check(session: Session, args) -> int:
     return 0
 
 
+def _tag_lists(values: list[str]) -> list[tuple[str, ...]]:
+    """``--tag a,b --tag c`` -> ``[("a", "b"), ("c",)]``: each entry's tags are all required."""
+    return [tuple(t for t in value.split(",") if t) for value in values if value.strip(",")]
+
+
+def policy_of(args) -> retention.Policy:
+    """The ``--keep-*`` options as a policy; ``PolicyError`` says what is wrong."""
+    within = retention.Duration.parse(args.keep_within) if args.keep_within else retention.Duration()
+    return retention.Policy(last=args.keep_last, hourly=args.keep_hourly, daily=args.keep_daily,
+                            weekly=args.keep_weekly, monthly=args.keep_monthly,
+                            yearly=args.keep_yearly, within=within, tags=_tag_lists(args.keep_tag))
+
+
+def _item(summary) -> retention.Item:
+    return retention.Item(summary.snapshot_id, summary.time, summary.host, summary.paths,
+                          summary.tags)
+
+
+def _snapshot_table(items: list[retention.Item], reasons: dict | None) -> list[str]:
+    """restic's table of a group's kept (with reasons) or removed snapshots, one line for each
+    further reason."""
+    reason_width = max((len(r) for rs in (reasons or {}).values() for r in rs), default=0)
+    reason_head = f"  {'REASONS':<{reason_width}}" if reasons is not None else ""
+    lines = [f"{'ID':<8}  {'TIME':<19}  {'HOST':<16}  {'TAGS':<12}{reason_head}  PATHS"]
+    for item in items:
+        why = (reasons or {}).get(item.snapshot_id, [""])
+        reason = f"  {why[0]:<{reason_width}}" if reasons is not None else ""
+        lines.append(f"{_short(item.snapshot_id):<8}  {_timestamp(item.time):<19}  "
+                     f"{item.host[:16]:<16}  {','.join(item.tags):<12}{reason}  "
+                     f"{' '.join(item.paths)}")
+        for more in why[1:]:
+            lines.append(f"{'':<8}  {'':<19}  {'':<16}  {'':<12}  {more:<{reason_width}}")
+    return lines
+
+
+def _group_title(key: tuple) -> str:
+    named = {"host": lambda v: f"host [{v}]", "paths": lambda v: f"paths [{', '.join(v)}]",
+             "tags": lambda v: f"tags [{', '.join(v)}]"}
+    return ", ".join(named[name](value) for name, value in key)
+
+
+async def cmd_forget(session: Session, args) -> int:
+    """restic's ``forget``: the snapshots named, or those no ``--keep-*`` rule keeps in their
+    group. Only the listing changes: the data they reference stays until a prune."""
+    repository = Repository(session)
+    if args.ids:
+        chosen = {}
+        for ref in args.ids:
+            summary = await repository.resolve(ref)
+            chosen[summary.snapshot_id] = summary
+        doomed = [_item(s) for s in chosen.values()]
+        print(f"{'would forget' if args.dry_run else 'forgetting'} {len(doomed)} snapshots:")
+        for line in _snapshot_table(retention.newest_first(doomed), None):
+            print(line)
+    else:
+        items = [_item(s) for s in await repository.snapshots()]
+        items = [i for i in items if retention.matches(i, args.host, args.path, _tag_lists(args.tag))]
+        print(f"Applying Policy: {args.policy}")
+        doomed = []
+        for decision in retention.decide(items, args.policy, args.group_by,
+                                         session.reactor.seconds()):
+            if decision.key:
+                print(f"snapshots for ({_group_title(decision.key)}):")
+            print(f"keep {len(decision.keep)} snapshots:")
+            for line in _snapshot_table(decision.keep, decision.reasons):
+                print(line)
+            if decision.remove:
+                print(f"remove {len(decision.remove)} snapshots:")
+                for line in _snapshot_table(decision.remove, None):
+                    print(line)
+            print()
+            doomed.extend(decision.remove)
+    if args.dry_run:
+        print(f"{len(doomed)} snapshots would be forgotten (--dry-run: nothing changed)")
+        return 0
+    forgotten = 0
+    ids = [item.snapshot_id for item in doomed]
+    for start in range(0, len(ids), MAX_IDS):
+        reply = await session.ask(ForgetSnapshots(snapshot_ids=ids[start : start + MAX_IDS]))
+        forgotten += len(reply.snapshot_ids)
+    print(f"{forgotten} snapshots forgotten"
+          + (f" ({len(ids) - forgotten} were forgotten already)" if forgotten < len(ids) else "")
+          + ("; their data stays until a prune, which is not built yet" if forgotten else ""))
+    return 0
+
+
 COMMANDS = {
     "backup": cmd_backup,
     "snapshots": cmd_snapshots,
@@ -214,6 +307,7 @@ COMMANDS = {
     "restore": cmd_restore,
     "status": cmd_status,
     "check": cmd_check,
+    "forget": cmd_forget,
 }
 
 
@@ -309,7 +403,51 @@ def build_parser() -> argparse.ArgumentParser:
                        help="verify every snapshot against the servers (exit 1: data lost, 3: degraded)")
     p.add_argument("--read-data", action="store_true",
                    help="have every server re-read and re-hash every chunk it holds")
+    p = sub.add_parser("forget", parents=[manager],
+                       help="unlist snapshots by id or by policy (restic's --keep-* rules)")
+    p.add_argument("ids", nargs="*", metavar="ID", help="snapshots to forget (ids or prefixes)")
+    for name, what in (("last", "the N newest snapshots"),
+                       ("hourly", "the newest snapshot of each of the N newest hours"),
+                       ("daily", "the newest snapshot of each of the N newest days"),
+                       ("weekly", "the newest snapshot of each of the N newest ISO weeks"),
+                       ("monthly", "the newest snapshot of each of the N newest months"),
+                       ("yearly", "the newest snapshot of each of the N newest years")):
+        p.add_argument(f"--keep-{name}", type=int, default=0, metavar="N",
+                       help=f"keep {what} (-1: all of them)")
+    p.add_argument("--keep-within", metavar="DURATION",
+                   help="keep every snapshot made within DURATION (such as 1y2m3d4h) of the newest")
+    p.add_argument("--keep-tag", action="append", default=[], metavar="TAG[,TAG]",
+                   help="keep every snapshot with all of these tags (repeatable)")
+    p.add_argument("--host", action="append", default=[], metavar="HOST",
+                   help="only snapshots of this host (repeatable)")
+    p.add_argument("--path", action="append", default=[], metavar="PATH",
+                   help="only snapshots that include this path (repeatable: all of them)")
+    p.add_argument("--tag", action="append", default=[], metavar="TAG[,TAG]",
+                   help="only snapshots with all of these tags (repeatable: any entry)")
+    p.add_argument("--group-by", default="host,paths", metavar="FIELDS",
+                   help="apply the policy to each group of snapshots sharing these of host, "
+                        "paths, tags (default: host,paths; '' for one group)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be forgotten, forget nothing")
+    p.add_argument("--prune", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def check_forget(parser: argparse.ArgumentParser, args):
+    """Usage errors of ``forget``, before any connection: a policy that cannot be read, ids
+    with a policy, no ids and no policy (restic too refuses to forget everything)."""
+    if args.prune:
+        parser.error("forget --prune: prune is not built yet (forget unlists snapshots but frees "
+                     "no space)")
+    try:
+        args.policy = policy_of(args)
+        args.group_by = retention.parse_group_by(args.group_by)
+    except retention.PolicyError as e:
+        parser.error(f"forget: {e}")
+    if args.ids and (not args.policy.empty or args.host or args.path or args.tag):
+        parser.error("forget: give snapshot ids, or --keep-* options (and filters), not both")
+    if not args.ids and args.policy.empty:
+        parser.error("forget: no snapshot ids and no --keep-* option: refusing to forget every "
+                     "snapshot")
 
 
 def manager_endpoint(text: str) -> str:
@@ -342,7 +480,10 @@ EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "forget":
+        check_forget(parser, args)
     if args.command == "tls":
         try:
             sys.exit(cmd_tls(args))

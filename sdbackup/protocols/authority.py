@@ -30,6 +30,7 @@ SENDERS: dict[str, frozenset] = {
     "StatusRequest": CLIENTS,
     "CheckRequest": CLIENTS,
     "CheckRequest --read-data": ADMIN,  # every server re-reads every chunk: costly
+    "ForgetSnapshots": ADMIN,  # unlists snapshots for every client
     # Storing: a client to a primary, a primary to its replica (the chain of forward_to).
     "StoreChunk": CLIENTS | SERVER,
     "StoreChunks": CLIENTS | SERVER,
@@ -40,6 +41,7 @@ SENDERS: dict[str, frozenset] = {
     "ReplicateChunk": MANAGER,
     "VerifyChunks": MANAGER,
     "SyncNotices": MANAGER,
+    "DeleteSnapshots": MANAGER,
     # Only servers register, heartbeat and report what they hold.
     "RegisterServer": SERVER,
     "Heartbeat": SERVER,

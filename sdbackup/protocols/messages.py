@@ -733,6 +733,39 @@ class ChunksData(Message):
         return found
 
 
+# --- forget ---
+
+
+@message(50)
+@frozen
+class ForgetSnapshots(Message):
+    """From an admin: unlist these snapshots and have every server delete their objects (the
+    data they reference stays until a prune)."""
+
+    request_id: int = _request_id
+    snapshot_ids: list = field(factory=list, validator=_hex_digests)
+
+
+@message(51)
+@frozen
+class SnapshotsForgotten(Message):
+    """The snapshots forgotten (those asked for that were listed)."""
+
+    IS_REPLY = True
+    request_id: int = _request_id
+    snapshot_ids: list = field(factory=list, validator=_hex_digests)
+
+
+@message(52)
+@frozen
+class DeleteSnapshots(Message):
+    """From the manager: delete these snapshot objects, durably (Ack); unheld ones are no
+    error."""
+
+    request_id: int = _request_id
+    snapshot_ids: list = field(factory=list, validator=_hex_digests)
+
+
 # --- codec ------------------------------------------------------------------
 
 #: Bytes of a frame's start that name its type: a connection checks the frame's length
@@ -787,6 +820,9 @@ FRAME_LIMITS: dict[type, int] = {
     ChunksHeld: ID_LIST_FRAME,
     FetchChunks: ID_LIST_FRAME,
     ChunksData: MAX_FRAME_SIZE,
+    ForgetSnapshots: ID_LIST_FRAME,
+    SnapshotsForgotten: ID_LIST_FRAME,
+    DeleteSnapshots: ID_LIST_FRAME,
 }
 
 

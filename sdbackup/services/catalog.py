@@ -14,6 +14,8 @@ sync of every ChunksAdded notice took a third of the manager's time in a first b
     chunks(chunk_id, size)              -- every chunk or object ever reported
     locations(chunk_id, server)         -- copies the servers reported
     snapshots(snapshot_id, time, host, paths, tags, tree, parent, files, dirs, bytes)
+    forgotten(snapshot_id, at)          -- forgotten snapshots: a server that was down when
+                                        -- they were forgotten is told to delete them
 
 A catalog of another version (older, newer, or not a catalog at all) is moved
 aside, named with a suffix, and a fresh one is created: rebuilding the index
@@ -32,8 +34,9 @@ from twisted.logger import Logger
 
 from sdbackup.protocols.messages import SnapshotSummary
 
-#: 1 was the unversioned catalog with file rows; 2 the first index; 3 added chunks.added.
-SCHEMA_VERSION = 3
+#: 1 was the unversioned catalog with file rows; 2 the first index; 3 added chunks.added;
+#: 4 added forgotten.
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE servers (
@@ -69,6 +72,10 @@ CREATE TABLE snapshots (
     bytes INTEGER NOT NULL
 );
 CREATE INDEX snapshots_by_time ON snapshots (time, snapshot_id);
+CREATE TABLE forgotten (
+    snapshot_id TEXT PRIMARY KEY,
+    at REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 #: Values bound in one ``IN (...)`` list.
@@ -232,10 +239,12 @@ class Catalog:
     # --- snapshots -------------------------------------------------------------------------
 
     def add_snapshot(self, summary: SnapshotSummary):
-        """Index a snapshot (read from its object); indexing it again changes nothing."""
+        """Index a snapshot (read from its object); indexing it again, or one forgotten (read
+        while it was forgotten), changes nothing."""
         with self._transaction():
             self.db.execute(
-                "INSERT OR IGNORE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO snapshots SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+                " WHERE NOT EXISTS (SELECT 1 FROM forgotten WHERE snapshot_id = ?1)",
                 (summary.snapshot_id, summary.time, summary.host, json.dumps(summary.paths),
                  json.dumps(summary.tags), summary.tree, summary.parent, summary.files,
                  summary.dirs, summary.bytes),
@@ -279,11 +288,44 @@ class Catalog:
         return self.db.execute("SELECT COUNT(*) FROM snapshots").fetchone()[0]
 
     def unknown_snapshots(self, snapshot_ids: Iterable[str]) -> list[str]:
-        """Those of ``snapshot_ids`` the index lacks, in the order given."""
+        """Those of ``snapshot_ids`` the index lacks (and has not forgotten), in the order
+        given."""
         snapshot_ids = list(dict.fromkeys(snapshot_ids))
         known = {row[0] for row in self._select_in(
             "SELECT snapshot_id FROM snapshots WHERE snapshot_id IN ({})", snapshot_ids)}
+        known.update(self.forgotten_among(snapshot_ids))
         return [s for s in snapshot_ids if s not in known]
+
+    def forget_snapshots(self, snapshot_ids: Iterable[str], now: float) -> list[str]:
+        """Unlist these snapshots and remember them as forgotten; their objects' records go
+        too (the servers delete them). The ids that were listed, in the order given."""
+        snapshot_ids = list(dict.fromkeys(snapshot_ids))
+        with self._transaction():
+            listed = {row[0] for row in self._select_in(
+                "SELECT snapshot_id FROM snapshots WHERE snapshot_id IN ({})", snapshot_ids)}
+            forgotten = [s for s in snapshot_ids if s in listed]
+            self.db.executemany("DELETE FROM snapshots WHERE snapshot_id = ?",
+                                ((s,) for s in forgotten))
+            self.db.executemany("INSERT OR IGNORE INTO forgotten VALUES (?, ?)",
+                                ((s, now) for s in forgotten))
+            self._drop_objects(forgotten)
+        return forgotten
+
+    def _drop_objects(self, object_ids: list[str]):
+        self.db.executemany("DELETE FROM locations WHERE chunk_id = ?", ((c,) for c in object_ids))
+        self.db.executemany("DELETE FROM chunks WHERE chunk_id = ?", ((c,) for c in object_ids))
+
+    def forgotten_among(self, snapshot_ids: Iterable[str]) -> list[str]:
+        """Those of ``snapshot_ids`` that were forgotten."""
+        return [row[0] for row in self._select_in(
+            "SELECT snapshot_id FROM forgotten WHERE snapshot_id IN ({})",
+            list(dict.fromkeys(snapshot_ids)))]
+
+    def drop_forgotten_objects(self, snapshot_ids: Iterable[str]):
+        """A server reported forgotten snapshot objects (and is told to delete them): they are
+        no chunks to count or repair."""
+        with self._transaction():
+            self._drop_objects(list(snapshot_ids))
 
 
 _SUMMARY_COLUMNS = "snapshot_id, time, host, paths, tags, tree, parent, files, dirs, bytes"

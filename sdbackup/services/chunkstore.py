@@ -326,6 +326,26 @@ class ChunkStore:
         with self._lock:
             self._count -= 1
 
+    # --- forgetting ---------------------------------------------------------------------
+
+    def delete_snapshots(self, snapshot_ids: list[str]) -> list[str]:
+        """Delete these snapshot objects durably (the folder's entry is synced); the ids of
+        those that were held. Nothing but snapshot objects is touched (``forget``: the data
+        they reference stays until a prune)."""
+        deleted = []
+        for snapshot_id in snapshot_ids:
+            path = self._home(Kind.SNAPSHOT, snapshot_id)
+            with self._lock:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                self._count -= 1
+            deleted.append(snapshot_id)
+        if deleted:
+            _fsync_dir(self.snapshots)
+        return deleted
+
     # --- listing ----------------------------------------------------------------------
 
     def _scan(self, folder: str) -> Iterator[os.DirEntry]:

@@ -6,7 +6,8 @@ Each one the catalog lacks is fetched from a live holder, verified (checksum,
 id, envelope), decoded and added to the catalog, a few at a time. This is how
 a manager whose catalog was lost lists every snapshot again once the servers
 have reported: no flag, no special path. A snapshot object that is not valid
-is logged and skipped, never indexed.
+is logged and skipped, never indexed. One the catalog remembers as forgotten is
+not indexed either: the server reporting it is told to delete it.
 """
 
 from twisted.internet import defer
@@ -17,11 +18,13 @@ from sdbackup import objects
 from sdbackup.limits import shorten
 from sdbackup.names import escape
 from sdbackup.objects import Kind
-from sdbackup.protocols.messages import SnapshotSummary
+from sdbackup.protocols.messages import DeleteSnapshots, SnapshotSummary
 from sdbackup.services.objectreads import ObjectInvalid, ObjectUnavailable, read_object
 
 #: Snapshot objects fetched at once.
 INDEX_AT_ONCE = 8
+#: Seconds a server may take to delete forgotten snapshot objects.
+DELETE_TIMEOUT = 60.0
 
 
 class UnknownSnapshot(Exception):
@@ -65,12 +68,18 @@ class SnapshotIndexer:
         """Snapshots waiting or being read."""
         return len(self._queue) + len(self._running)
 
-    async def learn(self, snapshot_ids: list[str]):
-        """Servers hold these snapshot objects: queue those the index lacks (read in the
-        background)."""
+    async def learn(self, snapshot_ids: list[str], server):
+        """``server`` (a ``LiveServer``) holds these snapshot objects: queue those the index
+        lacks (read in the background). Those that were forgotten are not indexed: the server
+        is told to delete them (it was down when they were forgotten)."""
         if not snapshot_ids:
             return
         manager = self.manager
+        forgotten = await manager.db(manager.catalog.forgotten_among, snapshot_ids)
+        if forgotten:
+            await manager.db(manager.catalog.drop_forgotten_objects, forgotten)
+            d = defer.ensureDeferred(self._delete_forgotten(server, forgotten))
+            d.addErrback(lambda f: self.log.failure("deleting forgotten snapshots", f))
         unknown = await manager.db(manager.catalog.unknown_snapshots, snapshot_ids)
         for snapshot_id in unknown:
             if snapshot_id not in self._bad and snapshot_id not in self._running:
@@ -79,6 +88,16 @@ class SnapshotIndexer:
             self._workers += 1
             d = defer.ensureDeferred(self._work())
             d.addErrback(lambda f: self.log.failure("snapshot indexing failed", f))
+
+    async def _delete_forgotten(self, server, snapshot_ids: list[str]):
+        self.log.info("server {address} holds {count} forgotten snapshots: deleting them",
+                      address=server.address, count=len(snapshot_ids))
+        try:
+            await server.connection.request(DeleteSnapshots(snapshot_ids=snapshot_ids),
+                                            DELETE_TIMEOUT, self.manager.clock)
+        except Exception as e:  # it reports them again when it registers again
+            self.log.warn("server {address} did not delete forgotten snapshots: {why}",
+                          address=server.address, why=shorten(e))
 
     def idle(self) -> defer.Deferred:
         """Fires once nothing is waiting or being read."""

@@ -7,6 +7,9 @@
 * ``dagcheck``: ``check``'s walk from every snapshot through the objects it references;
 * ``repair``: copies of chunks left with too few live copies.
 
+``forget`` unlists snapshots and has the servers delete their objects; what they
+reference stays (there is no prune yet).
+
 Its catalog is an index: locations come from the servers' own reports, never
 from a client's word, and everything in it can be rebuilt from what the
 servers hold. ``ManagerService`` wires it to a listening endpoint, the catalog
@@ -27,18 +30,20 @@ from sdbackup.protocols.messages import (
     CheckReport,
     ChunksHeld,
     ClusterStatus,
+    DeleteSnapshots,
     Locations,
     Placement,
     ServerState,
     SnapshotCommitted,
     SnapshotList,
+    SnapshotsForgotten,
     SyncNotices,
     VerifyChunks,
 )
 from sdbackup.protocols.peer import MessageProtocol, RemoteError
 from sdbackup.services.catalog import Catalog
 from sdbackup.services.dagcheck import DagCheck
-from sdbackup.services.indexer import SnapshotIndexer
+from sdbackup.services.indexer import DELETE_TIMEOUT, SnapshotIndexer
 from sdbackup.services.node import NodeService, close_all
 from sdbackup.services.repair import PLACEMENT_GRANULARITY, Repairer
 from sdbackup.services.safemode import SafeMode
@@ -235,7 +240,7 @@ class Manager:
         server.reported_snapshots += len(msg.snapshots)
         await self.db(self.catalog.report_page, server.address,
                       [(c.chunk_id, c.size) for c in msg.chunks], msg.final)
-        await self.indexer.learn(msg.snapshots)
+        await self.indexer.learn(msg.snapshots, server)
         if msg.final:
             self.log.info("server {address} reported {count} chunks, {snapshots} of them "
                           "snapshots", address=server.address, count=server.reported_chunks,
@@ -254,7 +259,7 @@ class Manager:
         await self.db(self.catalog.add_locations, server.address,
                       [(c.chunk_id, c.size) for c in msg.chunks], server.reporting, self._now())
         self.repair.chunks_added()  # maybe stored with fewer copies than wanted
-        await self.indexer.learn(msg.snapshots)
+        await self.indexer.learn(msg.snapshots, server)
 
     async def handle_ChunksCorrupt(self, msg, connection):
         server = self._server_of(connection)
@@ -357,6 +362,28 @@ class Manager:
             if not ok:
                 self.log.warn("server {address} did not sync its notices: {why}",
                               address=server.address, why=shorten(result.getErrorMessage()))
+
+    # --- forgetting ---------------------------------------------------------------
+
+    @when_ready
+    async def handle_ForgetSnapshots(self, msg, connection):
+        """Unlist snapshots (an admin's ``forget``) and have every live server delete their
+        objects, so no index rebuild lists them again; a server down now deletes them when it
+        reports them (the catalog remembers them as forgotten). What they reference stays."""
+        forgotten = await self.db(self.catalog.forget_snapshots, msg.snapshot_ids, self._now())
+        if forgotten:
+            servers = list(self.live.values())
+            replies = await defer.DeferredList(
+                [s.connection.request(DeleteSnapshots(snapshot_ids=forgotten), DELETE_TIMEOUT,
+                                      self.clock) for s in servers], consumeErrors=True)
+            for server, (ok, result) in zip(servers, replies, strict=True):
+                if not ok:
+                    self.log.warn("server {address} did not delete forgotten snapshots ({why}): "
+                                  "it is told again when it reports them",
+                                  address=server.address, why=shorten(result.getErrorMessage()))
+            self.log.info("{count} snapshots forgotten by {peer}", count=len(forgotten),
+                          peer=connection.describe_peer())
+        return SnapshotsForgotten(request_id=msg.request_id, snapshot_ids=forgotten)
 
     # --- reading ---------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """A storage server: verified chunk files, replication, scrubbing, and its link to the manager.
 
 ``StorageServer`` answers StoreChunk(s) and FetchChunk from clients and other
-servers, and ReplicateChunk, VerifyChunks, SyncNotices and FetchChunk from the
-manager. A chunk (file data, or a tree, chunk list or snapshot object: its
+servers, and ReplicateChunk, VerifyChunks, SyncNotices, DeleteSnapshots and FetchChunk
+from the manager. A chunk (file data, or a tree, chunk list or snapshot object: its
 ``kind`` travels with it) is stored and verified on this server's disk, then
 forwarded to the next server the manager named; the client hears
 ``ChunkStored`` only once every server in the chain confirmed the same
@@ -267,6 +267,18 @@ class StorageServer:
         corrupt = await self.scrub() if msg.read_data else []
         await self.send_inventory(connection)
         return VerifyReport(request_id=msg.request_id, held=self.store.count(), corrupt=corrupt)
+
+    # --- forgetting ------------------------------------------------------------------
+
+    async def handle_DeleteSnapshots(self, msg, connection):
+        """``forget``: the manager has unlisted these snapshots; their objects go too, or the
+        next index rebuild would list them again."""
+        deleted = await self.disk(self.store.delete_snapshots, msg.snapshot_ids)
+        for snapshot_id in deleted:
+            self._added.pop(snapshot_id, None)  # (a notice not sent yet would list it again)
+        if deleted:
+            self.log.info("deleted {count} forgotten snapshot objects", count=len(deleted))
+        return Ack(request_id=msg.request_id)
 
     # --- telling the manager -------------------------------------------------------
 

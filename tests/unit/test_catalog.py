@@ -56,7 +56,7 @@ def test_a_new_catalog_has_the_current_version(catalog, db_path):
     try:
         assert other.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         tables = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert tables == {"servers", "chunks", "locations", "snapshots"}
+        assert tables == {"servers", "chunks", "locations", "snapshots", "forgotten"}
     finally:
         other.close()
 

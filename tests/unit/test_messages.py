@@ -31,9 +31,11 @@ from sdbackup.protocols.messages import (
     ClusterStatus,
     CommitSnapshot,
     DecodeError,
+    DeleteSnapshots,
     ErrorReply,
     FetchChunk,
     FetchChunks,
+    ForgetSnapshots,
     HasChunks,
     Heartbeat,
     HeldChunk,
@@ -48,6 +50,7 @@ from sdbackup.protocols.messages import (
     ServerState,
     SnapshotCommitted,
     SnapshotList,
+    SnapshotsForgotten,
     SnapshotSummary,
     StatusRequest,
     StoreChunk,
@@ -121,6 +124,9 @@ SAMPLES = {
         ServerState("tcp:a:1", True, 1000, 3, 1700000000.5),
         ServerState("tcp:b:2", False, 0, 0, 0)], snapshots=5, chunks=3, under_replicated=1,
         missing=1),
+    ForgetSnapshots: ForgetSnapshots(request_id=21, snapshot_ids=[S1, H2]),
+    SnapshotsForgotten: SnapshotsForgotten(request_id=21, snapshot_ids=[S1]),
+    DeleteSnapshots: DeleteSnapshots(request_id=22, snapshot_ids=[S1]),
 }
 
 
