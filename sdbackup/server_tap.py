@@ -5,6 +5,7 @@ from twisted.python import usage
 from sdbackup import tlsconfig
 from sdbackup.logformat import with_log_format
 from sdbackup.metrics import check_observability_options
+from sdbackup.services.chunkstore import FolderInUse, lock_folder
 from sdbackup.services.server import StorageService
 
 
@@ -37,6 +38,10 @@ class Options(usage.Options):
     def postOptions(self):
         if self["data"] is None:
             self["data"] = f"data_{_port_of(self['listen'])}"
+        try:  # said now, as a usage error; the store takes the lock itself when it opens
+            lock_folder(self["data"]).close()
+        except (FolderInUse, OSError) as e:
+            raise usage.UsageError(str(e)) from None
         for name in ("heartbeat", "scrub-interval", "scrub-rate"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")

@@ -17,6 +17,7 @@ Every method here blocks: the storage service calls them in a thread pool.
 """
 
 import ctypes
+import fcntl
 import os
 import threading
 import uuid
@@ -60,6 +61,34 @@ class KindConflict(ChunkStoreError):
     code = "kind-conflict"
 
 
+class FolderInUse(ChunkStoreError):
+    """Another process holds the data folder."""
+
+    code = "folder-in-use"
+
+
+def lock_folder(root: str):
+    """Hold ``root/lock`` for as long as the returned file is open.
+
+    Two servers on one folder would be counted by the manager as two copies of
+    every chunk on one disk, and each would clear the other's ``incoming/``.
+    """
+    os.makedirs(root, exist_ok=True)
+    lock = open(os.path.join(root, "lock"), "a+")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read(32).strip() or "?"
+        lock.close()
+        raise FolderInUse(f"the data folder {root} is in use by another sdbackup-server "
+                          f"(pid {holder})") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 class ChunkMissing(ChunkStoreError):
     code = "chunk-missing"
 
@@ -101,6 +130,7 @@ class ChunkStore:
         self.chunks = os.path.join(self.root, "chunks")
         self.snapshots = os.path.join(self.root, "snapshots")
         self.quarantine = os.path.join(self.root, "quarantine")
+        self._folder_lock = lock_folder(self.root)
         for folder in (self.root, self.incoming, self.chunks, self.snapshots, self.quarantine):
             os.makedirs(folder, exist_ok=True)
         # Anything left in incoming/ was never renamed into place: never acknowledged.
@@ -108,6 +138,10 @@ class ChunkStore:
             os.unlink(os.path.join(self.incoming, leftover))
         self._lock = threading.Lock()
         self._count = sum(1 for _ in self.chunk_ids())
+
+    def close(self):
+        """Let another process (or a new store) take the folder."""
+        self._folder_lock.close()
 
     # --- where chunks live ---------------------------------------------------------
 

@@ -476,6 +476,9 @@ class StorageService(NodeService):
         close_all(self.server.connections)
         await self.peers.close()
 
+    def stopped(self):
+        self.server.store.close()  # no disk work is left: the thread pool has stopped
+
 
 class _FetchGate:
     """Stops reading a connection's requests while it has ``MAX_FETCHES_PER_CONNECTION``

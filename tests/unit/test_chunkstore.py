@@ -14,6 +14,7 @@ from sdbackup.services.chunkstore import (
     ChunkCorrupt,
     ChunkMissing,
     ChunkStore,
+    FolderInUse,
     InvalidChunkId,
 )
 
@@ -41,7 +42,10 @@ def a_snapshot(host: str = "host") -> bytes:
 
 
 def files_under(folder) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    """The files a store keeps under ``folder``, its lock file left out (chunk files are
+    named by their hex ids, never ``lock``)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and p.name != "lock")
 
 
 @pytest.fixture
@@ -234,6 +238,7 @@ def test_leftovers_in_incoming_are_removed_when_a_store_opens(data_dir):
     partial.write_bytes(MAGIC + b"\x00" + bytes.fromhex(half_checksum) + half_payload[:100])
     (data_dir / "incoming" / "stray").write_bytes(b"x")
 
+    store.close()
     reopened = ChunkStore(str(data_dir))
     assert os.listdir(data_dir / "incoming") == []
     assert not reopened.has(half_id)
@@ -258,6 +263,7 @@ def test_chunk_ids_ignores_foreign_files(store, data_dir):
     (data_dir / "chunks" / "README").write_text("not a shard")
     (data_dir / "chunks" / chunk_id[:2] / "notes.txt").write_text("not a chunk")
     assert list(store.chunk_ids()) == [chunk_id]
+    store.close()
     assert ChunkStore(str(data_dir)).count() == 1
 
 
@@ -266,6 +272,7 @@ def test_count_survives_reopening(data_dir):
     for i in range(5):
         store.put(DATA, *chunk(f"persistent {i}".encode()))
     assert store.count() == 5
+    store.close()
     reopened = ChunkStore(str(data_dir))
     assert reopened.count() == 5
     assert sorted(reopened.chunk_ids()) == sorted(store.chunk_ids())
@@ -384,6 +391,7 @@ def test_listing_gives_payload_sizes_and_the_snapshots(store, data_dir):
     assert sorted(snapshot_ids) == sorted(s[0] for s in snapshots)
     assert sorted(store.snapshot_ids()) == sorted(snapshot_ids)
     assert sorted(store.chunk_ids()) == sorted(expected)
+    store.close()
     assert ChunkStore(str(data_dir)).count() == len(expected)
 
 
@@ -393,3 +401,11 @@ def test_a_truncated_file_lists_with_size_zero(store, data_dir):
     path = data_dir / "chunks" / chunk_id[:2] / chunk_id
     path.write_bytes(path.read_bytes()[:5])
     assert store.listing() == ([(chunk_id, 0)], [])
+
+
+def test_a_second_store_on_the_same_folder_is_refused_until_the_first_closes(store, data_dir):
+    # Two servers on one disk would be counted as two copies of every chunk.
+    with pytest.raises(FolderInUse, match=f"in use by another sdbackup-server \\(pid {os.getpid()}\\)"):
+        ChunkStore(str(data_dir))
+    store.close()
+    ChunkStore(str(data_dir)).close()
