@@ -24,6 +24,11 @@ The manager is ``--manager ENDPOINT``, else ``$SDBACKUP_MANAGER``, else
 loopback addresses are reached, unless ``--insecure``. Names in paths are shown, and typed, escaped as
 ``sdbackup.names.escape`` does (a backslash, a control character or a byte
 that is not UTF-8 becomes ``\\``, ``\\n``, ``\\xff``...).
+
+``--json`` (before or after the command) prints results as JSON on stdout and nothing else,
+in restic's shapes (``sdbackup.client.jsonout``): instead of a bar, backup and restore print a
+status line a second, then a summary; notes, warnings and errors stay text on stderr, with the
+same exit statuses.
 """
 
 import argparse
@@ -36,6 +41,7 @@ import sys
 from twisted.internet import defer, task
 
 from sdbackup import __version__, pki, retention
+from sdbackup.client import jsonout
 from sdbackup.client.backup import Backup
 from sdbackup.client.listing import entry_line
 from sdbackup.client.progress import Progress, human_bytes
@@ -73,6 +79,48 @@ def _short(snapshot_id: str | bytes | None) -> str:
     return (snapshot_id or "")[:SHORT_ID]
 
 
+def wants_json(args) -> bool:
+    return getattr(args, "json", False)
+
+
+def print_json(value):
+    print(jsonout.dumps(value))
+
+
+class JsonStatus(Progress):
+    """restic's ``--json`` status lines on stdout instead of a bar: one a second at most, the
+    first after a second (a short command prints its summary only)."""
+
+    INTERVAL = 1.0
+
+    def __init__(self, stream=None):
+        super().__init__(0, 0, stream=stream or sys.stdout, enabled=True)
+        self._last_status = self.started
+
+    def draw(self, now: float):
+        if now - self._last_status >= self.INTERVAL:
+            self._last_status = now
+            self.stream.write(jsonout.dumps(jsonout.status_line(self.counts(now))) + "\n")
+            self.stream.flush()
+
+    def finish(self):
+        """Nothing: the summary follows."""
+
+    def interrupted(self):
+        """Nothing: every line written is whole."""
+
+
+def progress_for(args) -> Progress:
+    return JsonStatus() if wants_json(args) else Progress(0, 0)
+
+
+def ask_on_stderr(prompt: str) -> str:
+    """``input`` with the prompt on stderr: with ``--json``, stdout carries JSON only."""
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    return input()
+
+
 def ask_for_paths(stdin=None, ask=input) -> list[str]:
     """The files or folders to back up, typed at a prompt: several, separated by spaces (quote a
     name holding one), with ``~`` expanded as a shell would."""
@@ -93,7 +141,7 @@ def ask_for_paths(stdin=None, ask=input) -> list[str]:
 
 
 async def cmd_backup(session: Session, args) -> int:
-    progress = Progress(0, 0)
+    progress = progress_for(args)
     result = await Backup(session, args.paths, progress=progress, parent=args.parent, force=args.force,
                           tags=tuple(args.tag), host=args.host).run()
     progress.finish()
@@ -101,6 +149,9 @@ async def cmd_backup(session: Session, args) -> int:
         print(f"note: {note}", file=sys.stderr)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if wants_json(args):
+        print_json(jsonout.backup_summary(result, progress.elapsed))
+        return EXIT_INCOMPLETE if result.warnings else 0
     print(f"snapshot {_short(result.snapshot_id)} saved: {result.files} files, {result.dirs} folders, "
           f"{human_bytes(result.bytes)} ({human_bytes(result.new_bytes)} new) in {progress.elapsed:.1f}s"
           + (f"; {result.unchanged} unchanged files not read again" if result.unchanged else "")
@@ -110,6 +161,9 @@ async def cmd_backup(session: Session, args) -> int:
 
 async def cmd_snapshots(session: Session, args) -> int:
     snapshots = await Repository(session).snapshots()
+    if wants_json(args):
+        print_json([jsonout.snapshot(s) for s in snapshots])
+        return 0
     print(f"{'ID':<8}  {'TIME':<19}  {'HOST':<16}  {'TAGS':<12}  {'FILES':>7}  {'SIZE':>10}  PATHS")
     for s in snapshots:
         print(f"{_short(s.snapshot_id):<8}  {_timestamp(s.time):<19}  {s.host[:16]:<16}  "
@@ -125,22 +179,34 @@ async def cmd_ls(session: Session, args) -> int:
     names = parse_path(args.path)
     reader = TreeReader(repository, chunks=args.chunks)
     out = sys.stdout
+
+    async def show(path: tuple, entry: Node, holders: dict | None):
+        """One line of the listing: text as ``ls`` shows it, or one JSON object."""
+        chunks = (await _chunk_holders(repository, entry, holders)
+                  if args.chunks and entry.type == "file" else None)
+        if wants_json(args):
+            out.write(jsonout.dumps(jsonout.node(path, entry, *(chunks or (None, None)))) + "\n")
+            return
+        suffix = (f"  {chunks[0]} chunk{'' if chunks[0] == 1 else 's'}  [{' '.join(chunks[1])}]"
+                  if chunks else "")
+        out.write(entry_line(path, entry, args.long) + suffix + "\n")
+
     node = None
     if names:
         node = await repository.find(snapshot.tree, b"/".join(names))
         if node is None:
             raise ClientError(f"{args.path}: not in snapshot {_short(summary.snapshot_id)}")
-        if node.type != "dir":
-            suffix = await _chunks_shown(repository, node, None) if args.chunks else ""
-            out.write(entry_line(names, node, args.long) + suffix + "\n")
-            return 0
+    if wants_json(args):
+        out.write(jsonout.dumps(jsonout.listed_snapshot(summary)) + "\n")
+    if node is not None and node.type != "dir":
+        await show(names, node, None)
+        return 0
     errors = 0
     async for event in reader.walk(node.subtree if node else snapshot.tree, prefix=names, node=node):
         if isinstance(event, Entry):
-            suffix = await _chunks_shown(repository, event.node, event.holders) if args.chunks else ""
-            out.write(entry_line(event.path, event.node, args.long) + suffix + "\n")
+            await show(event.path, event.node, event.holders)
         elif isinstance(event, Enter) and event.node is not None:
-            out.write(entry_line(event.path, event.node, args.long) + "\n")
+            await show(event.path, event.node, None)
             if event.error:
                 out.flush()
                 print(f"error: {event.error}", file=sys.stderr)
@@ -148,10 +214,8 @@ async def cmd_ls(session: Session, args) -> int:
     return EXIT_INCOMPLETE if errors else 0
 
 
-async def _chunks_shown(repository: Repository, node: Node, holders: dict | None) -> str:
-    """``  N chunks  [servers]``: how many chunks a file has and which servers hold them."""
-    if node.type != "file":
-        return ""
+async def _chunk_holders(repository: Repository, node: Node, holders: dict | None):
+    """How many chunks a file has, and the servers holding them (sorted addresses)."""
     ids = [c.hex() for c in node.content]
     for list_id in node.content_lists:
         data = await repository.fetch_object(Kind.LIST, list_id.hex())
@@ -160,18 +224,20 @@ async def _chunks_shown(repository: Repository, node: Node, holders: dict | None
     located = dict(holders or {})
     if missing:
         located.update(await repository.locate(missing))
-    servers = sorted({display_address(h) for i in ids for h in located.get(i, [])})
-    return f"  {len(ids)} chunk{'' if len(ids) == 1 else 's'}  [{' '.join(servers)}]"
+    return len(ids), sorted({display_address(h) for i in ids for h in located.get(i, [])})
 
 
 async def cmd_restore(session: Session, args) -> int:
-    progress = Progress(0, 0)
+    progress = progress_for(args)
     result = await Restore(session, args.snapshot, args.target, args.include, progress).run()
     progress.finish()
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     for error in result.errors:
         print(f"error: {error}", file=sys.stderr)
+    if wants_json(args):
+        print_json(jsonout.restore_summary(result, args.target, progress.elapsed))
+        return EXIT_INCOMPLETE if result.errors else 0
     print(f"snapshot {_short(result.snapshot_id)} restored to {args.target}: {result.files} files, "
           f"{result.folders} folders, {result.others} links and special files, "
           f"{human_bytes(result.bytes)}, "
@@ -181,6 +247,9 @@ async def cmd_restore(session: Session, args) -> int:
 
 async def cmd_status(session: Session, args) -> int:
     status = await session.ask(StatusRequest())
+    if wants_json(args):
+        print_json(jsonout.status(status))
+        return 0
     print(f"{'SERVER':<28} {'STATE':<6} {'FREE':>11} {'CHUNKS':>8}  LAST SEEN")
     for s in status.servers:
         state = "alive" if s.alive else "dead"
@@ -195,16 +264,19 @@ async def cmd_status(session: Session, args) -> int:
 
 async def cmd_check(session: Session, args) -> int:
     report = await session.ask(CheckRequest(read_data=args.read_data))
-    what = "re-hashed every chunk" if args.read_data else "listed their chunks"
-    print(f"{len(report.servers_checked)} servers {what}: "
-          f"{' '.join(display_address(s) for s in report.servers_checked) or '-'}")
-    for server in report.servers_unreachable:
-        print(f"unreachable: {display_address(server)}")
-    print(f"{report.snapshots} snapshots checked, {report.trees} trees and chunk lists walked")
-    print(f"snapshots reference {report.missing} missing chunks; {report.chunks} chunks held: "
-          f"{report.under_replicated} under-replicated, {report.corrupt} corrupt copies found")
-    for snapshot_id in report.damaged:
-        print(f"damaged: snapshot {_short(snapshot_id)} references data with no good copy left")
+    if wants_json(args):
+        print_json(jsonout.check(report, args.read_data))
+    else:
+        what = "re-hashed every chunk" if args.read_data else "listed their chunks"
+        print(f"{len(report.servers_checked)} servers {what}: "
+              f"{' '.join(display_address(s) for s in report.servers_checked) or '-'}")
+        for server in report.servers_unreachable:
+            print(f"unreachable: {display_address(server)}")
+        print(f"{report.snapshots} snapshots checked, {report.trees} trees and chunk lists walked")
+        print(f"snapshots reference {report.missing} missing chunks; {report.chunks} chunks held: "
+              f"{report.under_replicated} under-replicated, {report.corrupt} corrupt copies found")
+        for snapshot_id in report.damaged:
+            print(f"damaged: snapshot {_short(snapshot_id)} references data with no good copy left")
     if report.missing or report.damaged:
         print("some data has no good copy left on a live server", file=sys.stderr)
         return 1
@@ -258,45 +330,55 @@ def _group_title(key: tuple) -> str:
 async def cmd_forget(session: Session, args) -> int:
     """restic's ``forget``: the snapshots named, or those no ``--keep-*`` rule keeps in their
     group. Only the listing changes: the data they reference stays until a prune."""
+    as_json = wants_json(args)
+
+    def say(*lines: str):
+        if not as_json:
+            for line in lines:
+                print(line)
+
     repository = Repository(session)
+    groups = []
     if args.ids:
         chosen = {}
         for ref in args.ids:
             summary = await repository.resolve(ref)
             chosen[summary.snapshot_id] = summary
-        doomed = [_item(s) for s in chosen.values()]
-        print(f"{'would forget' if args.dry_run else 'forgetting'} {len(doomed)} snapshots:")
-        for line in _snapshot_table(retention.newest_first(doomed), None):
-            print(line)
+        doomed = retention.newest_first([_item(s) for s in chosen.values()])
+        groups.append(jsonout.forget_group(None, doomed))
+        say(f"{'would forget' if args.dry_run else 'forgetting'} {len(doomed)} snapshots:",
+            *_snapshot_table(doomed, None))
     else:
         items = [_item(s) for s in await repository.snapshots()]
         items = [i for i in items if retention.matches(i, args.host, args.path, _tag_lists(args.tag))]
-        print(f"Applying Policy: {args.policy}")
+        say(f"Applying Policy: {args.policy}")
         doomed = []
         for decision in retention.decide(items, args.policy, args.group_by,
                                          session.reactor.seconds()):
+            groups.append(jsonout.forget_group(decision, decision.remove))
             if decision.key:
-                print(f"snapshots for ({_group_title(decision.key)}):")
-            print(f"keep {len(decision.keep)} snapshots:")
-            for line in _snapshot_table(decision.keep, decision.reasons):
-                print(line)
+                say(f"snapshots for ({_group_title(decision.key)}):")
+            say(f"keep {len(decision.keep)} snapshots:", *_snapshot_table(decision.keep, decision.reasons))
             if decision.remove:
-                print(f"remove {len(decision.remove)} snapshots:")
-                for line in _snapshot_table(decision.remove, None):
-                    print(line)
-            print()
+                say(f"remove {len(decision.remove)} snapshots:", *_snapshot_table(decision.remove, None))
+            say("")
             doomed.extend(decision.remove)
+    policy = None if args.ids else str(args.policy)
     if args.dry_run:
-        print(f"{len(doomed)} snapshots would be forgotten (--dry-run: nothing changed)")
+        say(f"{len(doomed)} snapshots would be forgotten (--dry-run: nothing changed)")
+        if as_json:
+            print_json(jsonout.forget(groups, policy, True, None))
         return 0
     forgotten = 0
     ids = [item.snapshot_id for item in doomed]
     for start in range(0, len(ids), MAX_IDS):
         reply = await session.ask(ForgetSnapshots(snapshot_ids=ids[start : start + MAX_IDS]))
         forgotten += len(reply.snapshot_ids)
-    print(f"{forgotten} snapshots forgotten"
-          + (f" ({len(ids) - forgotten} were forgotten already)" if forgotten < len(ids) else "")
-          + ("; their data stays until a prune, which is not built yet" if forgotten else ""))
+    say(f"{forgotten} snapshots forgotten"
+        + (f" ({len(ids) - forgotten} were forgotten already)" if forgotten < len(ids) else "")
+        + ("; their data stays until a prune, which is not built yet" if forgotten else ""))
+    if as_json:
+        print_json(jsonout.forget(groups, policy, False, forgotten, len(ids) - forgotten))
     return 0
 
 
@@ -360,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="this client's key (default: $SDBACKUP_TLS_KEY)")
     manager.add_argument("--insecure", action="store_true", default=argparse.SUPPRESS,
                          help="without TLS, reach addresses other than loopback (plaintext)")
+    manager.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                         help="print results as JSON on stdout, nothing else (names escaped as "
+                              "in listings; ls: one object per line)")
     parser = argparse.ArgumentParser(prog="sdbackup", parents=[manager],
                                      description="Back up to and restore from an sdbackup cluster.")
     parser.add_argument("--version", action="version", version=f"sdbackup {__version__}")
@@ -485,6 +570,8 @@ def main(argv=None):
     if args.command == "forget":
         check_forget(parser, args)
     if args.command == "tls":
+        if wants_json(args):
+            parser.error("tls has no --json output")
         try:
             sys.exit(cmd_tls(args))
         except (pki.CertificateError, OSError) as e:
@@ -492,7 +579,7 @@ def main(argv=None):
             sys.exit(1)
     if args.command == "backup" and not args.paths:
         try:
-            args.paths = ask_for_paths()
+            args.paths = ask_for_paths(ask=ask_on_stderr if wants_json(args) else input)
         except ClientError as e:
             print(f"\nsdbackup: {e}", file=sys.stderr)
             sys.exit(1)
