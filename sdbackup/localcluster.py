@@ -20,6 +20,7 @@ import time
 import attrs
 
 from sdbackup import pki
+from sdbackup.tlsconfig import Transport, load_identity
 
 MANAGER_READY = re.compile(r"sdbackup-manager listening on port (\d+)")
 #: Logged once a started manager leaves safe mode and serves clients.
@@ -53,17 +54,27 @@ def make_certificates(folder: str):
             pki.save_certificate(folder, name, pki.issue(ca, role, name))
 
 
+def certificate_files(folder: str, name: str) -> tuple[str, str, str]:
+    """The CA's certificate, and the certificate and key ``name``, in ``folder``."""
+    return (os.path.join(folder, "ca.crt"), os.path.join(folder, f"{name}.crt"),
+            os.path.join(folder, f"{name}.key"))
+
+
 def tls_options(folder: str, name: str) -> list[str]:
     """``--tls-ca/--tls-cert/--tls-key`` for the certificate ``name`` in ``folder``."""
-    return ["--tls-ca", os.path.join(folder, "ca.crt"), "--tls-cert",
-            os.path.join(folder, f"{name}.crt"), "--tls-key", os.path.join(folder, f"{name}.key")]
+    ca, cert, key = certificate_files(folder, name)
+    return ["--tls-ca", ca, "--tls-cert", cert, "--tls-key", key]
 
 
 def tls_environment(folder: str, name: str = "client") -> dict:
     """``SDBACKUP_TLS_CA/CERT/KEY`` for a client with the certificate ``name``."""
-    return {"SDBACKUP_TLS_CA": os.path.join(folder, "ca.crt"),
-            "SDBACKUP_TLS_CERT": os.path.join(folder, f"{name}.crt"),
-            "SDBACKUP_TLS_KEY": os.path.join(folder, f"{name}.key")}
+    ca, cert, key = certificate_files(folder, name)
+    return {"SDBACKUP_TLS_CA": ca, "SDBACKUP_TLS_CERT": cert, "SDBACKUP_TLS_KEY": key}
+
+
+def tls_transport(folder: str, name: str) -> Transport:
+    """Mutual TLS as the holder of the certificate ``name`` in ``folder``."""
+    return Transport(tls=load_identity(*certificate_files(folder, name)))
 
 
 def tail(path: str, lines: int = 15) -> str:

@@ -353,15 +353,23 @@ class Restore:
 
     # --- entries ------------------------------------------------------------------------
 
-    async def _file(self, state: _FolderState, node: Node, holders: dict, group: _LinkGroup | None):
+    @staticmethod
+    async def _first_of_group(state: _FolderState, node: Node, group: _LinkGroup | None, written):
+        """Await ``written``, then tell the rest of ``node``'s hard-link group where its first
+        copy is, or that it failed (they are then restored whole)."""
         try:
-            notes = await self._write_file(state.folder, node, holders)
+            notes = await written
         except BaseException:
             if group is not None:
                 group.settle(None)
             raise
         if group is not None:
             group.settle((state, node.name))
+        return notes
+
+    async def _file(self, state: _FolderState, node: Node, holders: dict, group: _LinkGroup | None):
+        notes = await self._first_of_group(
+            state, node, group, defer.ensureDeferred(self._write_file(state.folder, node, holders)))
         self.result.files += 1
         self.result.bytes += node.size
         if self.progress is not None:
@@ -369,14 +377,8 @@ class Restore:
         return notes
 
     async def _special(self, state: _FolderState, node: Node, group: _LinkGroup | None):
-        try:
-            notes = await deferToThread(self.writer.make_special, state.folder, node)
-        except BaseException:
-            if group is not None:
-                group.settle(None)
-            raise
-        if group is not None:
-            group.settle((state, node.name))
+        notes = await self._first_of_group(
+            state, node, group, deferToThread(self.writer.make_special, state.folder, node))
         self.result.others += 1
         return notes
 

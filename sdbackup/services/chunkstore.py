@@ -427,6 +427,10 @@ class ChunkStore:
     def count(self) -> int:
         return self._count
 
-    def free_bytes(self) -> int:
+    def disk_space(self) -> tuple[int, int]:
+        """Bytes free (to this process) and in all on the data folder's file system."""
         stats = os.statvfs(self.root)
-        return stats.f_bavail * stats.f_frsize
+        return stats.f_bavail * stats.f_frsize, stats.f_blocks * stats.f_frsize
+
+    def free_bytes(self) -> int:
+        return self.disk_space()[0]

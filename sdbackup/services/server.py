@@ -15,7 +15,6 @@ with backoff), the heartbeat, the scrub and the disk thread pool.
 """
 
 import errno
-import os
 import random
 
 from twisted.application import internet
@@ -448,9 +447,8 @@ class StorageService(NodeService):
 
     def _disk_space(self) -> dict:
         """Free and total bytes of the data folder's file system, for the manager's dashboard."""
-        stats = os.statvfs(self.store.root)
-        return {"free_bytes": stats.f_bavail * stats.f_frsize,
-                "total_bytes": stats.f_blocks * stats.f_frsize}
+        free, total = self.store.disk_space()
+        return {"free_bytes": free, "total_bytes": total}
 
     def _send_heartbeat(self):
         self.server.tell_manager(Heartbeat(

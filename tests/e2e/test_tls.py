@@ -22,6 +22,7 @@ from twisted.internet.ssl import Certificate, PrivateCertificate
 
 from sdbackup import hashing, pki
 from sdbackup.client.session import ClientError, Session
+from sdbackup.localcluster import certificate_files, tls_environment, tls_transport
 from sdbackup.protocols.messages import (
     FetchChunk,
     RegisterServer,
@@ -30,17 +31,13 @@ from sdbackup.protocols.messages import (
     VerifyChunks,
 )
 from sdbackup.protocols.peer import MessageProtocol, RemoteError
-from sdbackup.tlsconfig import TLSIdentity, Transport, load_identity
+from sdbackup.tlsconfig import TLSIdentity, Transport
 
 REFUSED_AT_TLS = re.compile(r"connection with \S+ refused: TLS handshake failed")
 
 
-def files(folder: Path, name: str) -> tuple[str, str, str]:
-    return str(folder / "ca.crt"), str(folder / f"{name}.crt"), str(folder / f"{name}.key")
-
-
 def identity(folder: Path, name: str) -> Transport:
-    return Transport(tls=load_identity(*files(folder, name)))
+    return tls_transport(str(folder), name)
 
 
 def issue(folder: Path, role: str, name: str):
@@ -154,7 +151,7 @@ async def test_a_client_certificate_cannot_register_as_a_server(tls_cluster):
 
 
 def test_a_server_refuses_to_start_with_a_client_certificate(tls_cluster, tmp_path):
-    ca, cert, key = files(tls_cluster.tls, "client")
+    ca, cert, key = certificate_files(str(tls_cluster.tls), "client")
     started = subprocess.run(
         [str(Path(tls_cluster.command()[0]).parent / "twistd"), "-n", "--pidfile=", "sdbackup-server",
          "--listen", "tcp:0:interface=127.0.0.1", "--data", str(tmp_path / "d"), "--manager",
@@ -218,8 +215,7 @@ def test_check_read_data_needs_the_admin_role(tls_cluster, tmp_path):
     assert refused.returncode == 1, refused.describe()
     assert "a client may not send CheckRequest --read-data (only admin)" in refused.stderr
 
-    admin = {f"SDBACKUP_TLS_{k.upper()}": v
-             for k, v in zip(("ca", "cert", "key"), files(tls_cluster.tls, "admin"), strict=True)}
+    admin = tls_environment(str(tls_cluster.tls), "admin")
     done = subprocess.run(tls_cluster.command("check", "--read-data"), cwd=tmp_path,
                           env=dict(tls_cluster.client_env(), **admin), timeout=60,
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)

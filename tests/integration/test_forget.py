@@ -9,22 +9,29 @@ import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.endpoints import connectProtocol
 
-from sdbackup.localcluster import make_certificates
+from sdbackup.localcluster import make_certificates, tls_transport
 from sdbackup.protocols.messages import (
     CheckRequest,
     ForgetSnapshots,
-    ListSnapshots,
     StatusRequest,
 )
 from sdbackup.protocols.peer import MessageProtocol, RemoteError
 from sdbackup.services.manager import ManagerService
-from sdbackup.tlsconfig import Transport, load_identity
 
 from .backups import make_backup
+from .test_manager_index import listed
 
 
-async def listed(wire_client) -> list[str]:
-    return [s.snapshot_id for s in (await wire_client.ask(ListSnapshots())).snapshots]
+async def listed_after_manager_restart(cluster, wire_client, data: str | None = None) -> list:
+    """The snapshots a restarted manager lists (``data``: a new folder, a lost catalog)."""
+    await cluster.restart_manager(data)
+    await wire_client.close()
+    fresh = await cluster.wire_client()
+    try:
+        await cluster.until_ready()
+        return await listed(fresh)
+    finally:
+        await fresh.close()
 
 
 def snapshot_files(cluster) -> set[str]:
@@ -69,14 +76,8 @@ async def test_a_lost_catalog_does_not_bring_forgotten_snapshots_back(cluster, w
                                                                       tmp_path):
     summaries = await three_backups(wire_client)
     await wire_client.ask(ForgetSnapshots(snapshot_ids=[summaries[0].snapshot_id]))
-    await cluster.restart_manager(str(tmp_path / "new-manager"))
-    await wire_client.close()
-    fresh = await cluster.wire_client()
-    try:
-        await cluster.until_ready()
-        assert await listed(fresh) == [s.snapshot_id for s in summaries[1:]]
-    finally:
-        await fresh.close()
+    assert (await listed_after_manager_restart(cluster, wire_client, str(tmp_path / "new-manager"))
+            == [s.snapshot_id for s in summaries[1:]])
 
 
 @pytest_twisted.ensureDeferred
@@ -100,14 +101,8 @@ async def test_a_server_down_during_forget_deletes_the_object_when_it_returns(cl
     status = await wire_client.ask(StatusRequest())
     assert (status.snapshots, status.missing) == (2, 0)
     # A restart with the same catalog lists it no more either.
-    await cluster.restart_manager()
-    await wire_client.close()
-    fresh = await cluster.wire_client()
-    try:
-        await cluster.until_ready()
-        assert await listed(fresh) == [s.snapshot_id for s in summaries[1:]]
-    finally:
-        await fresh.close()
+    assert (await listed_after_manager_restart(cluster, wire_client)
+            == [s.snapshot_id for s in summaries[1:]])
 
 
 @pytest_twisted.ensureDeferred
@@ -116,12 +111,8 @@ async def test_only_an_admin_may_forget(tmp_path):
     that the manager, with no server yet, is starting)."""
     make_certificates(str(tmp_path))
 
-    def transport(name):
-        return Transport(tls=load_identity(str(tmp_path / "ca.crt"), str(tmp_path / f"{name}.crt"),
-                                           str(tmp_path / f"{name}.key")))
-
     manager = ManagerService("tcp:0:interface=127.0.0.1", str(tmp_path / "m"), reactor=reactor,
-                             transport=transport("manager"))
+                             transport=tls_transport(str(tmp_path), "manager"))
     manager.startService()
     try:
         port = (await manager.when_listening()).getHost().port
@@ -129,8 +120,9 @@ async def test_only_an_admin_may_forget(tmp_path):
         codes = {}
         for name in ("client", "admin"):
             proto = MessageProtocol(None, "client", tls=True, expect=("manager",), clock=reactor)
-            await connectProtocol(
-                transport(name).client_endpoint(reactor, f"tcp:127.0.0.1:{port}", 5), proto)
+            endpoint = tls_transport(str(tmp_path), name).client_endpoint(
+                reactor, f"tcp:127.0.0.1:{port}", 5)
+            await connectProtocol(endpoint, proto)
             await proto.ready
             with pytest.raises(RemoteError) as caught:
                 await proto.request(forget, 5, reactor)

@@ -11,7 +11,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python import usage
 
 from sdbackup import manager_tap, pki, server_tap
-from sdbackup.localcluster import make_certificates
+from sdbackup.localcluster import make_certificates, tls_transport
 from sdbackup.protocols.peer import MessageProtocol, RemoteError
 from sdbackup.services.manager import ManagerService
 from sdbackup.tlsconfig import AddressRefused, Transport, load_identity
@@ -126,19 +126,16 @@ async def test_a_silent_connection_is_closed_at_the_handshake_timeout(tmp_path):
 async def test_under_tls_the_role_is_the_certificates(tmp_path):
     make_certificates(str(tmp_path))
 
-    def transport(name):
-        return Transport(tls=load_identity(str(tmp_path / "ca.crt"), str(tmp_path / f"{name}.crt"),
-                                           str(tmp_path / f"{name}.key")))
-
     manager = ManagerService("tcp:0:interface=127.0.0.1", str(tmp_path / "m"), reactor=reactor,
-                             transport=transport("manager"))
+                             transport=tls_transport(str(tmp_path), "manager"))
     manager.startService()
     try:
         port = (await manager.when_listening()).getHost().port
         address = f"tcp:127.0.0.1:{port}"
         for name, hello, role in [("admin", "client", "admin"), ("server", "server", "server")]:
             proto = MessageProtocol(None, hello, tls=True, expect=("manager",), clock=reactor)
-            await connectProtocol(transport(name).client_endpoint(reactor, address, 5), proto)
+            endpoint = tls_transport(str(tmp_path), name).client_endpoint(reactor, address, 5)
+            await connectProtocol(endpoint, proto)
             await proto.ready
             await task.deferLater(reactor, 0.1)
             [accepted] = [c for c in manager.manager.connections if c.peer_name == name]
@@ -148,7 +145,8 @@ async def test_under_tls_the_role_is_the_certificates(tmp_path):
             proto.transport.loseConnection()
             await task.deferLater(reactor, 0.1)
         proto = MessageProtocol(None, "manager", tls=True, expect=("manager",), clock=reactor)
-        await connectProtocol(transport("client").client_endpoint(reactor, address, 5), proto)
+        endpoint = tls_transport(str(tmp_path), "client").client_endpoint(reactor, address, 5)
+        await connectProtocol(endpoint, proto)
         await proto.ready
         with pytest.raises(RemoteError, match="its certificate is a client's, but it said it is a "
                                               "manager"):
