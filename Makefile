@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean chromium
+.PHONY: demo test lint bench clean chromium mutate
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,13 @@ bench: $(VENV)/.test-installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache
+
+# Not part of `make test`: mutation testing of the code that verifies and decides (an hour or
+# more; one area with MUTATE_ARGS="--only placement"). Survivors kept on purpose are listed,
+# with the reason, in mutation/kept.txt.
+$(VENV)/.mutate-installed: $(VENV)/.test-installed
+	$(BIN)/pip install --quiet -e '.[test,mutate]'
+	touch $@
+
+mutate: $(VENV)/.mutate-installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python mutation/run.py $(MUTATE_ARGS)

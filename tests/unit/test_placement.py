@@ -141,3 +141,22 @@ def test_a_server_with_a_step_more_free_space_still_comes_first():
     gib = 1024**3
     loads = [ServerLoad("tcp:a:1", 10 * gib), ServerLoad("tcp:b:2", 12 * gib, assigned=10**6)]
     assert choose_servers(loads, 1, granularity=gib) == ["tcp:b:2"]
+
+
+def test_one_byte_more_free_space_comes_first():
+    servers = [ServerLoad("a", 99), ServerLoad("b", 100)]
+    assert choose_servers(servers, 1) == ["b"]
+    assert place_chunks(servers, [("00" * 32, 10)], 1) == {"00" * 32: ["b"]}
+
+
+def test_a_load_given_no_assigned_bytes_has_none():
+    assert choose_servers([ServerLoad("a", 100, assigned=1), ServerLoad("b", 100)], 1) == ["b"]
+    assert choose_servers([ServerLoad("b", 100), ServerLoad("a", 100, assigned=0)], 1) == ["a"]
+
+
+def test_the_primary_rotates_between_two_servers_by_chunk_id():
+    servers = [ServerLoad("a", 10**12), ServerLoad("b", 10**12)]
+    ids = ["ff" * 32, "fe" * 32, "01" * 32, "02" * 32]
+    placement = place_chunks(servers, [(chunk_id, 1) for chunk_id in ids], 2)
+    assert {chain[0] for chain in placement.values()} == {"a", "b"}
+    assert all(sorted(chain) == ["a", "b"] for chain in placement.values())

@@ -1,0 +1,142 @@
+"""``make mutate``: mutation testing of the code that verifies and decides, with cosmic-ray.
+
+Each area is a source file and the tests that guard it. For every area a fresh copy of the
+checked-in tree is mutated, one mutant at a time, and the area's tests run against it: a
+mutant they fail on is *killed*. The score is killed / (killed + survived); mutants that
+break the import or time out count as killed (the tests noticed), as cosmic-ray counts them.
+
+Survivors are printed with their place and their change. A survivor kept on purpose (an
+equivalent mutant, a change no user could notice) is listed in ``mutation/kept.txt`` with the
+reason; the run fails when the score of the mutants not kept is under ``--goal`` percent.
+
+Not part of ``make test``: each mutant costs a test run (seconds), and an area has hundreds.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTEST = "python -m pytest -x -q -p no:randomly -p no:cacheprovider -p no:logging"
+
+#: area -> (module, tests). Integration tests run real sockets in one process (a few seconds).
+AREAS = {
+    "paths": ("sdbackup/paths.py", "tests/unit/test_paths.py tests/unit/test_restore.py"),
+    "placement": ("sdbackup/placement.py", "tests/unit/test_placement.py"),
+    "objects": ("sdbackup/objects.py", "tests/unit/test_objects.py"),
+    "chunkstore": ("sdbackup/services/chunkstore.py", "tests/unit/test_chunkstore.py"),
+    "tickets": ("sdbackup/tickets.py", "tests/unit/test_tickets.py"),
+    "messages": ("sdbackup/protocols/messages.py", "tests/unit/test_messages.py tests/unit/test_fuzz.py"),
+    "repository": ("sdbackup/client/repository.py",
+                   "tests/integration/test_lying_peers.py tests/integration/test_restore.py"),
+    "parenttrees": ("sdbackup/client/parenttrees.py", "tests/unit/test_archiver.py"),
+    "repair": ("sdbackup/services/repair.py",
+               "tests/integration/test_failures.py tests/integration/test_guarantees.py"),
+}
+
+#: Operators left out: the arithmetic-to-every-other-operator family multiplies the mutants
+#: tenfold and mostly yields type errors; comparisons, booleans, constants, loops, break and
+#: continue, and exception handlers are kept.
+EXCLUDED_OPERATORS = [
+    r"core/ReplaceBinaryOperator_.*_(Pow|RShift|LShift|BitOr|BitAnd|BitXor|Mod|FloorDiv)",
+    r"core/ReplaceBinaryOperator_(Pow|RShift|LShift|BitOr|BitAnd|BitXor|Mod|FloorDiv)_.*",
+]
+
+
+def config(module: str, tests: str, timeout: float) -> str:
+    excluded = ", ".join(json.dumps(p) for p in EXCLUDED_OPERATORS)
+    return f"""[cosmic-ray]
+module-path = "{module}"
+timeout = {timeout}
+excluded-modules = []
+test-command = "{PYTEST} {tests}"
+
+[cosmic-ray.distributor]
+name = "local"
+
+[cosmic-ray.filters.operators-filter]
+exclude-operators = [{excluded}]
+"""
+
+
+def kept_mutants() -> set[str]:
+    """``module:line operator occurrence`` keys listed in kept.txt (after the reason's #)."""
+    kept = set()
+    path = ROOT / "mutation" / "kept.txt"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            key = line.split("#", 1)[0].strip()
+            if key:
+                kept.add(key)
+    return kept
+
+
+def run_area(name: str, module: str, tests: str, timeout: float, work: Path) -> dict:
+    copy = work / name
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(copy)], check=True)
+    env = {**os.environ, "PYTHONPATH": str(copy)}  # the copy's code, not the installed one
+    cfg = copy / "mutate.toml"
+    cfg.write_text(config(module, tests, timeout))
+    session = copy / "session.sqlite"
+
+    def cr(*args):
+        return subprocess.run(args, cwd=copy, env=env, check=True, capture_output=True, text=True)
+
+    cr("cosmic-ray", "init", str(cfg), str(session))
+    cr("cr-filter-operators", str(session), str(cfg))
+    baseline = subprocess.run(f"{PYTEST} {tests}", shell=True, cwd=copy, env=env,
+                              capture_output=True, text=True)
+    if baseline.returncode != 0:
+        raise SystemExit(f"{name}: the tests fail without any mutant:\n{baseline.stdout[-3000:]}")
+    cr("cosmic-ray", "exec", str(cfg), str(session))
+    dump = cr("cosmic-ray", "dump", str(session)).stdout
+    outcome = {"killed": 0, "survived": [], "skipped": 0}
+    for line in dump.splitlines():
+        item, result = json.loads(line)
+        if result is None or result.get("worker_outcome") == "skipped":
+            outcome["skipped"] += 1
+            continue
+        if result.get("test_outcome") == "survived":
+            mutation = item["mutations"][0]
+            where = f"{mutation['module_path']}:{mutation['start_pos'][0]}"
+            changed = [line[1:].strip() for line in (result.get("diff") or "").splitlines()
+                       if line.startswith("+") and not line.startswith("+++")]
+            outcome["survived"].append(f"{where} {mutation['operator_name']} "
+                                       f"{mutation['occurrence']}  # {' / '.join(changed)}")
+        else:
+            outcome["killed"] += 1
+    return outcome
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(AREAS), help="areas to run (default: all)")
+    parser.add_argument("--goal", type=float, default=90.0, help="percent of mutants to kill")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant's tests")
+    args = parser.parse_args(argv)
+    if shutil.which("cosmic-ray") is None:
+        raise SystemExit("cosmic-ray is not installed: make mutate installs it")
+    kept = kept_mutants()
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="sdbackup-mutate-") as work:
+        for name in args.only or sorted(AREAS):
+            module, tests = AREAS[name]
+            outcome = run_area(name, module, tests, args.timeout, Path(work))
+            survived = [s for s in outcome["survived"] if s.split("  #")[0] not in kept]
+            counted = outcome["killed"] + len(survived)
+            score = 100.0 * outcome["killed"] / counted if counted else 100.0
+            print(f"{name:12} {module:36} killed {outcome['killed']:4}  survived {len(survived):4}"
+                  f"  kept {len(outcome['survived']) - len(survived):3}  score {score:5.1f} %", flush=True)
+            for line in survived:
+                print(f"    survived: {line}", flush=True)
+            failed |= score < args.goal
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

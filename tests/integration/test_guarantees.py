@@ -1,0 +1,162 @@
+"""The promises behind "it never loses data", each held to a measure: a chain of three copies,
+a primary that acknowledges only once its replica has stored, and repair and scrub that keep
+to their rates."""
+
+import os
+
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.internet.testing import MemoryReactorClock
+
+from sdbackup import hashing
+from sdbackup.client.backup import Backup
+from sdbackup.client.restore import Restore
+from sdbackup.objects import Kind
+from sdbackup.services.chunkstore import ChunkStore
+from sdbackup.services.server import StorageServer
+
+MiB = 1024 * 1024
+
+
+async def backup(cluster, *paths):
+    session = await cluster.session()
+    try:
+        return await Backup(session, [str(p) for p in paths]).run()
+    finally:
+        await session.close()
+
+
+async def restore(cluster, target):
+    session = await cluster.session()
+    try:
+        return await Restore(session, "latest", str(target), ()).run()
+    finally:
+        await session.close()
+
+
+def copies(servers) -> dict:
+    """chunk id -> the servers holding a file of it."""
+    held = {}
+    for server in servers:
+        for chunk_id in server.store.chunk_ids():
+            held.setdefault(chunk_id, []).append(server)
+    return held
+
+
+@pytest_twisted.ensureDeferred
+async def test_replication_factor_three_keeps_three_copies_through_two_deaths(
+        make_cluster, tmp_path, monkeypatch):
+    cluster = await make_cluster(servers=4, replicas=3)
+    monkeypatch.chdir(tmp_path)
+    data = os.urandom(5 * MiB + 77)
+    os.makedirs("src")
+    with open("src/file", "wb") as f:
+        f.write(data)
+    result = await backup(cluster, "src")
+    assert result.warnings == []
+
+    held = copies(cluster.servers)
+    assert held and {len(servers) for servers in held.values()} == {3}
+
+    # Any two of a chunk's holders may die: the third still restores it.
+    first = next(iter(held.values()))
+    for dead in first[:2]:
+        await cluster.stop_server(dead)
+    out = await restore(cluster, tmp_path / "out")
+    assert out.errors == []
+    assert (tmp_path / "out/src/file").read_bytes() == data
+
+    # And the repair brings every chunk back to three copies on the two left alive? It cannot:
+    # two servers are left, so each chunk gets two, the most there can be.
+    alive = [s for s in cluster.servers if s.running]
+
+    def at_most_possible():
+        now = copies(alive)
+        return set(now) >= set(held) and all(len(now[c]) == len(alive) for c in held)
+
+    await cluster.until(at_most_possible, timeout=30, what="every chunk on both live servers")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_primary_acknowledges_only_after_its_replica_has_stored(cluster, wire_client):
+    """The replica is held back: the primary must not answer the client until it lets go, and
+    when it answers, the replica's copy is on disk."""
+    released = defer.Deferred()
+    held_back = []
+    for service in cluster.servers:
+        real = service.server.handle_StoreChunks
+
+        async def last_in_chain(msg, connection, real=real, service=service):
+            if not msg.forward_to:
+                held_back.append(service)
+                await released
+            return await real(msg, connection)
+
+        service.server.handle_StoreChunks = last_in_chain
+
+    pieces = [(hashing.chunk_id(d), d) for d in (os.urandom(4000 + i) for i in range(5))]
+    storing = defer.ensureDeferred(wire_client.store(Kind.DATA, pieces))
+    await cluster.until(lambda: held_back, what="the replica being asked")
+    await task.deferLater(reactor, 0.5)
+    assert not storing.called, "the primary acknowledged before its replica stored"
+
+    released.callback(None)
+    placement = await storing
+    for chunk_id, _ in pieces:
+        holders = [s for s in cluster.servers if s.store.has(chunk_id)]
+        assert len(holders) == 2
+        assert len(placement.assignments[chunk_id]) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_repair_keeps_to_its_rate(cluster, tmp_path, monkeypatch):
+    """Several MiB to copy again at 4 MiB/s: the copies take about that many quarter seconds,
+    never much less."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("src")
+    with open("src/file", "wb") as f:
+        f.write(os.urandom(12 * MiB))
+    await backup(cluster, "src")
+    rate = 4 * MiB
+    cluster.manager.manager.repair.rate = rate
+
+    victim = max(cluster.servers, key=lambda s: s.store.count())
+    lost = sum(len(s.store.get(c)[2]) for s in [victim] for c in s.store.chunk_ids())
+    await cluster.stop_server(victim)
+    started = reactor.seconds()  # the manager knows the death: the repair starts
+    alive = [s for s in cluster.servers if s is not victim]
+    wanted = set(copies(cluster.servers)) | set(victim.store.chunk_ids())
+
+    def repaired():
+        now = copies(alive)
+        return all(len(now.get(c, ())) == 2 for c in wanted)
+
+    await cluster.until(repaired, timeout=60, what="the repair")
+    took = reactor.seconds() - started
+    assert lost >= 4 * MiB
+    assert took >= 0.8 * lost / rate, f"{lost} bytes repaired in {took:.2f} s: faster than the rate"
+    assert took <= 3 * lost / rate + 5, f"{lost} bytes repaired in {took:.2f} s: far slower"
+
+
+@pytest_twisted.ensureDeferred
+async def test_scrub_keeps_to_its_rate(tmp_path):
+    """On a fake clock: 4 chunks of 1 MiB at 1 MiB/s are read one a second, not faster."""
+    store = ChunkStore(str(tmp_path / "data"))
+    for _ in range(4):
+        data = os.urandom(MiB)
+        store.put(Kind.DATA, hashing.chunk_id(data), hashing.checksum(data), data)
+    clock = MemoryReactorClock()
+
+    async def on_disk(f, *args):
+        return f(*args)
+
+    server = StorageServer(store, on_disk, None, clock)
+    scrubbing = defer.ensureDeferred(server.scrub(rate=MiB))
+    seen = []
+    for _ in range(5):
+        await task.deferLater(reactor, 0)  # let the read finish
+        seen.append(server.scrubbed_bytes)
+        clock.advance(1.0)
+    await scrubbing
+    assert seen == [MiB, 2 * MiB, 3 * MiB, 4 * MiB, 4 * MiB]
+    store.close()
