@@ -37,6 +37,11 @@ MAX_BATCH_CHUNKS = 4096
 MAX_LOCATE_IDS = 10_000
 #: Copies of a chunk: the replication factor, the servers of one chain, the holders of an id.
 MAX_REPLICAS = 16
+#: A data folder's identity (32 hex digits today).
+MAX_DISK_ID_LENGTH = 64
+#: The name of a key the manager signs placement tickets with, and keys a server holds at once.
+MAX_KEY_ID_LENGTH = 64
+MAX_TICKET_KEYS = 8
 #: Servers in one listing (status, check, a placement's exclusions).
 MAX_SERVERS = 2048
 #: Snapshots in one page of a listing, and the header bytes a page is filled up to.

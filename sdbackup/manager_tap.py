@@ -7,6 +7,8 @@ from sdbackup.limits import MAX_REPLICAS
 from sdbackup.logformat import with_log_format
 from sdbackup.metrics import check_observability_options
 from sdbackup.services.manager import ManagerService
+from sdbackup.services.prune import DEFAULT_GRACE, DEFAULT_RATE
+from sdbackup.tickets import DEFAULT_KEY_INTERVAL, DEFAULT_LIFETIME
 from sdbackup.web.endpoints import ListenRefused, dashboard_endpoint
 
 
@@ -45,6 +47,17 @@ class Options(usage.Options):
          "File whose first line is the password the dashboard asks for (HTTP basic auth)."],
         ["history-interval", None, 30.0,
          "Seconds between the samples of chunk health the dashboard and metrics show.", float],
+        ["ticket-lifetime", None, DEFAULT_LIFETIME,
+         "Seconds a placement's tickets let servers store and forward its chunks.", float],
+        ["ticket-key-interval", None, DEFAULT_KEY_INTERVAL,
+         "Seconds a key signs placement tickets before a new one does (at least "
+         "--ticket-lifetime).", float],
+        ["prune-grace", None, DEFAULT_GRACE,
+         "Seconds a prune spares chunks a backup stored or counted on (and snapshots "
+         "forgotten) before its start: longer than any backup takes (0 is safe only while no "
+         "backup runs).", float],
+        ["prune-rate", None, DEFAULT_RATE,
+         "Chunk copies a prune deletes per second at most, over all servers.", float],
         ["log-format", None, "text", "Log as text or json (one twisted.logger event a line)."],
         *tlsconfig.OPTION_PARAMETERS,
     ]
@@ -52,12 +65,16 @@ class Options(usage.Options):
     def postOptions(self):
         if not 1 <= self["replicas"] <= MAX_REPLICAS:
             raise usage.UsageError(f"--replicas must be between 1 and {MAX_REPLICAS}")
-        for name in ("dead-after", "repair-interval", "repair-rate"):
+        for name in ("dead-after", "repair-interval", "repair-rate", "ticket-lifetime"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
-        for name in ("safe-mode-timeout", "safe-mode-settle"):
+        if self["prune-rate"] <= 0:
+            raise usage.UsageError("--prune-rate must be positive")
+        for name in ("safe-mode-timeout", "safe-mode-settle", "prune-grace"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} cannot be negative")
+        if self["ticket-key-interval"] < self["ticket-lifetime"]:
+            raise usage.UsageError("--ticket-key-interval must be at least --ticket-lifetime")
         self["transport"] = tlsconfig.transport_from_options(self, "manager")
         try:
             self["transport"].listen_description(self["listen"])
@@ -87,6 +104,9 @@ def makeService(options, reactor=None):
             metrics=options["metrics"], web=options["web"],
             web_password_file=options["web-password-file"],
             history_interval=options["history-interval"], transport=options["transport"],
+            ticket_lifetime=options["ticket-lifetime"],
+            ticket_key_interval=options["ticket-key-interval"],
+            prune_grace=options["prune-grace"], prune_rate=options["prune-rate"],
         )
     except (OSError, ValueError) as e:  # an unreadable or empty --web-password-file
         raise usage.UsageError(str(e)) from None

@@ -44,11 +44,15 @@ class Kind:
     TREE = "tree"
     LIST = "list"
     SNAPSHOT = "snapshot"
+    #: A repository's master key wrapped under a password (``sdbackup.sealing``).
+    KEY = "key"
 
 
-KINDS = (Kind.DATA, Kind.TREE, Kind.LIST, Kind.SNAPSHOT)
-_KIND_CODES = {Kind.TREE: 1, Kind.LIST: 2, Kind.SNAPSHOT: 3}
+KINDS = (Kind.DATA, Kind.TREE, Kind.LIST, Kind.SNAPSHOT, Kind.KEY)
+_KIND_CODES = {Kind.TREE: 1, Kind.LIST: 2, Kind.SNAPSHOT: 3, Kind.KEY: 4}
 _KIND_NAMES = {code: name for name, code in _KIND_CODES.items()}
+#: Set in the kind byte of an object whose body is sealed (``sdbackup.sealing``).
+_SEALED = 0x80
 
 #: Node types. Sockets are not backed up (nothing can restore one meaningfully).
 NODE_TYPES = ("file", "dir", "symlink", "fifo", "chardev", "blockdev")
@@ -72,16 +76,21 @@ class Envelope:
     data_refs: tuple
     body: bytes
     version: int = FORMAT_VERSION
+    #: The body is encrypted (an initialised repository's); the refs stay readable.
+    sealed: bool = False
 
 
-def seal(kind: str, tree_refs: Iterable[bytes], data_refs: Iterable[bytes], body: bytes) -> bytes:
-    """The canonical bytes of an object: refs sorted and unique, then the body."""
+def seal(kind: str, tree_refs: Iterable[bytes], data_refs: Iterable[bytes], body: bytes,
+         sealed: bool = False) -> bytes:
+    """The canonical bytes of an object: refs sorted and unique, then the body (``sealed``:
+    an encrypted one)."""
     trees = sorted(set(tree_refs))
     data = sorted(set(data_refs))
     for ref in (*trees, *data):
         if len(ref) != ID_SIZE:
             raise ValueError(f"an object ref is {ID_SIZE} bytes, not {len(ref)}")
-    return b"".join((_HEAD.pack(MAGIC, FORMAT_VERSION, _KIND_CODES[kind], len(trees), len(data)),
+    code = _KIND_CODES[kind] | (_SEALED if sealed else 0)
+    return b"".join((_HEAD.pack(MAGIC, FORMAT_VERSION, code, len(trees), len(data)),
                      *trees, *data, body))
 
 
@@ -95,7 +104,7 @@ def open_envelope(data: bytes, kind: str | None = None) -> Envelope:
     if version != FORMAT_VERSION:
         raise ObjectFormatError(f"object format version {version} is not {FORMAT_VERSION}; "
                                 f"a newer sdbackup wrote it")
-    found = _KIND_NAMES.get(code)
+    found = _KIND_NAMES.get(code & ~_SEALED)
     if found is None:
         raise ObjectFormatError(f"unknown object kind {code}")
     if kind is not None and found != kind:
@@ -106,7 +115,14 @@ def open_envelope(data: bytes, kind: str | None = None) -> Envelope:
         raise ObjectFormatError("refs run past the end of the object")
     refs = [bytes(data[i : i + ID_SIZE]) for i in range(start, end, ID_SIZE)]
     return Envelope(found, tuple(refs[:tree_count]), tuple(refs[tree_count:]),
-                    bytes(data[end:]), version)
+                    bytes(data[end:]), version, bool(code & _SEALED))
+
+
+def _plain_envelope(data: bytes, kind: str) -> Envelope:
+    envelope = open_envelope(data, kind)
+    if envelope.sealed:
+        raise ObjectFormatError(f"the {kind} is encrypted: its repository needs a password")
+    return envelope
 
 
 def object_id(kind: str, data: bytes) -> str:
@@ -319,7 +335,7 @@ def decode_tree(data: bytes, trusted: bool = False) -> Tree:
     are only compared with the file system, never used to touch it (a backup's parent trees):
     the nodes are built without their per-field validators. The structure is checked all the
     same: known fields, names in order, refs matching the nodes."""
-    envelope = open_envelope(data, Kind.TREE)
+    envelope = _plain_envelope(data, Kind.TREE)
     items = _unpack(envelope.body, "tree")
     if not isinstance(items, list):
         raise ObjectFormatError("a tree body is a list of nodes")
@@ -345,7 +361,7 @@ def encode_chunk_list(chunk_ids: Iterable[bytes]) -> bytes:
 
 
 def decode_chunk_list(data: bytes) -> tuple:
-    envelope = open_envelope(data, Kind.LIST)
+    envelope = _plain_envelope(data, Kind.LIST)
     ids = _unpack(envelope.body, "chunk list")
     if not isinstance(ids, list):
         raise ObjectFormatError("a chunk list body is a list of ids")
@@ -380,6 +396,12 @@ class Snapshot:
 
     ``paths`` are the backed-up paths as the snapshot names them (bytes);
     ``parent`` is the snapshot whose trees told which files were unchanged.
+    ``repo`` names an encrypted repository; a plaintext snapshot has none.
+    ``original``, as restic's, is the id of the first snapshot of a line of tag changes:
+    objects are immutable, so ``tag`` writes a new snapshot that replaces the old one; it is
+    empty (and left out of the encoding, so ids stay as they were) for one a backup wrote.
+    ``generation`` counts the tag changes of the line, so each version has an id of its own
+    (tagging back to earlier tags does not make the id of a version replaced before).
     """
 
     time_ns: int = field(validator=_int)
@@ -390,13 +412,22 @@ class Snapshot:
     parent: bytes = field(default=b"", validator=_bytes)
     user: str = field(default="", validator=_str)
     summary: dict = field(factory=dict, validator=_summary)
+    repo: str = field(default="", validator=_str)
+    original: bytes = field(default=b"", validator=_bytes)
+    generation: int = field(default=0, validator=_int)
 
     def __attrs_post_init__(self):
-        if len(self.tree) != ID_SIZE or (self.parent and len(self.parent) != ID_SIZE):
-            raise ValueError(f"tree and parent are {ID_SIZE}-byte ids")
+        if len(self.tree) != ID_SIZE or any(ref and len(ref) != ID_SIZE
+                                            for ref in (self.parent, self.original)):
+            raise ValueError(f"tree, parent and original are {ID_SIZE}-byte ids")
 
 
-_SNAPSHOT_DEFAULTS = {"tags": [], "parent": b"", "user": "", "summary": {}}
+_SNAPSHOT_DEFAULTS = {"tags": [], "parent": b"", "user": "", "summary": {}, "repo": "",
+                      "original": b"", "generation": 0}
+#: What an encrypted snapshot shows: all the manager may know; the rest is in ``details``.
+#: (``original`` and ``generation``, snapshot ids and a count, let the manager replace a
+#: snapshot by its tag change.)
+_PUBLIC_FIELDS = ("generation", "host", "original", "repo", "summary", "time_ns", "tree")
 
 
 def encode_snapshot(snapshot: Snapshot) -> bytes:
@@ -405,16 +436,41 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
         "tree": snapshot.tree, "tags": sorted(snapshot.tags), "parent": snapshot.parent,
         "user": snapshot.user,
         "summary": {k: snapshot.summary[k] for k in sorted(snapshot.summary)},
+        "repo": snapshot.repo, "original": snapshot.original,
+        "generation": snapshot.generation,
     }
     body = _pack(_canonical_map(fields, _SNAPSHOT_DEFAULTS))
     return seal(Kind.SNAPSHOT, [snapshot.tree], [], body)
 
 
+def public_snapshot_body(snapshot: Snapshot, details: bytes) -> bytes:
+    """An encrypted snapshot's body: its public fields, and ``details``, all its fields
+    sealed."""
+    fields = {name: getattr(snapshot, name) for name in _PUBLIC_FIELDS}
+    fields["summary"] = {k: snapshot.summary[k] for k in sorted(snapshot.summary)}
+    fields["details"] = details
+    return _pack(_canonical_map(fields, _SNAPSHOT_DEFAULTS))
+
+
+def sealed_details(data: bytes) -> bytes:
+    """The sealed details of an encrypted snapshot's bytes."""
+    details = _unpack(open_envelope(data, Kind.SNAPSHOT).body, "snapshot").get("details")
+    if not isinstance(details, bytes):
+        raise ObjectFormatError("an encrypted snapshot has sealed details")
+    return details
+
+
 def decode_snapshot(data: bytes) -> Snapshot:
+    """The snapshot in ``data``; of an encrypted one, its public view (no paths, no tags)."""
     envelope = open_envelope(data, Kind.SNAPSHOT)
     fields = _unpack(envelope.body, "snapshot")
     if not isinstance(fields, dict):
         raise ObjectFormatError("a snapshot body is a map")
+    if envelope.sealed:
+        if not isinstance(fields.pop("details", None), bytes) or not set(fields) <= set(
+                _PUBLIC_FIELDS) or not fields.get("repo"):
+            raise ObjectFormatError("an encrypted snapshot shows only its public fields")
+        fields["paths"] = []
     unknown = set(fields) - {a.name for a in attrs.fields(Snapshot)}
     if unknown:
         raise ObjectFormatError(f"unknown snapshot fields {sorted(unknown)}")

@@ -60,33 +60,3 @@ def parse_path(text: str) -> tuple[bytes, ...]:
 def display_path(names: tuple[bytes, ...]) -> str:
     """Text for a path in a snapshot: each name escaped, joined with ``/``."""
     return "/".join(escape(name) for name in names)
-
-
-class Includes:
-    """The paths a restore is limited to (``--include``); none means everything.
-
-    An entry is wanted when it is one of the paths or inside one, and a folder
-    is wanted too when it is above one, to hold it (it gets its own metadata).
-    """
-
-    def __init__(self, texts=()):
-        self.paths = [parse_path(text) for text in texts]
-        self._seen: set[tuple[bytes, ...]] = set()
-        if () in self.paths:  # the root: everything
-            self.paths = []
-
-    def wants(self, path: tuple[bytes, ...], is_folder: bool) -> bool:
-        if not self.paths:
-            return True
-        for include in self.paths:
-            if path[: len(include)] == include:
-                if len(path) == len(include):
-                    self._seen.add(include)
-                return True
-            if is_folder and include[: len(path)] == path:
-                return True
-        return False
-
-    def unmatched(self) -> list[tuple[bytes, ...]]:
-        """The paths no entry matched (asked after the walk)."""
-        return [p for p in self.paths if p not in self._seen]

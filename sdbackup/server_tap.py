@@ -28,6 +28,10 @@ class Options(usage.Options):
         ["scrub-interval", None, 86400.0,
          "Seconds between background passes that re-hash every chunk held.", float],
         ["scrub-rate", None, 20.0, "MiB/s a scrub pass reads at most.", float],
+        ["reserve", None, "1GiB",
+         "Free space to keep on the data folder's file system (such as 500MiB, 2G, 0): below "
+         "it the server reports itself full and refuses stores, and the manager places "
+         "chunks on the others."],
         ["metrics", None, None,
          "Serve Prometheus metrics at /metrics on this endpoint, e.g. tcp:9101 (loopback "
          "unless it names an interface; another needs TLS or --insecure; HTTPS with TLS)."],
@@ -42,6 +46,10 @@ class Options(usage.Options):
             lock_folder(self["data"]).close()
         except (FolderInUse, OSError) as e:
             raise usage.UsageError(str(e)) from None
+        try:
+            self["reserve"] = parse_size(self["reserve"])
+        except ValueError as e:
+            raise usage.UsageError(f"--reserve: {e}") from None
         for name in ("heartbeat", "scrub-interval", "scrub-rate"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
@@ -54,6 +62,24 @@ class Options(usage.Options):
         except tlsconfig.AddressRefused as e:
             raise usage.UsageError(str(e)) from None
         check_observability_options(self)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4,
+          "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``500MiB``, ``2G`` (binary), ``1.5GB`` (decimal) or a plain number."""
+    number = text.strip().rstrip("BbIiKkMmGgTt ")
+    unit = text.strip()[len(number):].strip().lower()
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size (such as 500MiB, 2G or 0)") from None
+    if unit not in _UNITS or not 0 <= value < 2**63 / _UNITS[unit]:
+        raise ValueError(f"{text!r} is not a size (such as 500MiB, 2G or 0)")
+    return int(value * _UNITS[unit])
 
 
 def _port_of(listen: str) -> str:
@@ -72,5 +98,6 @@ def makeService(options, reactor=None):
         advertise=options["advertise"], heartbeat=options["heartbeat"],
         scrub_interval=options["scrub-interval"], scrub_rate=options["scrub-rate"] * 1024 * 1024,
         reactor=reactor, metrics=options["metrics"], transport=options["transport"],
+        reserve=options["reserve"],
     )
     return with_log_format(server, options["log-format"])

@@ -158,6 +158,12 @@ class Cluster:
     def server(self, address: str) -> StorageService:
         return next(s for s in self.servers if s.server.address == address)
 
+    def ticket(self, chunk_ids: list[str], chain: list[str]):
+        """A ticket the manager signs for storing ``chunk_ids`` along ``chain`` (what its
+        placement would give), for tests that store without asking for a placement."""
+        manager = self.manager.manager
+        return manager.tickets.issue(chunk_ids, chain, manager.clock.seconds())
+
     async def session(self) -> Session:
         return await Session(reactor, self.manager_address).connect()
 
@@ -202,10 +208,12 @@ class WireClient:
             if chunk_id in placement.assignments:
                 chains.setdefault(tuple(placement.assignments[chunk_id]), []).append(
                     (chunk_id, data))
+        tickets = {tuple(ticket.chain): ticket for ticket in placement.tickets}
         for chain, pack in chains.items():
             reply = await self.servers.request(chain[0], StoreChunks(
                 chunks=[ChunkRef(c, len(d), hashing.checksum(d)) for c, d in pack],
-                forward_to=list(chain[1:]), kind=kind, payload=b"".join(d for _, d in pack)))
+                forward_to=list(chain[1:]), kind=kind, ticket=tickets[chain],
+                payload=b"".join(d for _, d in pack)))
             assert reply.holders == list(chain)
         return placement
 

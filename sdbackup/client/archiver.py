@@ -42,6 +42,7 @@ from sdbackup.client.walk import Enter, Entry, Leave, Report
 from sdbackup.names import escape
 from sdbackup.objects import Kind, Node
 from sdbackup.protocols.messages import MAX_CHUNK_SIZE
+from sdbackup.sealing import PLAIN
 
 #: Folders left by the walk whose trees are not confirmed yet, files taken from the parent
 #: whose chunks are being checked, and Nodes held by folders, before the builder waits.
@@ -87,15 +88,31 @@ def same_metadata(old: Node, fields: dict) -> bool:
     return _metadata_of(old) == tuple(map(fields.get, _METADATA, _DEFAULTS))
 
 
-def seal_tree(nodes: list, path: bytes) -> tuple[bytes, bytes, str]:
-    """``(id, bytes, checksum)`` of the tree object of a folder's nodes (runs in a thread for
-    large folders). A tree larger than a chunk may be is a ClientError naming the folder."""
-    data = objects.encode_tree(objects.make_tree(nodes))
+def seal_tree(nodes: list, path: bytes, sealer=PLAIN) -> tuple[bytes, bytes, str]:
+    """``(id, bytes, checksum)`` of the tree object of a folder's nodes, sealed by ``sealer``
+    (runs in a thread for large folders). A tree larger than a chunk may be is a ClientError
+    naming the folder."""
+    data = sealer.seal(Kind.TREE, objects.encode_tree(objects.make_tree(nodes)))
     if len(data) > MAX_TREE_SIZE:
         raise ClientError(f"the folder {escape(path) or '/'} has too many entries to back up: "
                           f"its tree object would be {len(data)} bytes, and at most "
                           f"{MAX_TREE_SIZE} fit in one chunk")
     return bytes.fromhex(objects.object_id(Kind.TREE, data)), data, hashing.checksum(data)
+
+
+def _read_small_files(sealer, files: list) -> list:
+    """``read_small_files``, each file's chunks sealed (in the reading thread)."""
+    results = read_small_files(files)
+    if sealer.encrypted:
+        for result in results:
+            if not isinstance(result, OSError):
+                result.chunks = sealer.seal_chunks(result.chunks)
+    return results
+
+
+def _next_chunks(reader: FileReader, sealer) -> list:
+    """A large file's next chunks, sealed (in the reading thread)."""
+    return sealer.seal_chunks(reader.next_chunks())
 
 
 class Segment:
@@ -146,7 +163,7 @@ class FileContent:
                 segment.pending += 1
 
     def _seal_list(self):
-        data = objects.encode_chunk_list(self.ids)
+        data = self.frame.archiver.sealer.seal(Kind.LIST, objects.encode_chunk_list(self.ids))
         list_id = bytes.fromhex(objects.object_id(Kind.LIST, data))
         checksum = hashing.checksum(data)
         self.lists.append(list_id)
@@ -221,16 +238,20 @@ class Archiver:
     log = Logger()
 
     def __init__(self, walker, uploader, held, parents: ParentTrees | None, report: Report,
-                 progress=None, reactor=None):
+                 progress=None, reactor=None, sealer=PLAIN, listed=None):
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
+        #: Seals chunks and trees for an encrypted repository (``sdbackup.sealing``).
+        self.sealer = sealer
         self.walker = walker
         self.uploader = uploader
         self.held = held
         self.parents = parents
         self.report = report
         self.progress = progress
+        #: Called with ``("new" | "modified", path)`` for each file read (``--verbose``).
+        self.listed = listed
         self.signal = uploader.signal
         self.stats = Stats()
         self.root: bytes | None = None
@@ -350,6 +371,8 @@ class Archiver:
                 entry.fields["xattrs"] = old.xattrs
             self._reuse(frame, entry, old)
             return
+        if self.listed is not None:
+            self.listed("modified" if old is not None else "new", entry.path)
         await self._read(frame, entry)
 
     def _reuse(self, frame: Frame, entry: Entry, old: Node):
@@ -428,7 +451,7 @@ class Archiver:
         batch, self._small, self._small_bytes = self._small, [], 0
         if not batch:
             return
-        results = await self._read_in_thread(read_small_files,
+        results = await self._read_in_thread(_read_small_files, self.sealer,
                                       [(entry.folder.fd, entry.name, entry.st) for _, entry, _ in batch])
         for (frame, entry, expected), result in zip(batch, results, strict=True):
             if isinstance(result, OSError):
@@ -446,7 +469,7 @@ class Archiver:
         try:
             await self._read_in_thread(reader.open)
             content = FileContent(self.uploader, frame)
-            while chunks := await self._read_in_thread(reader.next_chunks):
+            while chunks := await self._read_in_thread(_next_chunks, reader, self.sealer):
                 content.add(chunks)
                 self._advance(sum(len(data) for _, data in chunks), 0)
                 await self.uploader.room()
@@ -520,11 +543,12 @@ class Archiver:
             # Every entry is the parent snapshot's, as it was: so is the tree.
             self._sealed(frame, (frame.parent_id, b"", ""))
             return
-        if len(nodes) <= ENCODE_INLINE:
+        sealer = self.sealer
+        if len(nodes) <= ENCODE_INLINE and not sealer.encrypted:
             self._sealed(frame, seal_tree(nodes, frame.path))
             return
         self._background += 1
-        d = deferToThread(seal_tree, nodes, frame.path)
+        d = deferToThread(seal_tree, nodes, frame.path, sealer)
         d.addCallback(lambda sealed: self._sealed(frame, sealed))
         d.addErrback(self.signal.fail)
         d.addBoth(self._background_done)

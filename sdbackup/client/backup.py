@@ -24,6 +24,7 @@ from sdbackup.client.archiver import Archiver
 from sdbackup.client.parenttrees import ParentTrees
 from sdbackup.client.progress import Progress
 from sdbackup.client.repository import Repository
+from sdbackup.client.selection import BackupSelection
 from sdbackup.client.session import ClientError, Session
 from sdbackup.client.uploader import HeldCheck, Signal, Uploader
 from sdbackup.client.walk import Report, Walker, plan
@@ -55,14 +56,17 @@ class Backup:
 
     def __init__(self, session: Session, paths: list[str], progress: Progress | None = None,
                  parent: str | None = None, force: bool = False, tags: tuple = (),
-                 host: str | None = None):
+                 host: str | None = None, selection: BackupSelection | None = None, listed=None):
         self.session = session
+        #: ``--verbose``: called with ``("new" | "modified", path)`` for each file read.
+        self.listed = listed
         self.paths = paths
         self.progress = progress
         self.parent = parent
         self.force = force
         self.tags = tuple(tags)
         self.host = host or socket.gethostname()
+        self.selection = selection
         self.report = Report()
 
     async def run(self) -> BackupResult:
@@ -80,9 +84,10 @@ class Backup:
             parents = ParentTrees(repository, self.report)
         signal = Signal()
         uploader = Uploader(self.session, signal, self.report.warn, after_batch=trim)
-        archiver = Archiver(Walker(walk_plan, self.report), uploader,
+        archiver = Archiver(Walker(walk_plan, self.report, selection=self.selection), uploader,
                             HeldCheck(self.session, uploader, signal), parents, self.report,
-                            self.progress, reactor=self.session.reactor)
+                            self.progress, reactor=self.session.reactor, sealer=self.session.sealer,
+                            listed=self.listed)
         root = await archiver.run(parent_root)
         stats = archiver.stats
         snapshot = objects.Snapshot(
@@ -90,7 +95,7 @@ class Backup:
             parent=bytes.fromhex(parent.snapshot_id) if parent is not None else b"",
             user=_user(), summary={"files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes,
                                    "new_bytes": uploader.new_bytes, "unchanged": stats.unchanged})
-        data = objects.encode_snapshot(snapshot)
+        data = self.session.sealer.seal(Kind.SNAPSHOT, objects.encode_snapshot(snapshot))
         snapshot_id = objects.object_id(Kind.SNAPSHOT, data)
         await uploader.store_now(Kind.SNAPSHOT, bytes.fromhex(snapshot_id), data,
                                  hashing.checksum(data))

@@ -1,10 +1,23 @@
 """The ``sdbackup`` command line.
 
     sdbackup backup [PATH...] [--parent ID] [--force] [--tag TAG]... [--host NAME]
+                    [-e|--exclude PATTERN]... [--iexclude PATTERN]... [--exclude-file FILE]...
+                    [--iexclude-file FILE]... [--exclude-caches] [--exclude-if-present NAME[:HEADER]]...
+                    [-x|--one-file-system] [--files-from FILE]... [--files-from-verbatim FILE]...
+                    [--files-from-raw FILE]...
                                        back up files and folders (asks when none given)
-    sdbackup snapshots                 list snapshots
+    sdbackup snapshots [--host H]... [--path P]... [--tag TAG[,TAG]]... [--latest N]
+                                       list snapshots (those the filters select)
+    sdbackup tag (--add T | --remove T | --set T)... SNAPSHOT...
+                                       change snapshots' tags (each gets a new id)
+    sdbackup diff A B [--metadata]     what changed from snapshot A to B (+ - M T U)
+    sdbackup find PATTERN... [--snapshot ID]...
+                                       which snapshots hold paths matching the patterns
+    sdbackup dump SNAPSHOT PATH        a file's bytes on stdout, or a folder as a tar stream
     sdbackup ls [SNAPSHOT] [PATH] [-l] list what a snapshot holds (at PATH)
-    sdbackup restore SNAPSHOT --target DIR [--include PATH]...
+    sdbackup restore SNAPSHOT --target DIR [-i|--include PATTERN]... [-e|--exclude PATTERN]...
+                     [--iinclude PATTERN]... [--iexclude PATTERN]...
+                     [--overwrite always|if-changed|if-newer|never] [--delete] [--dry-run]
     sdbackup status                    the manager's state and one line per storage server
     sdbackup check [--read-data]       verify every snapshot's objects and chunks (--read-data:
                                        admin only under TLS)
@@ -14,6 +27,11 @@
                     [--group-by host,paths,tags] [--dry-run]
                                        unlist snapshots, by id or by restic's policies (admin
                                        only under TLS; no space is freed until prune exists)
+    sdbackup server list               every storage server: disk identity, state, copies held
+    sdbackup server drain ADDR [--no-wait]
+                                       place nothing more on a server, copy its chunks elsewhere
+                                       (admin only under TLS)
+    sdbackup server retire ADDR        forget a dead or drained server (admin only under TLS)
     sdbackup tls ca --dir DIR          create a cluster CA: DIR/ca.crt, DIR/ca.key
     sdbackup tls cert --dir DIR --role ROLE --name NAME [--host HOST]...
                                        issue DIR/NAME.crt and DIR/NAME.key for a role
@@ -28,30 +46,34 @@ that is not UTF-8 becomes ``\\``, ``\\n``, ``\\xff``...).
 ``--json`` (before or after the command) prints results as JSON on stdout and nothing else,
 in restic's shapes (``sdbackup.client.jsonout``): instead of a bar, backup and restore print a
 status line a second, then a summary; notes, warnings and errors stay text on stderr, with the
-same exit statuses.
+same exit statuses. ``--quiet`` drops the bar, the status lines, notes and the text summary
+(warnings and errors stay); ``--verbose`` names each entry a restore writes or deletes.
 """
 
 import argparse
 import datetime
+import glob
 import os
 import shlex
 import signal
 import sys
+import time
 
 from twisted.internet import defer, task
 
 from sdbackup import __version__, pki, retention
-from sdbackup.client import jsonout
+from sdbackup.client import diff, dump, find, jsonout, keys, overwrite, prune, servers, tagging
 from sdbackup.client.backup import Backup
 from sdbackup.client.listing import entry_line
 from sdbackup.client.progress import Progress, human_bytes
 from sdbackup.client.repository import Repository
 from sdbackup.client.restore import Restore
+from sdbackup.client.selection import PatternError, RestoreFilter, backup_selection, files_from
 from sdbackup.client.session import ClientError, Session
 from sdbackup.client.treereader import Enter, Entry, TreeReader
 from sdbackup.limits import MAX_IDS
 from sdbackup.objects import Kind, Node, ObjectFormatError, decode_chunk_list
-from sdbackup.paths import UnsafePath, parse_path
+from sdbackup.paths import UnsafePath, display_path, parse_path
 from sdbackup.protocols.messages import CheckRequest, ForgetSnapshots, StatusRequest
 from sdbackup.protocols.peer import RemoteError
 from sdbackup.tlsconfig import TLSConfigError, Transport, load_identity
@@ -103,6 +125,9 @@ class JsonStatus(Progress):
             self.stream.write(jsonout.dumps(jsonout.status_line(self.counts(now))) + "\n")
             self.stream.flush()
 
+    def clear(self):
+        """Nothing: every line written is whole."""
+
     def finish(self):
         """Nothing: the summary follows."""
 
@@ -111,7 +136,34 @@ class JsonStatus(Progress):
 
 
 def progress_for(args) -> Progress:
+    """A bar on a terminal, status lines with ``--json``; nothing with ``--quiet``."""
+    if getattr(args, "quiet", False):
+        return Progress(0, 0, enabled=False)
     return JsonStatus() if wants_json(args) else Progress(0, 0)
+
+
+def lister(args, progress: Progress, dry_run: bool = False):
+    """With ``--verbose``: a callback printing each entry a command writes or removes (``restored
+    PATH``), as text or as restic's ``verbose_status`` lines; None otherwise."""
+    if not getattr(args, "verbose", False):
+        return None
+
+    def listed(action: str, path: tuple | str):
+        """``path``: a snapshot path's names, or a path already escaped for display."""
+        progress.clear()
+        item = path if isinstance(path, str) else display_path(path)
+        if wants_json(args):
+            print_json({"message_type": "verbose_status", "action": action, "item": item,
+                        "dry_run": dry_run})
+        else:
+            print(f"{'would ' if dry_run else ''}{_VERBS[action][dry_run]} {item}")
+
+    return listed
+
+
+#: How --verbose names an action: as done, and as a dry run would do it.
+_VERBS = {"restored": ("restored", "restore"), "deleted": ("deleted", "delete"),
+          "new": ("new", "new"), "modified": ("modified", "modified")}
 
 
 def ask_on_stderr(prompt: str) -> str:
@@ -143,14 +195,18 @@ def ask_for_paths(stdin=None, ask=input) -> list[str]:
 async def cmd_backup(session: Session, args) -> int:
     progress = progress_for(args)
     result = await Backup(session, args.paths, progress=progress, parent=args.parent, force=args.force,
-                          tags=tuple(args.tag), host=args.host).run()
+                          tags=tuple(args.tag), host=args.host, selection=args.selection,
+                          listed=lister(args, progress)).run()
     progress.finish()
-    for note in result.notes:
+    quiet = getattr(args, "quiet", False)
+    for note in () if quiet else result.notes:
         print(f"note: {note}", file=sys.stderr)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if wants_json(args):
         print_json(jsonout.backup_summary(result, progress.elapsed))
+        return EXIT_INCOMPLETE if result.warnings else 0
+    if quiet:
         return EXIT_INCOMPLETE if result.warnings else 0
     print(f"snapshot {_short(result.snapshot_id)} saved: {result.files} files, {result.dirs} folders, "
           f"{human_bytes(result.bytes)} ({human_bytes(result.new_bytes)} new) in {progress.elapsed:.1f}s"
@@ -160,14 +216,17 @@ async def cmd_backup(session: Session, args) -> int:
 
 
 async def cmd_snapshots(session: Session, args) -> int:
-    snapshots = await Repository(session).snapshots()
+    snapshots = tagging.select(await Repository(session).snapshots(), args.host, args.path,
+                               tagging.tag_lists(args.tag), args.latest)
     if wants_json(args):
         print_json([jsonout.snapshot(s) for s in snapshots])
         return 0
-    print(f"{'ID':<8}  {'TIME':<19}  {'HOST':<16}  {'TAGS':<12}  {'FILES':>7}  {'SIZE':>10}  PATHS")
+    # ENTRIES: every entry, folders too (the snapshot counts folders and the rest, not each type).
+    print(f"{'ID':<8}  {'TIME':<19}  {'HOST':<16}  {'TAGS':<12}  {'ENTRIES':>7}  {'SIZE':>10}  PATHS")
     for s in snapshots:
         print(f"{_short(s.snapshot_id):<8}  {_timestamp(s.time):<19}  {s.host[:16]:<16}  "
-              f"{','.join(s.tags):<12}  {s.files:>7}  {human_bytes(s.bytes):>10}  {' '.join(s.paths)}")
+              f"{','.join(s.tags):<12}  {s.files + s.dirs:>7}  {human_bytes(s.bytes):>10}  "
+              f"{' '.join(s.paths)}")
     return 0
 
 
@@ -229,20 +288,47 @@ async def _chunk_holders(repository: Repository, node: Node, holders: dict | Non
 
 async def cmd_restore(session: Session, args) -> int:
     progress = progress_for(args)
-    result = await Restore(session, args.snapshot, args.target, args.include, progress).run()
+    restore = Restore(session, args.snapshot, args.target, args.include, progress,
+                      overwrite=args.overwrite, delete=args.delete, dry_run=args.dry_run,
+                      listed=lister(args, progress, args.dry_run), excludes=args.exclude,
+                      iincludes=args.iinclude, iexcludes=args.iexclude)
+    result = await restore.run()
     progress.finish()
-    for note in result.notes:
+    quiet = getattr(args, "quiet", False)
+    for note in () if quiet else result.notes:
         print(f"note: {note}", file=sys.stderr)
     for error in result.errors:
         print(f"error: {error}", file=sys.stderr)
     if wants_json(args):
-        print_json(jsonout.restore_summary(result, args.target, progress.elapsed))
+        summary = jsonout.restore_summary(result, args.target, progress.elapsed)
+        summary.update(files_unchanged=result.unchanged, files_skipped=result.unchanged + result.skipped,
+                       files_deleted=result.deleted, dry_run=result.dry_run)
+        print_json(summary)
         return EXIT_INCOMPLETE if result.errors else 0
-    print(f"snapshot {_short(result.snapshot_id)} restored to {args.target}: {result.files} files, "
-          f"{result.folders} folders, {result.others} links and special files, "
-          f"{human_bytes(result.bytes)}, "
-          + (f"{len(result.errors)} failed" if result.errors else "every byte verified"))
+    if not quiet:
+        print(restore_line(result, args.target))
     return EXIT_INCOMPLETE if result.errors else 0
+
+
+def restore_line(result, target: str) -> str:
+    """The restore's summary: what was written, left and deleted, and whether all of it is
+    verified (every byte written is; a failed entry was not written)."""
+    left = [f"{result.unchanged} unchanged"] if result.unchanged else []
+    if result.skipped:
+        left.append(f"{result.skipped} kept (--overwrite)")
+    if result.deleted:
+        left.append(f"{result.deleted} deleted")
+    counts = (f"{result.files} files, {result.folders} folders, {result.others} links and special "
+              f"files, {human_bytes(result.bytes)}" + "".join(f", {part}" for part in left))
+    if result.dry_run:
+        return (f"snapshot {_short(result.snapshot_id)} into {target}, dry run (nothing written or "
+                f"deleted): would restore {counts}"
+                + (f"; {len(result.errors)} entries would fail" if result.errors else ""))
+    if result.errors:
+        verdict = f"{len(result.errors)} entries failed and were not restored; what was written is verified"
+    else:
+        verdict = "every byte verified"
+    return f"snapshot {_short(result.snapshot_id)} restored to {target}: {counts}; {verdict}"
 
 
 async def cmd_status(session: Session, args) -> int:
@@ -251,10 +337,12 @@ async def cmd_status(session: Session, args) -> int:
         print_json(jsonout.status(status))
         return 0
     print(f"{'SERVER':<28} {'STATE':<6} {'FREE':>11} {'CHUNKS':>8}  LAST SEEN")
+    now = time.time()
     for s in status.servers:
         state = "alive" if s.alive else "dead"
-        print(f"{display_address(s.address):<28} {state:<6} {human_bytes(s.free_bytes):>11} {s.chunks:>8}  "
-              f"{_timestamp(s.last_seen)}")
+        dead_for = "" if s.alive else f" (dead for {servers.duration(now - s.last_seen)})"
+        print(f"{display_address(s.address):<28} {state:<6} {human_bytes(s.free_bytes):>11} "
+              f"{s.chunks:>8}  {_timestamp(s.last_seen)}{dead_for}")
     alive = sum(s.alive for s in status.servers)
     print(f"manager {status.state}; {alive} of {len(status.servers)} servers alive; replication factor "
           f"{status.replicas}; {status.snapshots} snapshots; {status.chunks} chunks held, "
@@ -376,9 +464,20 @@ async def cmd_forget(session: Session, args) -> int:
         forgotten += len(reply.snapshot_ids)
     say(f"{forgotten} snapshots forgotten"
         + (f" ({len(ids) - forgotten} were forgotten already)" if forgotten < len(ids) else "")
-        + ("; their data stays until a prune, which is not built yet" if forgotten else ""))
+        + ("; their data stays until a prune" if forgotten and not args.prune else ""))
+    pruned = None
+    if args.prune:
+        pruned = await prune.run_prune(session, False, sys.stderr.isatty() and not as_json)
     if as_json:
-        print_json(jsonout.forget(groups, policy, False, forgotten, len(ids) - forgotten))
+        result = jsonout.forget(groups, policy, False, forgotten, len(ids) - forgotten)
+        if pruned is not None:
+            result["prune"] = prune.as_json(pruned)
+        print_json(result)
+    elif pruned is not None:
+        return prune.report(pruned, False)
+    if pruned is not None and pruned.state == "failed":
+        print(f"sdbackup: prune failed: {pruned.error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -390,7 +489,17 @@ COMMANDS = {
     "status": cmd_status,
     "check": cmd_check,
     "forget": cmd_forget,
+    "prune": prune.cmd_prune,
+    "server": servers.cmd_server,
+    "tag": tagging.cmd_tag,
+    "diff": diff.cmd_diff,
+    "find": find.cmd_find,
+    "dump": dump.cmd_dump,
+    "init": keys.cmd_init,
+    "key": keys.cmd_key,
 }
+#: Commands that read or store no snapshot: they open no repository (and need no password).
+WITHOUT_REPOSITORY = {"status", "check", "server", "prune", "init", "key"}
 
 
 def cmd_tls(args) -> int:
@@ -445,6 +554,18 @@ def build_parser() -> argparse.ArgumentParser:
     manager.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                          help="print results as JSON on stdout, nothing else (names escaped as "
                               "in listings; ls: one object per line)")
+    manager.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                         help="no progress and no summary: only warnings and errors (with --json: "
+                              "the summary only)")
+    manager.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="backup: name each new or modified file it reads; restore: each "
+                              "entry written or deleted (with --dry-run: that would be)")
+    manager.add_argument("--repo", default=argparse.SUPPRESS, metavar="NAME",
+                         help="the repository (default: $SDBACKUP_REPO or default); one made "
+                              "with init is encrypted")
+    manager.add_argument("--password-file", default=argparse.SUPPRESS, metavar="FILE",
+                         help="the repository's password, in a file (default: $SDBACKUP_PASSWORD, "
+                              "$SDBACKUP_PASSWORD_FILE, or asked on the terminal)")
     parser = argparse.ArgumentParser(prog="sdbackup", parents=[manager],
                                      description="Back up to and restore from an sdbackup cluster.")
     parser.add_argument("--version", action="version", version=f"sdbackup {__version__}")
@@ -470,7 +591,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", action="append", default=[], metavar="TAG",
                    help="a tag for the snapshot (repeatable)")
     p.add_argument("--host", help="host name to record (default: this machine's)")
-    sub.add_parser("snapshots", parents=[manager], help="list snapshots")
+    p.add_argument("-e", "--exclude", action="append", default=[], metavar="PATTERN",
+                   help="leave out what matches PATTERN, as restic does: * ? [abc] within a name, "
+                        "** for any folders; /... anchored at the root, else at any depth; "
+                        "!PATTERN includes again (repeatable)")
+    p.add_argument("--iexclude", action="append", default=[], metavar="PATTERN",
+                   help="--exclude, ignoring case (repeatable)")
+    p.add_argument("--exclude-file", action="append", default=[], metavar="FILE",
+                   help="--exclude each pattern of FILE: one a line, # comments, $VAR and ~ "
+                        "expanded (repeatable)")
+    p.add_argument("--iexclude-file", action="append", default=[], metavar="FILE",
+                   help="--exclude-file, ignoring case (repeatable)")
+    p.add_argument("--exclude-caches", action="store_true",
+                   help="leave out the contents of folders tagged with a CACHEDIR.TAG file "
+                        "(the tag file itself is kept)")
+    p.add_argument("--exclude-if-present", action="append", default=[], metavar="NAME[:HEADER]",
+                   help="leave out the contents of folders holding a file NAME (that begins with "
+                        "HEADER), except that file (repeatable)")
+    p.add_argument("-x", "--one-file-system", action="store_true",
+                   help="do not cross into other mounted file systems (a mount point is kept, empty)")
+    p.add_argument("--files-from", action="append", default=[], metavar="FILE",
+                   help="back up the paths in FILE too: one a line, # comments, globs expanded "
+                        "(repeatable)")
+    p.add_argument("--files-from-verbatim", action="append", default=[], metavar="FILE",
+                   help="back up the paths in FILE, every non-empty line as it is (repeatable)")
+    p.add_argument("--files-from-raw", action="append", default=[], metavar="FILE",
+                   help="back up the paths in FILE, separated by NUL bytes (repeatable)")
+    p = sub.add_parser("snapshots", parents=[manager], help="list snapshots")
+    p.add_argument("--host", action="append", default=[], metavar="HOST",
+                   help="only snapshots of this host (repeatable)")
+    p.add_argument("--path", action="append", default=[], metavar="PATH",
+                   help="only snapshots that include this path (repeatable: all of them)")
+    p.add_argument("--tag", action="append", default=[], metavar="TAG[,TAG]",
+                   help="only snapshots with all of these tags (repeatable: any entry)")
+    p.add_argument("--latest", type=int, default=0, metavar="N",
+                   help="only the N newest snapshots of each host and set of paths")
+    p = sub.add_parser("tag", parents=[manager],
+                       help="change snapshots' tags (each gets a new id, as in restic)")
+    p.add_argument("snapshots", nargs="+", metavar="SNAPSHOT", help="snapshot ids (or prefixes) or 'latest'")
+    p.add_argument("--add", action="append", default=[], metavar="TAG[,TAG]",
+                   help="add these tags (repeatable)")
+    p.add_argument("--remove", action="append", default=[], metavar="TAG[,TAG]",
+                   help="remove these tags (repeatable)")
+    p.add_argument("--set", action="append", default=None, metavar="TAG[,TAG]",
+                   help="replace every tag with these (repeatable; --set '' removes them all)")
+    p = sub.add_parser("diff", parents=[manager], help="show what changed from one snapshot to another")
+    p.add_argument("old", metavar="SNAPSHOT", help="the first snapshot (id, prefix or 'latest')")
+    p.add_argument("new", metavar="SNAPSHOT", help="the second snapshot (id, prefix or 'latest')")
+    p.add_argument("--metadata", action="store_true",
+                   help="also show entries whose metadata only changed (U)")
+    p = sub.add_parser("find", parents=[manager], help="find which snapshots hold matching paths")
+    p.add_argument("patterns", nargs="+", metavar="PATTERN",
+                   help="a glob on names (a pattern with / on whole paths; ** for any folders)")
+    p.add_argument("--snapshot", action="append", default=[], metavar="ID",
+                   help="look only in this snapshot (repeatable; default: all)")
+    p = sub.add_parser("dump", parents=[manager],
+                       help="write a file of a snapshot to stdout, or a folder as a tar stream")
+    p.add_argument("snapshot", help="snapshot id (or a prefix) or 'latest'")
+    p.add_argument("path", metavar="PATH", help="a path in the snapshot, as ls shows it ('/': all)")
     p = sub.add_parser("ls", parents=[manager], help="list what a snapshot holds")
     p.add_argument("snapshot", nargs="?", default="latest", help="snapshot id (or a prefix) or 'latest'")
     p.add_argument("path", nargs="?", default="", metavar="PATH",
@@ -481,9 +659,58 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restore", parents=[manager], help="restore a snapshot")
     p.add_argument("snapshot", help="snapshot id (or a prefix) or 'latest'")
     p.add_argument("--target", required=True, help="folder to restore into")
-    p.add_argument("--include", action="append", default=[], metavar="PATH",
-                   help="restore only this path of the snapshot, as ls shows it (repeatable)")
+    p.add_argument("-i", "--include", action="append", default=[], metavar="PATTERN",
+                   help="restore only what matches: a path as ls shows it (from the snapshot's "
+                        "root), or a pattern as backup --exclude takes (repeatable)")
+    p.add_argument("-e", "--exclude", action="append", default=[], metavar="PATTERN",
+                   help="do not restore what matches (repeatable)")
+    p.add_argument("--iinclude", action="append", default=[], metavar="PATTERN",
+                   help="--include, ignoring case (repeatable)")
+    p.add_argument("--iexclude", action="append", default=[], metavar="PATTERN",
+                   help="--exclude, ignoring case (repeatable)")
+    p.add_argument("--overwrite", choices=overwrite.MODES, default=overwrite.DEFAULT_MODE,
+                   help="an entry already at a restored path: always replaced; if-changed: left "
+                        "when its type, size and mtime are the snapshot's (default); if-newer: "
+                        "replaced when the snapshot's is newer; never: left")
+    p.add_argument("--delete", action="store_true",
+                   help="delete what the restored folders hold and the snapshot does not "
+                        "(only inside the target; links are removed, never followed)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="write and delete nothing; say what would be (--verbose: each entry)")
     sub.add_parser("status", parents=[manager], help="show the manager's state and the servers")
+    p = sub.add_parser("init", parents=[manager],
+                       help="make the repository (--repo) encrypted, with a new key and password")
+    p.add_argument("--new-password-file", metavar="FILE",
+                   help="its password, in a file (default: the password as any command takes "
+                        "it, else $SDBACKUP_NEW_PASSWORD, else asked twice)")
+    p = sub.add_parser("key", help="list, add and remove an encrypted repository's keys (passwords)")
+    key = p.add_subparsers(dest="key_command", required=True)
+    key.add_parser("list", parents=[manager], help="the repository's keys (* the one in use)")
+    for name, what in (("add", "add a key: another password for the repository"),
+                       ("passwd", "change the password: add a key and remove the one in use")):
+        p = key.add_parser(name, parents=[manager], help=what)
+        p.add_argument("--new-password-file", metavar="FILE",
+                       help="the new password, in a file (default: $SDBACKUP_NEW_PASSWORD, "
+                            "or asked twice)")
+    p = key.add_parser("remove", parents=[manager],
+                       help="remove a key (never the last one, nor the one in use)")
+    p.add_argument("id", metavar="ID", help="the key, as key list shows it")
+    p = sub.add_parser("server", help="list, drain and retire storage servers")
+    server = p.add_subparsers(dest="server_command", required=True)
+    server.add_parser("list", parents=[manager],
+                      help="every server the manager knows: disk identity, state, copies held")
+    p = server.add_parser("drain", parents=[manager],
+                          help="place nothing more on a server and copy its chunks to the others "
+                               "(admin only under TLS)")
+    p.add_argument("address", metavar="ADDR", help="the server, as server list shows it (or its "
+                                                   "port, or host:port)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="return at once (the drain goes on in the manager)")
+    p = server.add_parser("retire", parents=[manager],
+                          help="forget a dead or drained server whose chunks all have their "
+                               "copies elsewhere (admin only under TLS)")
+    p.add_argument("address", metavar="ADDR", help="the server, as server list shows it (or its "
+                                                   "port, or host:port)")
     p = sub.add_parser("check", parents=[manager],
                        help="verify every snapshot against the servers (exit 1: data lost, 3: degraded)")
     p.add_argument("--read-data", action="store_true",
@@ -513,16 +740,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply the policy to each group of snapshots sharing these of host, "
                         "paths, tags (default: host,paths; '' for one group)")
     p.add_argument("--dry-run", action="store_true", help="show what would be forgotten, forget nothing")
-    p.add_argument("--prune", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--prune", action="store_true",
+                   help="then prune: delete the data no snapshot references any more")
+    p = sub.add_parser("prune", parents=[manager],
+                       help="delete data no snapshot references, trim copies above the factor")
+    p.add_argument("--dry-run", action="store_true", help="report what would be freed, delete nothing")
     return parser
 
 
 def check_forget(parser: argparse.ArgumentParser, args):
     """Usage errors of ``forget``, before any connection: a policy that cannot be read, ids
     with a policy, no ids and no policy (restic too refuses to forget everything)."""
-    if args.prune:
-        parser.error("forget --prune: prune is not built yet (forget unlists snapshots but frees "
-                     "no space)")
     try:
         args.policy = policy_of(args)
         args.group_by = retention.parse_group_by(args.group_by)
@@ -533,6 +761,24 @@ def check_forget(parser: argparse.ArgumentParser, args):
     if not args.ids and args.policy.empty:
         parser.error("forget: no snapshot ids and no --keep-* option: refusing to forget every "
                      "snapshot")
+
+
+def check_selection(parser: argparse.ArgumentParser, args):
+    """Read the selection options of backup (the files they name, before any connection) and
+    check restore's. A pattern or a file that cannot be read, or a glob of ``--files-from``
+    that matches nothing, is a usage error; a path listed that is not there fails as a PATH
+    argument does (exit 1)."""
+    try:
+        if args.command == "restore":
+            RestoreFilter(args.include, args.exclude, args.iinclude, args.iexclude)
+            return
+        args.selection = backup_selection(args)
+        listed = files_from(args, glob.glob)
+    except PatternError as e:
+        parser.error(f"{args.command}: {e}")
+    if (args.files_from or args.files_from_verbatim or args.files_from_raw) and not (args.paths or listed):
+        parser.error("backup: the --files-from files name no path")
+    args.paths = [*args.paths, *listed]
 
 
 def manager_endpoint(text: str) -> str:
@@ -552,9 +798,13 @@ def manager_endpoint(text: str) -> str:
 
 async def run(reactor, args) -> int:
     manager = getattr(args, "manager", None) or os.environ.get("SDBACKUP_MANAGER") or DEFAULT_MANAGER
-    session = Session(reactor, manager_endpoint(manager), transport=transport_of(args))
+    # --quiet: not even "the manager is starting; waiting".
+    notice = (lambda text: None) if getattr(args, "quiet", False) else None
+    session = Session(reactor, manager_endpoint(manager), notice=notice, transport=transport_of(args))
     try:
         await session.connect()
+        if args.command not in WITHOUT_REPOSITORY:
+            await keys.open_repository(session, args)
         return await COMMANDS[args.command](session, args)
     finally:
         await session.close()
@@ -567,8 +817,16 @@ EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False) and getattr(args, "verbose", False):
+        parser.error("--quiet and --verbose contradict each other: give one")
     if args.command == "forget":
         check_forget(parser, args)
+    if args.command == "tag" and not (args.add or args.remove or args.set is not None):
+        parser.error("tag: give --add, --remove or --set")
+    if args.command == "tag" and args.set is not None and (args.add or args.remove):
+        parser.error("tag: --set replaces every tag: give it without --add and --remove")
+    if args.command == "dump" and wants_json(args):
+        parser.error("dump writes the file or a tar stream: it has no --json output")
     if args.command == "tls":
         if wants_json(args):
             parser.error("tls has no --json output")
@@ -577,6 +835,8 @@ def main(argv=None):
         except (pki.CertificateError, OSError) as e:
             print(f"sdbackup: {e}", file=sys.stderr)
             sys.exit(1)
+    if args.command in ("backup", "restore"):
+        check_selection(parser, args)
     if args.command == "backup" and not args.paths:
         try:
             args.paths = ask_for_paths(ask=ask_on_stderr if wants_json(args) else input)

@@ -24,6 +24,13 @@ extended attributes, mode (after chown, which clears setuid; after the ACL,
 whose mask it sets; setuid and setgid only as root, else dropped with a note),
 then times to the nanosecond. Folders get theirs when
 everything inside them is done, since writing in a folder changes its mtime.
+
+A folder that was already there is surveyed when it is opened (one ``lstat``
+of each entry, never following links), so the restore can leave what is
+unchanged (``--overwrite``) and remove what the snapshot does not hold
+(``--delete``): removal too goes one name at a time relative to folder
+descriptors, so it never follows a link out of the target. A dry run opens
+existing folders to survey them and creates, writes and removes nothing.
 """
 
 import contextlib
@@ -39,6 +46,7 @@ import stat
 import attrs
 import blake3
 
+from sdbackup.client.overwrite import Existing
 from sdbackup.names import escape
 from sdbackup.objects import Node
 from sdbackup.paths import UnsafePath, check_name, display_path
@@ -69,11 +77,14 @@ class Folder:
 
     ``path`` is its names from the target, used for messages and to open it
     again (one name at a time) when a hard link needs it after it was closed.
+    ``existing`` is what the folder held before the restore (name -> ``Existing``),
+    when the writer surveys (None: not surveyed; a new folder holds nothing).
     """
 
     fd: int | None
     path: tuple
     node: Node | None = None
+    existing: dict | None = None
 
     def display(self, name: bytes | None = None) -> str:
         return display_path(self.path + ((name,) if name is not None else ())) or "."
@@ -146,10 +157,25 @@ class Owners:
 class FileSystemWriter:
     """Creates a snapshot's entries under ``target``; every call works relative to a ``Folder``."""
 
-    def __init__(self, target: str, as_root: bool | None = None):
-        os.makedirs(target, exist_ok=True)
+    def __init__(self, target: str, as_root: bool | None = None, survey: bool = False,
+                 dry_run: bool = False):
+        #: List what existing folders hold (for ``--overwrite`` and ``--delete``).
+        self.survey = survey or dry_run
+        #: Create, write and remove nothing; existing folders are only opened and surveyed.
+        self.dry_run = dry_run
         # The target itself may be reached through links: the user named it.
-        self.root = Folder(os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), ())
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        if dry_run:
+            try:
+                fd = os.open(target, flags)
+            except FileNotFoundError:
+                fd = None  # nothing there: everything would be new
+        else:
+            os.makedirs(target, exist_ok=True)
+            fd = os.open(target, flags)
+        self.root = Folder(fd, ())
+        if self.survey:
+            self.root.existing = _survey(fd) if fd is not None else {}
         self.target = target
         self.as_root = os.geteuid() == 0 if as_root is None else as_root
         self.owners = Owners()
@@ -161,10 +187,20 @@ class FileSystemWriter:
     # --- folders -----------------------------------------------------------------------
 
     def make_folder(self, parent: Folder, node: Node) -> Folder:
-        """Create (or reuse) the folder ``node`` in ``parent`` and open it without following links."""
+        """Create (or reuse) the folder ``node`` in ``parent`` and open it without following links
+        (surveyed when it was there already). A dry run only opens a folder that exists."""
         name = _name(node)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name, 0o700, dir_fd=parent.fd)
+        path = (*parent.path, name)
+        existed = True
+        if self.dry_run:
+            if parent.fd is None or name not in (parent.existing or {}):
+                return Folder(None, path, node, {})
+        else:
+            try:
+                os.mkdir(name, 0o700, dir_fd=parent.fd)
+                existed = False
+            except FileExistsError:
+                pass
         try:
             fd = os.open(name, _FOLDER_FLAGS, dir_fd=parent.fd)
         except OSError as e:
@@ -172,17 +208,73 @@ class FileSystemWriter:
                 raise RestoreError(f"{parent.display(name)}: exists and is not a folder (a link or a "
                                    f"file); nothing is restored through it") from None
             raise
-        return Folder(fd, (*parent.path, name), node)
+        existing = None
+        if self.survey:
+            try:
+                existing = _survey(fd) if existed else {}
+            except BaseException:
+                os.close(fd)
+                raise
+        return Folder(fd, path, node, existing)
 
     def finish_folder(self, folder: Folder) -> list[str]:
         """Set a folder's metadata (everything inside it is done) and close it; notes."""
         notes: list[str] = []
         try:
-            if folder.node is not None:
+            if folder.node is not None and not self.dry_run:
                 self._metadata(folder.fd, folder.node, notes, folder.display())
         finally:
             self.close_folder(folder)
         return notes
+
+    def remove_entries(self, folder: Folder, names) -> tuple[list, list]:
+        """Remove ``names`` from ``folder``, a folder with everything in it (``--delete``).
+
+        Each is reached by its name relative to its folder's descriptor, a folder opened
+        with ``O_NOFOLLOW``: a link is removed, never followed. A dry run removes nothing
+        and counts the same. Returns ``[(path, entries removed)]`` and the errors (text).
+        """
+        removed, errors = [], []
+        for name in names:
+            try:
+                removed.append(((*folder.path, name), self._remove(folder.fd, name)))
+            except OSError as e:
+                errors.append(f"{folder.display(name)}: not deleted: {e.strerror or e}")
+        return removed, errors
+
+    def _remove(self, parent_fd: int, name: bytes) -> int:
+        """Remove ``name`` (depth first when a folder, without recursion: trees are deep);
+        the number of entries removed."""
+        if not stat.S_ISDIR(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode):
+            if not self.dry_run:
+                os.unlink(name, dir_fd=parent_fd)
+            return 1
+        count = 0
+        # (the folder's parent descriptor, its name, its descriptor, names left in it)
+        stack = [(parent_fd, name, os.open(name, _FOLDER_FLAGS, dir_fd=parent_fd), None)]
+        try:
+            while stack:
+                up_fd, folder_name, fd, left = stack[-1]
+                if left is None:
+                    left = iter([os.fsencode(n) for n in os.listdir(fd)])
+                    stack[-1] = (up_fd, folder_name, fd, left)
+                child = next(left, None)
+                if child is None:
+                    stack.pop()
+                    os.close(fd)
+                    if not self.dry_run:
+                        os.rmdir(folder_name, dir_fd=up_fd)
+                    count += 1
+                elif stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode):
+                    stack.append((fd, child, os.open(child, _FOLDER_FLAGS, dir_fd=fd), None))
+                else:
+                    if not self.dry_run:
+                        os.unlink(child, dir_fd=fd)
+                    count += 1
+        finally:
+            for _, _, fd, _ in stack:
+                os.close(fd)
+        return count
 
     def close_folder(self, folder: Folder):
         if folder.fd is not None:
@@ -295,6 +387,8 @@ class FileSystemWriter:
         Once per restore rather than an fsync per file: thousands of small files
         would otherwise wait on the disk one by one.
         """
+        if self.dry_run or self.root.fd is None:
+            return
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.syncfs(self.root.fd) != 0:
@@ -447,6 +541,12 @@ class FileOut:
         if self.temp is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.temp, dir_fd=self.folder.fd)
+
+
+def _survey(fd: int) -> dict:
+    """What a folder holds: name -> ``Existing``, from ``lstat`` of each entry."""
+    with os.scandir(fd) as entries:
+        return {os.fsencode(e.name): Existing.of(e.stat(follow_symlinks=False)) for e in entries}
 
 
 def _name(node: Node) -> bytes:

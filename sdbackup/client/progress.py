@@ -101,6 +101,13 @@ class Progress:
         self.stream.write(_REDRAW + progress_line(self.counts(now), width) + _CLEAR_TO_END)
         self.stream.flush()
 
+    def clear(self):
+        """Erase the line, so that a line printed next (``--verbose``) does not run into the
+        bar; the next redraw brings it back."""
+        if self.enabled:
+            self.stream.write(_REDRAW + _CLEAR_TO_END)
+            self.stream.flush()
+
     def finish(self):
         """Leave the final figures on their own line, so what follows starts on a fresh one."""
         if self.enabled:

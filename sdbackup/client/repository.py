@@ -11,12 +11,13 @@ the cluster through it.
 
 from collections import OrderedDict
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
-from sdbackup import hashing, objects
+from sdbackup import hashing, objects, sealing
 from sdbackup.client.session import ClientError, Session
-from sdbackup.names import unescape
+from sdbackup.names import escape, unescape
 from sdbackup.objects import Kind
 from sdbackup.protocols.messages import (
     MAX_FETCH_IDS,
@@ -58,16 +59,51 @@ class Repository:
     # --- snapshots --------------------------------------------------------------
 
     async def snapshots(self) -> list[SnapshotSummary]:
-        """Every snapshot, oldest first, asked for a page at a time."""
+        """Every snapshot of the repository, oldest first, asked for a page at a time."""
         found: list[SnapshotSummary] = []
         request = ListSnapshots()
         while True:
             page = await self.session.ask(request)
             found.extend(page.snapshots)
             if not page.more or not page.snapshots:
-                return found
+                return await self._of_repository(found)
             last = page.snapshots[-1]
             request = ListSnapshots(after_time=last.time, after_id=last.snapshot_id)
+
+    async def _of_repository(self, found: list[SnapshotSummary]) -> list[SnapshotSummary]:
+        """The repository's snapshots among ``found``. The manager lists an encrypted
+        snapshot without paths or tags (it sees no more): those of an encrypted repository
+        are read from the servers, kept when they are the repository's, and opened."""
+        if not self.session.sealer.encrypted:
+            return [s for s in found if s.paths]
+        sealed = [s for s in found if not s.paths]
+        holders = await self.locate([s.snapshot_id for s in sealed])
+        fetched = await self.fetch_many(Kind.SNAPSHOT, {s.snapshot_id: holders.get(s.snapshot_id, [])
+                                                        for s in sealed}, opened=False)
+        mine = []
+        for summary in sealed:
+            data = fetched[summary.snapshot_id]
+            if isinstance(data, ChunkUnavailable):
+                raise data
+            try:
+                if not self.session.sealer.owns(objects.decode_snapshot(data)):
+                    continue
+                snapshot = objects.decode_snapshot(self._open(Kind.SNAPSHOT, summary.snapshot_id,
+                                                              data))
+            except objects.ObjectFormatError as e:
+                raise ClientError(f"snapshot {summary.snapshot_id[:8]} cannot be read: {e}") from None
+            mine.append(attrs.evolve(summary, paths=[escape(p) for p in snapshot.paths],
+                                     tags=list(snapshot.tags), parent=snapshot.parent.hex()))
+        return mine
+
+    def _open(self, kind: str, chunk_id: str, data: bytes) -> bytes:
+        """Verified bytes opened with the repository's key (key objects are never sealed)."""
+        if kind == Kind.KEY:
+            return data
+        try:
+            return self.session.sealer.open(kind, data)
+        except sealing.SealError as e:
+            raise ChunkUnavailable(f"{kind} {chunk_id[:16]} cannot be opened: {e}") from None
 
     async def resolve(self, ref: str) -> SnapshotSummary:
         """A snapshot from ``latest``, its id, or a unique prefix of its id."""
@@ -154,6 +190,8 @@ class Repository:
         for server in holders[start:] + holders[:start]:
             try:
                 reply = await self.session.servers.request(server, FetchChunk(chunk_id=chunk_id))
+            except defer.CancelledError:
+                raise  # the reader gave up (Ctrl-C): not this holder's fault, ask no other
             except Exception as e:
                 reasons.append(f"{server}: {getattr(e, 'reason', None) or e}")
                 continue
@@ -161,15 +199,19 @@ class Repository:
             good = (verify(kind, chunk_id, reply.checksum, payload) if len(payload) <= HASH_INLINE
                     else await deferToThread(verify, kind, chunk_id, reply.checksum, payload))
             if good:
-                return payload
+                if not self.session.sealer.encrypted:
+                    return payload
+                return (self._open(kind, chunk_id, payload) if len(payload) <= HASH_INLINE
+                        else await deferToThread(self._open, kind, chunk_id, payload))
             reasons.append(f"{server}: its copy does not match the id")
         raise ChunkUnavailable(f"no good copy of {kind} {chunk_id[:16]}: " + "; ".join(reasons))
 
-    async def fetch_many(self, kind: str, wanted: dict[str, list[str]]
+    async def fetch_many(self, kind: str, wanted: dict[str, list[str]], opened: bool = True
                          ) -> dict[str, bytes | ChunkUnavailable]:
         """The verified bytes of every chunk in ``wanted`` (id -> holders), fetched with one
         FetchChunks per holder (and more while replies are full); a chunk no holder has a good
         copy of maps to its ``ChunkUnavailable``, so one bad chunk fails only what uses it.
+        In an encrypted repository the bytes are opened (plaintext) unless not ``opened``.
 
         Each chunk starts at one of its holders in turn, so reads spread over the
         servers; those a holder lacks or holds bad are asked of their next holder.
@@ -188,7 +230,7 @@ class Repository:
             by_server: dict[str, list[str]] = {}
             for chunk_id, servers in queues.items():
                 by_server.setdefault(servers[0], []).append(chunk_id)
-            asked = [defer.ensureDeferred(self._fetch_from(kind, server, ids))
+            asked = [defer.ensureDeferred(self._fetch_from(kind, server, ids, opened))
                      for server, ids in by_server.items()]
             outcomes = await defer.gatherResults(asked, consumeErrors=True)
             for (server, ids), (good, failed) in zip(by_server.items(), outcomes, strict=True):
@@ -206,7 +248,7 @@ class Repository:
                             f"no good copy of {kind} {chunk_id[:16]}: " + "; ".join(reasons[chunk_id]))
         return found
 
-    async def _fetch_from(self, kind: str, server: str, chunk_ids: list[str]
+    async def _fetch_from(self, kind: str, server: str, chunk_ids: list[str], opened: bool = True
                           ) -> tuple[dict[str, bytes], dict[str, str]]:
         """What ``server`` gives good copies of (id -> bytes), and why it gave no others."""
         good: dict[str, bytes] = {}
@@ -216,6 +258,8 @@ class Repository:
             asked, left = left[:MAX_FETCH_IDS], left[MAX_FETCH_IDS:]
             try:
                 reply = await self.session.servers.request(server, FetchChunks(chunk_ids=asked))
+            except defer.CancelledError:
+                raise
             except Exception as e:
                 why = str(getattr(e, "reason", None) or e)
                 failed.update((chunk_id, why) for chunk_id in asked + left)
@@ -224,9 +268,13 @@ class Repository:
             pieces = [(ref, payload) for ref, payload in reply.pieces() if ref.chunk_id in wanted]
             checks = (_verify_all(kind, pieces) if len(reply.payload) <= HASH_INLINE
                       else await deferToThread(_verify_all, kind, pieces))
+            if opened and self.session.sealer.encrypted:
+                checks = await deferToThread(self._open_all, kind, pieces, checks)
             for (ref, payload), ok in zip(pieces, checks, strict=True):
-                if ok:
+                if ok is True:
                     good[ref.chunk_id] = payload
+                elif ok:
+                    good[ref.chunk_id] = ok  # opened
                 else:
                     failed[ref.chunk_id] = "its copy does not match the id"
             for chunk_id in reply.missing:
@@ -241,6 +289,12 @@ class Repository:
                 break
             left = unanswered + left
         return good, failed
+
+    def _open_all(self, kind: str, pieces: list, checks: list) -> list:
+        """Each verified piece opened (its plaintext), or False; a piece that does not open
+        fails the read (another key's, or forged: no other holder's copy can differ)."""
+        return [self._open(kind, ref.chunk_id, payload) if ok else False
+                for (ref, payload), ok in zip(pieces, checks, strict=True)]
 
 
 def _verify_all(kind: str, pieces: list) -> list[bool]:

@@ -3,7 +3,11 @@
 The walk goes depth first through the snapshot's trees (``TreeReader``). A
 folder is created when the walk enters it and gets its metadata when
 everything inside it is done (files still downloading included), so folders
-finish deepest first and their mtimes stay as saved.
+finish deepest first and their mtimes stay as saved. With ``--include`` and
+``--exclude`` (``selection.RestoreFilter``) the walk keeps the selected entries
+only; a folder that merely leads to them is made when the first one inside is
+met, so none is made empty. Each include must match something: the trees are
+read for that before the target is made, up to each include's first match.
 
 Small files, links, FIFOs and devices are restored in batches: the walk
 gathers up to ``BATCH_BYTES`` (or ``BATCH_ENTRIES``) of them, their chunks
@@ -23,6 +27,15 @@ fails, the next one is restored whole instead.
 
 An error concerns one entry (or a folder's contents) and is collected; the
 restore goes on, and reports them all at the end.
+
+Into a folder that was already there (``fswriter`` surveys it when it opens
+it), an entry of the snapshot that is already in place is left as it is or
+replaced as ``--overwrite`` decides (``overwrite.decide``: by default, the same
+type, size and mtime mean unchanged), before anything of it is fetched. With
+``--delete``, what the folder holds and the snapshot's folder does not is
+removed when the folder is finished, just before its metadata is set. A dry
+run walks the same way and decides the same, but fetches, writes and removes
+nothing.
 """
 
 from collections import deque
@@ -35,12 +48,14 @@ from twisted.python.failure import Failure
 from sdbackup import objects
 from sdbackup.client import fswriter
 from sdbackup.client.fswriter import FileSystemWriter, Folder, RestoreError
+from sdbackup.client.overwrite import DEFAULT_MODE, Action, decide
 from sdbackup.client.progress import Progress
 from sdbackup.client.repository import ChunkUnavailable, Repository
+from sdbackup.client.selection import RestoreFilter
 from sdbackup.client.session import ClientError, Session
 from sdbackup.client.treereader import Enter, Entry, Leave, TreeReader
 from sdbackup.objects import Kind, Node
-from sdbackup.paths import Includes, UnsafePath, display_path
+from sdbackup.paths import UnsafePath, display_path
 
 #: Chunks being fetched at once, across all files: bounds memory.
 CHUNKS_IN_FLIGHT = 16
@@ -70,6 +85,14 @@ class RestoreResult:
     bytes: int = 0
     errors: list = attrs.Factory(list)
     notes: list = attrs.Factory(list)
+    #: Entries already in place with the snapshot's type, size and mtime: left as they were.
+    unchanged: int = 0
+    #: Entries in place but different, kept because of ``--overwrite never`` or ``if-newer``.
+    skipped: int = 0
+    #: Entries removed by ``--delete`` (everything inside a removed folder counts).
+    deleted: int = 0
+    #: Nothing was written or removed: the counts say what a restore would do.
+    dry_run: bool = False
 
 
 @attrs.define(eq=False)
@@ -80,6 +103,15 @@ class _FolderState:
     parent: "_FolderState | None"
     pending: int = 1  # the walk is inside it
     finishing: bool = False
+    #: Names the snapshot's folder holds (walked), kept for ``--delete``.
+    seen: set = attrs.Factory(set)
+
+
+@attrs.define(eq=False)
+class _Unmade:
+    """A folder the walk is in that is not made yet: it leads to what ``--include`` selects."""
+
+    event: Enter
 
 
 @attrs.define(eq=False)
@@ -127,12 +159,22 @@ class _LinkGroup:
 
 class Restore:
     def __init__(self, session: Session, snapshot: str, target: str, includes=(),
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, overwrite: str = DEFAULT_MODE,
+                 delete: bool = False, dry_run: bool = False, listed=None, excludes=(),
+                 iincludes=(), iexcludes=()):
         self.session = session
+        #: ``--overwrite``, ``--delete``, ``--dry-run``.
+        self.overwrite = overwrite
+        self.delete = delete
+        self.dry_run = dry_run
+        #: Called with ``("restored" | "deleted", path)`` for each entry written or removed
+        #: (or, in a dry run, that would be): what ``--verbose`` lists.
+        self.listed = listed
         self.repository = Repository(session)
         self.snapshot = snapshot
         self.target = target
-        self.includes = Includes(includes)
+        #: ``--include`` and ``--exclude`` (a PatternError for one that cannot be read).
+        self.selection = RestoreFilter(includes, excludes, iincludes, iexcludes)
         self.progress = progress
         self.chunk_slots = defer.DeferredSemaphore(CHUNKS_IN_FLIGHT)
         self.file_slots = defer.DeferredSemaphore(FILES_AT_ONCE)
@@ -141,11 +183,12 @@ class Restore:
         self._batch: list[_Batched] = []
         self._batch_bytes = 0
         self.writer: FileSystemWriter | None = None
-        self.result = RestoreResult(snapshot_id="")
+        self.result = RestoreResult(snapshot_id="", dry_run=dry_run)
         #: Chunk ids (hex) found to be all zeros, and their sizes: written as holes, fetched once.
         self._zero_chunks: dict[str, int] = {}
         self._links: dict[tuple, _LinkGroup] = {}
         self._open: set[_FolderState] = set()
+        self._root: _FolderState | None = None
         self._running: set[defer.Deferred] = set()
         self._done = defer.Deferred()
 
@@ -153,17 +196,31 @@ class Restore:
         summary = await self.repository.resolve(self.snapshot)
         snapshot = await self.repository.load_snapshot(summary.snapshot_id)
         self.result.snapshot_id = summary.snapshot_id
-        if self.progress is not None and not self.includes.paths:
+        if self.progress is not None and not self.selection:
             self.progress.total_bytes, self.progress.total_files = summary.bytes, summary.files
+        if self.selection.includes:
+            await self._check_includes(snapshot.tree, summary.snapshot_id)
         fswriter.raise_open_files_limit()
         try:
-            self.writer = await deferToThread(FileSystemWriter, self.target)
+            self.writer = await deferToThread(
+                FileSystemWriter, self.target, survey=self.overwrite != "always" or self.delete,
+                dry_run=self.dry_run)
         except OSError as e:
             raise ClientError(f"cannot restore into {self.target}: {e.strerror or e}") from None
         try:
             await self._walk(snapshot.tree)
             await self._done  # every folder finished, deepest first
+            extras = self._extras(self._root)
+            if extras:
+                self._removed(*await deferToThread(self.writer.remove_entries, self.writer.root, extras))
             await deferToThread(self.writer.sync)  # durable before we say it is done
+        except defer.CancelledError:
+            # Interrupted: what waits (on a server, maybe a hung one) stops waiting now; what
+            # a thread is writing ends before the folders and files are closed.
+            for running in list(self._running):
+                running.cancel()
+            await threads_idle()
+            raise
         finally:
             # After a failure of the whole restore: let what is under way end, then close.
             while self._running:
@@ -171,39 +228,77 @@ class Restore:
             for state in list(self._open):
                 self.writer.close_folder(state.folder)
             self.writer.close()
-        for path in self.includes.unmatched():
-            self.result.errors.append(f"{display_path(path)}: not in snapshot {summary.snapshot_id[:8]}")
         return self.result
 
     # --- the walk -----------------------------------------------------------------------
 
+    async def _check_includes(self, tree_id: bytes, snapshot_id: str):
+        """Every ``--include`` must match something the restore would write, or nothing is
+        done (not even the target made): the trees are read, only where a match may be (along
+        its path, for a plain path), until each has matched."""
+        selection = self.selection
+        missing = set(range(len(selection.includes)))
+        walk = TreeReader(self.repository).walk(
+            tree_id, want=lambda path, node: bool(missing) and selection.wants(path, node.type == "dir"))
+        try:
+            async for event in walk:
+                if isinstance(event, Entry | Enter):
+                    missing -= selection.includes_matching(event.path, missing)
+                    if not missing:
+                        break
+        finally:
+            await walk.aclose()
+        if missing:
+            texts = " ".join(repr(selection.includes[i].text) for i in sorted(missing))
+            raise ClientError(f"--include {texts}: matches nothing in snapshot {snapshot_id[:8]}"
+                              + (" (or only what --exclude leaves out)" if selection.excludes else "")
+                              + "; nothing restored")
+
     async def _walk(self, tree_id: bytes):
         reader = TreeReader(self.repository, chunks=True)
-        root = _FolderState(self.writer.root, None)
-        stack: list[_FolderState | None] = []
-        want = (lambda path, node: self.includes.wants(path, node.type == "dir")
-                ) if self.includes.paths else None
+        root = self._root = _FolderState(self.writer.root, None)
+        stack: list[_FolderState | _Unmade | None] = []
+        selection = self.selection
+        want = (lambda path, node: selection.wants(path, node.type == "dir")) if selection else None
         async for event in reader.walk(tree_id, want=want):
             if isinstance(event, Entry):
-                await self._entry(stack[-1], event)
+                await self._entry(await self._made(stack), event)
             elif isinstance(event, Enter):
                 if event.node is None:
                     stack.append(root)
                     continue
-                state = await self._enter(stack[-1], event)
+                if selection.includes and not selection.selects(event.path):
+                    # Only on the way to what --include selects: made once something inside is.
+                    if event.error:
+                        self.result.errors.append(event.error)
+                    stack.append(_Unmade(event))
+                    continue
+                state = await self._enter(await self._made(stack), event)
                 if state is None and not event.error:
                     reader.skip()
                 stack.append(state)
             elif isinstance(event, Leave):
                 state = stack.pop()
-                if state is not None:
+                if isinstance(state, _FolderState):
                     self._release(state)
         await self._flush()
+
+    async def _made(self, stack: list) -> "_FolderState | None":
+        """The folder the walk is in, made first if it waited (with the waiting ones above it):
+        a folder that only leads to selected entries is made, with its metadata, once the first
+        of them is met, so none is made empty."""
+        first = len(stack)
+        while isinstance(stack[first - 1], _Unmade):
+            first -= 1
+        for index in range(first, len(stack)):
+            stack[index] = await self._enter(stack[index - 1], stack[index].event)
+        return stack[-1]
 
     async def _enter(self, parent: _FolderState | None, event: Enter) -> _FolderState | None:
         """Create the folder; None when it cannot be (nothing below it is restored)."""
         if parent is None:
             return None
+        parent.seen.add(event.node.name)
         try:
             folder = await deferToThread(self.writer.make_folder, parent.folder, event.node)
         except (RestoreError, OSError) as e:
@@ -221,6 +316,12 @@ class Restore:
         if state is None:
             return
         node = event.node
+        state.seen.add(node.name)
+        existing = state.folder.existing.get(node.name) if state.folder.existing else None
+        action = decide(self.overwrite, node, existing)
+        if action is not Action.WRITE or self.dry_run:
+            self._not_written(state, event.path, node, action)
+            return
         group = None
         if node.links > 1 and (node.dev or node.inode):
             key = (node.dev, node.inode)
@@ -239,6 +340,56 @@ class Restore:
             await self.file_slots.acquire()
             self._start(state, event.path, self._file(state, node, event.holders, group), slot=True)
 
+    def _not_written(self, state: _FolderState, path: tuple, node: Node, action: Action):
+        """An entry left as it is (unchanged, or kept), or one a dry run would write."""
+        if action is Action.WRITE:  # a dry run: counted as the restore would count it
+            if node.type == "file":
+                self.result.files += 1
+                self.result.bytes += node.size
+            else:
+                self.result.others += 1
+            self._list("restored", path)
+        elif action is Action.UNCHANGED:
+            self.result.unchanged += 1
+            if node.links > 1 and (node.dev or node.inode) and not self.dry_run:
+                # The rest of its hard-link group can link to it: it is the snapshot's.
+                self._links.setdefault((node.dev, node.inode), _LinkGroup(node.type)).settle(
+                    (state, node.name))
+        else:
+            self.result.skipped += 1
+        if self.progress is not None:
+            is_file = node.type == "file"
+            self.progress.advance(size=node.size if is_file else 0, files=int(is_file))
+
+    def _list(self, what: str, path: tuple):
+        if self.listed is not None:
+            self.listed(what, path)
+
+    def _extras(self, state: _FolderState) -> list[bytes]:
+        """What ``--delete`` removes from a folder: the names it held that the snapshot's
+        folder does not, and that the restore's selection would restore."""
+        if not self.delete or not state.folder.existing:
+            return []
+        return [name for name in state.folder.existing
+                if name not in state.seen and self._deletable((*state.folder.path, name))]
+
+    def _deletable(self, path: tuple) -> bool:
+        """A path the snapshot does not hold is deleted only where the selection reaches:
+        at or under an ``--include`` (everywhere without one), and not at or under an
+        ``--exclude``."""
+        return self.selection.selects(path)
+
+    def _removed(self, removed: list, errors: list):
+        for path, count in removed:
+            self.result.deleted += count
+            self._list("deleted", path)
+        self.result.errors.extend(errors)
+
+    def _finish_folder(self, folder: Folder, extras: list[bytes]):
+        """In a thread: remove what ``--delete`` removes, then set the folder's metadata."""
+        removed = self.writer.remove_entries(folder, extras) if extras else ([], [])
+        return self.writer.finish_folder(folder), removed
+
     def _start(self, state: _FolderState, path: tuple, work, slot: bool = False):
         state.pending += 1
         d = defer.ensureDeferred(work)
@@ -253,6 +404,7 @@ class Restore:
             self.result.errors.append(_describe(outcome.value, path))
         else:
             self.result.notes.extend(outcome or ())
+            self._list("restored", path)
         self._release(state)
 
     def _release(self, state: _FolderState):
@@ -264,7 +416,7 @@ class Restore:
             self._done.callback(None)
             return
         state.finishing = True
-        d = deferToThread(self.writer.finish_folder, state.folder)
+        d = deferToThread(self._finish_folder, state.folder, self._extras(state))
         self._running.add(d)
         d.addBoth(self._folder_done, state)
         d.addBoth(lambda _: self._running.discard(d))
@@ -274,7 +426,9 @@ class Restore:
         if isinstance(outcome, Failure):
             self.result.errors.append(_describe(outcome.value, state.folder.path))
         else:
-            self.result.notes.extend(outcome)
+            notes, removed = outcome
+            self.result.notes.extend(notes)
+            self._removed(*removed)
         self._release(state.parent)
 
     # --- batches of small entries ------------------------------------------------------
@@ -342,6 +496,7 @@ class Restore:
             if item.group is not None:
                 item.group.settle((item.state, item.node.name))
             self.result.notes.extend(outcome)
+            self._list("restored", item.path)
             if item.node.type == "file":
                 self.result.files += 1
                 self.result.bytes += item.node.size
@@ -492,3 +647,14 @@ def _describe(error: BaseException, path: tuple) -> str:
     if isinstance(error, ClientError | UnsafePath | objects.ObjectFormatError):
         return f"{where}: {error}"
     return f"{where}: {type(error).__name__}: {error}"
+
+
+async def threads_idle():
+    """Once no thread of the reactor's pool is running a call (a cancelled ``deferToThread``
+    does not stop its thread)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    pool = reactor.getThreadPool()
+    while pool.working:
+        await deferLater(reactor, 0.01)

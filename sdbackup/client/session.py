@@ -11,6 +11,7 @@ from twisted.internet.endpoints import connectProtocol
 
 from sdbackup.protocols.messages import Message
 from sdbackup.protocols.peer import IDLE, ConnectionRefusedByPeer, MessageProtocol, PeerPool, RemoteError
+from sdbackup.sealing import PlainSealer
 from sdbackup.tlsconfig import AddressRefused, Transport
 
 #: Seconds to wait for a storage server's answer (a primary waits 60 s for its replica).
@@ -39,6 +40,9 @@ class Session:
         self.transport = transport or Transport()
         self.servers = PeerPool(reactor, None, "client", request_timeout=SERVER_TIMEOUT,
                                 transport=self.transport)
+        #: Seals what is stored and opens what is read: the repository's key once it is
+        #: opened (``sdbackup.client.keys``), else nothing (a plaintext repository).
+        self.sealer = PlainSealer()
 
     async def connect(self):
         try:
@@ -47,8 +51,10 @@ class Session:
         except AddressRefused as e:
             raise ClientError(str(e)) from None
         # An admin's certificate says "admin"; its Hello says "client" (it may do all a client does).
+        # Any role is let through the handshake so that a wrong address gets a message naming
+        # what answered there; anything but a manager is closed at once below.
         proto = MessageProtocol(None, "client", tls=self.transport.tls is not None,
-                                expect=("manager",), clock=self.reactor,
+                                expect=None, clock=self.reactor,
                                 handshake_timeout=self.transport.handshake_timeout)
         try:
             await connectProtocol(endpoint, proto)
@@ -62,6 +68,12 @@ class Session:
             raise ClientError(f"cannot reach the manager at {self.manager_address}: {e}{hint}") from None
         except Exception as e:
             raise ClientError(f"cannot reach the manager at {self.manager_address}: {e}") from e
+        if proto.peer_role != "manager":
+            self.manager = None
+            proto.transport.loseConnection()
+            what = "a storage server" if proto.peer_role == "server" else f"a {proto.peer_role}"
+            raise ClientError(f"{self.manager_address} is {what}, not the manager: give the manager's "
+                              f"address (--manager or $SDBACKUP_MANAGER)")
         return self
 
     async def ask(self, msg: Message) -> Message:

@@ -4,7 +4,8 @@ The last stages of a backup (walk -> tree builder -> chunker -> packer ->
 store). ``Uploader.store`` takes a data chunk or an object (tree, chunk list,
 snapshot) and says when it is confirmed. Blobs are gathered into batches (at
 most ``BATCH_BYTES`` or ``BATCH_CHUNKS``); for each batch the manager says
-which blobs it already holds (``known``) and where the others go; the new
+which blobs it already holds (``known``) and where the others go, with a
+signed ticket for each chain of servers (the servers store under it only); the new
 ones travel in packs, one kind per pack (``StoreChunks(kind=...)``), to their
 primaries, which answer only once every replica confirmed them. A server
 that fails is left out and its packs are placed again (``STORE_ATTEMPTS``).
@@ -30,6 +31,7 @@ from sdbackup.client.session import ClientError, Session
 from sdbackup.objects import Kind
 from sdbackup.protocols.messages import ChunkNeed, ChunkRef, HasChunks, PlacementRequest, StoreChunks
 from sdbackup.protocols.peer import RemoteError
+from sdbackup.tickets import TICKET_EXPIRED
 
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_CHUNKS = 256
@@ -253,13 +255,17 @@ class Uploader:
             key = bytes.fromhex(chunk_id)
             blob = blobs[key]
             groups.setdefault((blob.kind, tuple(servers)), []).append((key, blob))
-        sends = [defer.ensureDeferred(self._store_pack(kind, pack, list(servers), blobs, attempts))
+        # The manager's signed word for each chain: the servers store under it, and only it.
+        tickets = {tuple(ticket.chain): ticket for ticket in placement.tickets}
+        sends = [defer.ensureDeferred(self._store_pack(kind, pack, list(servers), blobs, attempts,
+                                                       tickets.get(servers)))
                  for (kind, servers), items in groups.items() for pack in packs(items)]
         await defer.gatherResults(sends, consumeErrors=True).addErrback(_first_error)
 
     async def _store_pack(self, kind: str, pack: list, servers: list[str], blobs: dict,
-                          attempts: int):
-        """Store a pack on ``servers``; when one fails, place the pack again without it."""
+                          attempts: int, ticket):
+        """Store a pack on ``servers`` under the placement's ``ticket``; when one fails, place
+        the pack again without it (when the ticket expired, place it again as it was)."""
         primary = servers[0]
         refs = [ChunkRef(chunk_id.hex(), len(blob.data), blob.checksum) for chunk_id, blob in pack]
         payload = b"".join(blob.data for _, blob in pack)
@@ -272,11 +278,15 @@ class Uploader:
             offset += size
         try:
             reply = await self.session.servers.request(primary, StoreChunks(
-                chunks=refs, forward_to=servers[1:], kind=kind, payload=payload))
+                chunks=refs, forward_to=servers[1:], kind=kind, ticket=ticket, payload=payload))
         except RemoteError as e:
-            if e.code not in RETRYABLE:
+            if e.code == TICKET_EXPIRED:
+                failed, why = None, e.reason
+            elif e.code not in RETRYABLE:
                 raise ClientError(f"server {primary} could not store chunks: {e.reason}") from e
             failed, why = e.culprit or primary, e.reason
+        except defer.CancelledError:
+            raise  # the backup was interrupted: not the server's fault
         except Exception as e:  # refused, lost or timed out
             failed, why = primary, f"server {primary} is unreachable: {e}"
         else:
@@ -289,7 +299,7 @@ class Uploader:
             return
         if attempts <= 1:
             raise ClientError(f"could not store chunks after {STORE_ATTEMPTS} attempts: {why}")
-        if failed not in self._failed_servers:
+        if failed is not None and failed not in self._failed_servers:
             self._failed_servers.add(failed)
             self.log.warn("{why}; placing chunks elsewhere", why=why)
         # Chunks that landed on a live server before the failure count as held; repair adds

@@ -19,6 +19,10 @@ The walker blocks (``lstat``, ``listdir``, extended attributes): the tree
 builder calls ``next_events`` in a thread, which returns many events per call,
 so a thread hop is paid per thousand entries, not per entry. Memory holds
 the names of the open folders only.
+
+What the backup leaves out (``selection.BackupSelection``: exclude patterns,
+tag files such as ``CACHEDIR.TAG``, other file systems) is dropped from each
+folder's names as the folder is listed, so an excluded folder is never opened.
 """
 
 import errno
@@ -31,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import attrs
 
+from sdbackup.client.selection import BackupSelection
 from sdbackup.client.session import ClientError
 from sdbackup.names import escape
 from sdbackup.paths import UnsafePath, snapshot_path
@@ -115,11 +120,12 @@ class Folder:
     lets go (``release`` runs on the reactor only).
     """
 
-    __slots__ = ("_open", "fd", "path", "users")
+    __slots__ = ("_open", "fd", "local", "path", "users")
 
-    def __init__(self, fd: int, path: bytes, open_set: set):
+    def __init__(self, fd: int, path: bytes, open_set: set, local: str = ""):
         self.fd = fd
         self.path = path  # for messages: the path as the user named it
+        self.local = local  # its absolute path as exclude patterns see it, without a final /
         self.users = 1
         self._open = open_set
         open_set.add(self)
@@ -262,14 +268,16 @@ class _Frame:
     """A folder being walked: the names still to look at, and the next ones' lstat results
     (or the OSError of each), looked at ahead."""
 
-    __slots__ = ("folder", "index", "names", "plan", "snapshot_folder", "stats")
+    __slots__ = ("dev", "folder", "index", "names", "plan", "snapshot_folder", "stats")
 
-    def __init__(self, folder, names, plan=None, snapshot_folder=True):
+    def __init__(self, folder, names, plan=None, snapshot_folder=True, dev=None):
         self.folder = folder
         self.names = names
         self.index = 0
         self.plan = plan
         self.snapshot_folder = snapshot_folder
+        #: The device of the backed-up path it is in (None above the backed-up paths).
+        self.dev = dev
         self.stats: dict = {}
 
 
@@ -286,10 +294,12 @@ def _lstat_all(dir_fd: int, names: list) -> list:
 class Walker:
     """Depth-first events for a ``Plan``; ``next_events`` blocks (call it in a thread)."""
 
-    def __init__(self, plan: Plan, report: Report, owners: Owners | None = None):
+    def __init__(self, plan: Plan, report: Report, owners: Owners | None = None,
+                 selection: BackupSelection | None = None):
         self.plan = plan
         self.report = report
         self.owners = owners or Owners()
+        self.selection = selection or BackupSelection()
         self._stack: list[_Frame] = []
         self._started = False
         #: Folders opened and not closed yet: ``close`` closes them after a failure.
@@ -316,7 +326,7 @@ class Walker:
             if frame.plan is not None:
                 opened += self._visit_planned(frame, name, events)
             else:
-                opened += self._visit(frame.folder, name, events, self._lstat(frame, name))
+                opened += self._visit(frame.folder, name, events, self._lstat(frame, name), frame.dev)
         return events
 
     def close(self):
@@ -350,23 +360,27 @@ class Walker:
 
     # --- one entry ---------------------------------------------------------------
 
-    def _visit(self, folder: Folder, name: bytes, events: list, st=None) -> int:
-        """Look at ``name`` in ``folder`` (``st``: its lstat result or OSError, if known); the
+    def _visit(self, folder: Folder, name: bytes, events: list, st=None, dev=None) -> int:
+        """Look at ``name`` in ``folder`` (``st``: its lstat result or OSError, if known; ``dev``:
+        the device of the backed-up path it is in, None for a backed-up path itself); the
         number of folders opened (0 or 1)."""
         if st is None:
             st = _lstat_all(folder.fd, [name])[0]
         if isinstance(st, OSError):
             self.report.warn(f"cannot read {escape(posixpath.join(folder.path, name))}: {st.strerror}")
             return 0
+        if (dev is not None and st.st_dev != dev and self.selection.one_file_system
+                and not stat.S_ISDIR(st.st_mode)):
+            return 0  # a file mounted over another (a folder is kept, empty: a mount point)
         entry = self._entry(folder, name, st)
         if entry is None:
             return 0
         if entry.type != "dir":
             events.append(entry)
             return 0
-        return self._enter(entry, events)
+        return self._enter(entry, events, st.st_dev if dev is None else dev)
 
-    def _enter(self, entry: Entry, events: list) -> int:
+    def _enter(self, entry: Entry, events: list, dev: int) -> int:
         """Open and list the folder ``entry``; it is skipped with a warning if it cannot be."""
         path = posixpath.join(entry.folder.path, entry.name)
         try:
@@ -374,16 +388,36 @@ class Walker:
         except OSError as e:
             self.report.warn(f"cannot read folder {escape(path)}: {e.strerror}")
             return 0
-        folder = Folder(fd, path, self._open)
+        folder = Folder(fd, path, self._open, f"{entry.folder.local}/{os.fsdecode(entry.name)}")
         try:
             names = sorted(os.fsencode(n) for n in os.listdir(fd))
         except OSError as e:
             folder.close()
             self.report.warn(f"cannot list folder {escape(path)}: {e.strerror}")
             return 1
+        names = self._selected(folder, names, entry.st.st_dev != dev)
         events.append(Enter(entry, folder))
-        self._stack.append(_Frame(folder, names))
+        self._stack.append(_Frame(folder, names, dev=dev))
         return 1
+
+    def _selected(self, folder: Folder, names: list, other_device: bool) -> list:
+        """The names of ``folder`` the backup takes: none in a mount point (with
+        ``one_file_system``), the tag files alone in a folder they tag, else those no
+        exclude pattern matches."""
+        selection = self.selection
+        if other_device and selection.one_file_system:
+            return []
+        if selection.tag_files:
+            present = set(names)
+            tags = [name for name, header in selection.tag_files
+                    if name in present and _has_header(folder.fd, name, header)]
+            if tags:
+                return sorted(set(tags))
+        excludes = selection.excludes
+        if excludes:
+            local = folder.local
+            names = [name for name in names if not excludes.excluded_in(local, os.fsdecode(name))]
+        return names
 
     def _visit_planned(self, frame: _Frame, name: bytes, events: list) -> int:
         """A folder above the backed-up paths, or one of the paths."""
@@ -392,14 +426,17 @@ class Walker:
         opened = 0
         if folder is None:
             # Top level: look the child up in its real parent folder, held until it is done.
-            folder = self._open_path(os.path.dirname(child.local), None,
-                                     posixpath.dirname(child.display))
+            above = os.path.dirname(child.local)
+            folder = self._open_path(above, None, posixpath.dirname(child.display), above)
             self._stack.append(_Frame(folder, [], snapshot_folder=False))
             opened = 1
         if isinstance(child, PlanPath):
+            excludes = self.selection.excludes
+            if excludes and excludes.excluded(child.local):
+                return opened
             return opened + self._visit(folder, name, events)
         # A folder that leads to a backed-up path: the real folder's metadata, links followed.
-        inner = self._open_path(name, folder.fd, child.display)
+        inner = self._open_path(name, folder.fd, child.display, child.local)
         st = os.fstat(inner.fd)
         entry = self._entry(folder, name, st, xattrs_of=f"/proc/self/fd/{inner.fd}".encode(),
                             follow=True)
@@ -407,9 +444,10 @@ class Walker:
         self._stack.append(_Frame(inner, sorted(child.children), child))
         return opened + 1
 
-    def _open_path(self, name, dir_fd: int | None, display: bytes) -> Folder:
+    def _open_path(self, name, dir_fd: int | None, display: bytes, local: str) -> Folder:
         try:
-            return Folder(os.open(name, PATH_FLAGS, dir_fd=dir_fd), display, self._open)
+            return Folder(os.open(name, PATH_FLAGS, dir_fd=dir_fd), display, self._open,
+                          local.rstrip("/"))
         except OSError as e:
             raise ClientError(f"cannot back up {escape(display)}: {e.strerror}") from e
 
@@ -448,6 +486,23 @@ class Walker:
         if xattrs:
             fields["xattrs"] = xattrs
         return Entry(name, kind, st, fields, folder)
+
+
+def _has_header(dir_fd: int, name: bytes, header: bytes) -> bool:
+    """True when ``name`` in the folder is a tag file: a regular file that begins with
+    ``header`` (any entry of that name, when ``header`` is empty)."""
+    if not header:
+        return True
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, len(header), 0) == header
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def read_xattrs(path: bytes | int, follow: bool = False) -> tuple:

@@ -31,7 +31,17 @@ SENDERS: dict[str, frozenset] = {
     "CheckRequest": CLIENTS,
     "CheckRequest --read-data": ADMIN,  # every server re-reads every chunk: costly
     "ForgetSnapshots": ADMIN,  # unlists snapshots for every client
-    # Storing: a client to a primary, a primary to its replica (the chain of forward_to).
+    "ReplaceSnapshot": CLIENTS,  # tag: same content under new tags (restic lets writers tag)
+    "ListServers": CLIENTS,
+    "DrainServer": ADMIN,  # moves every chunk off a server
+    "RetireServer": ADMIN,  # forgets a server and its copies
+    "PruneRequest": ADMIN,  # deletes unreachable data on every server
+    "PruneStatusRequest": ADMIN,
+    "ListKeys": CLIENTS,  # encrypted repositories' key objects (wrapped keys)
+    "CommitKey": CLIENTS,
+    "RemoveKey": CLIENTS,  # never a repository's last key
+    # Storing: a client to a primary, a primary to its replica (the chain of forward_to), each
+    # under a ticket of the manager's placement (sdbackup.tickets).
     "StoreChunk": CLIENTS | SERVER,
     "StoreChunks": CLIENTS | SERVER,
     # Reading chunks and objects: restores, and the manager's indexer and check.
@@ -41,7 +51,9 @@ SENDERS: dict[str, frozenset] = {
     "ReplicateChunk": MANAGER,
     "VerifyChunks": MANAGER,
     "SyncNotices": MANAGER,
+    "TicketKeys": MANAGER,  # the keys placement tickets are signed with
     "DeleteSnapshots": MANAGER,
+    "DeleteChunks": MANAGER,
     # Only servers register, heartbeat and report what they hold.
     "RegisterServer": SERVER,
     "Heartbeat": SERVER,

@@ -24,6 +24,7 @@ from attrs.validators import ge, in_, instance_of, le
 from sdbackup import limits
 from sdbackup.hashing import is_hex_digest
 from sdbackup.limits import shorten
+from sdbackup.sealing import repo_problem
 
 PROTOCOL_VERSION = 2
 
@@ -108,7 +109,7 @@ def _time(instance, attribute, value):
 
 _int = instance_of(int)
 #: What a stored chunk is (``sdbackup.objects.Kind``): raw file data, or an object.
-CHUNK_KINDS = ("data", "tree", "list", "snapshot")
+CHUNK_KINDS = ("data", "tree", "list", "snapshot", "key")
 _kind = field(default="data", validator=in_(CHUNK_KINDS))
 _non_negative = [_int, ge(0), le(limits.MAX_COUNT)]
 _str = instance_of(str)
@@ -272,6 +273,35 @@ class ChunkNeed(_IdAndSize):
     size: int = _chunk_size
 
 
+@frozen
+class Ticket(Record):
+    """The manager's signed word that ``chunk_ids`` go along ``chain`` (primary first) until
+    ``expires`` (seconds since the epoch): what a server stores and forwards under
+    (``sdbackup.tickets``). ``mac`` is an HMAC-SHA256 under the key ``key_id``."""
+
+    chunk_ids: list = field(validator=_batch_ids)
+    chain: list = field(validator=_chain)
+    expires: int = field(validator=_non_negative)
+    key_id: str = field(validator=_text(limits.MAX_KEY_ID_LENGTH, ascii=True))
+    mac: str = field(validator=_hex_digest)
+
+
+def _optional_ticket(value):
+    return value if value is None or isinstance(value, Ticket) else Ticket.from_wire(value)
+
+
+#: A store's or a replication order's ticket (None: none given, and the server refuses it).
+_ticket = field(default=None, converter=_optional_ticket)
+
+
+@frozen
+class TicketKey(Record):
+    """A secret the manager signs tickets with (256 bits, hex), and its name."""
+
+    key_id: str = field(validator=_text(limits.MAX_KEY_ID_LENGTH, ascii=True))
+    secret: str = field(validator=_hex_digest, repr=False)
+
+
 # --- messages ---------------------------------------------------------------
 
 MESSAGE_TYPES: dict[int, type] = {}
@@ -340,6 +370,7 @@ class StoreChunk(Message):
     checksum: str = field(default="", validator=_hex_digest)
     forward_to: list = field(factory=list, validator=_chain)
     kind: str = _kind
+    ticket: Ticket | None = _ticket
     payload: bytes = _payload
 
 
@@ -384,6 +415,11 @@ class RegisterServer(Message):
     chunk_count: int = field(default=0, validator=_non_negative)
     #: Size of the data folder's file system (0: not told).
     total_bytes: int = field(default=0, validator=_non_negative)
+    #: The data folder's identity (``chunkstore.folder_identity``): copies are counted per
+    #: disk, whatever address it is served at ("": not told).
+    disk_id: str = field(default="", validator=_text(limits.MAX_DISK_ID_LENGTH, ascii=True))
+    #: Less free space than the server's reserve: place nothing on it.
+    full: bool = field(default=False, validator=_bool)
 
 
 @message(21)
@@ -413,6 +449,8 @@ class Heartbeat(Message):
     #: The scrub pass under way: chunks checked of how many (0 of 0: none runs).
     scrub_done: int = field(default=0, validator=_non_negative)
     scrub_total: int = field(default=0, validator=_non_negative)
+    #: Less free space than the server's reserve: place nothing on it.
+    full: bool = field(default=False, validator=_bool)
 
 
 @message(30)
@@ -437,6 +475,8 @@ class Placement(Message):
     assignments: dict = field(factory=dict, converter=_holders_map(limits.MAX_BATCH_CHUNKS))
     #: The cluster's replication factor: an assignment with fewer servers is degraded.
     replicas: int = field(default=2, validator=[_int, ge(0), le(limits.MAX_REPLICAS)])
+    #: One for each chain of servers in ``assignments``, naming the chunks placed on it.
+    tickets: list = field(factory=list, converter=_records(Ticket, limits.MAX_BATCH_CHUNKS))
 
 
 @message(32)
@@ -539,11 +579,13 @@ class ClusterStatus(Message):
 @message(14)
 @frozen
 class ReplicateChunk(Message):
-    """From the manager: send a chunk you hold along ``forward_to`` (re-replication)."""
+    """From the manager: send a chunk you hold along ``forward_to`` (re-replication), under
+    ``ticket`` (its chain: this server, then ``forward_to``)."""
 
     request_id: int = _request_id
     chunk_id: str = field(default="", validator=_hex_digest)
     forward_to: list = field(factory=list, validator=_chain)
+    ticket: Ticket | None = _ticket
 
 
 @message(23)
@@ -654,6 +696,7 @@ class StoreChunks(Message):
     chunks: list = field(factory=list, converter=_records(ChunkRef, limits.MAX_BATCH_CHUNKS))
     forward_to: list = field(factory=list, validator=_chain)
     kind: str = _kind
+    ticket: Ticket | None = _ticket
     payload: bytes = _payload
 
     def __attrs_post_init__(self):
@@ -766,6 +809,256 @@ class DeleteSnapshots(Message):
     snapshot_ids: list = field(factory=list, validator=_hex_digests)
 
 
+# --- servers: list, drain, retire ---
+
+
+@frozen
+class ServerInfo(Record):
+    """A storage server as ``sdbackup server list`` shows it."""
+
+    address: str = field(validator=_address)
+    disk_id: str = field(validator=_text(limits.MAX_DISK_ID_LENGTH, ascii=True))
+    alive: bool = field(validator=_bool)
+    last_seen: float = field(validator=_time)
+    #: Copies the catalog records on it, and their bytes.
+    chunks: int = field(validator=_non_negative)
+    bytes: int = field(validator=_non_negative)
+    free_bytes: int = field(validator=_non_negative)
+    total_bytes: int = field(validator=_non_negative)
+    full: bool = field(validator=_bool)
+    draining: bool = field(validator=_bool)
+    retired: bool = field(validator=_bool)
+    #: Of its chunks, those with fewer copies than the factor on the other live servers that
+    #: are not draining: what a drain has still to copy, what a retirement would put at risk.
+    short: int = field(validator=_non_negative)
+    #: Of those, the ones no other live server holds at all.
+    only_here: int = field(validator=_non_negative)
+
+
+@message(65)
+@frozen
+class ListServers(Message):
+    """Every storage server the manager knows (``sdbackup server list``)."""
+
+    request_id: int = _request_id
+
+
+@message(66)
+@frozen
+class ServerList(Message):
+    IS_REPLY = True
+    request_id: int = _request_id
+    servers: list = field(factory=list, converter=_records(ServerInfo, limits.MAX_SERVERS))
+    replicas: int = field(default=2, validator=[_int, ge(0), le(limits.MAX_REPLICAS)])
+
+
+@message(67)
+@frozen
+class DrainServer(Message):
+    """From an admin: place nothing more on this server and copy every chunk it holds to the
+    others (answered at once with its ServerList entry; ask again for progress)."""
+
+    request_id: int = _request_id
+    address: str = field(default="", validator=_address)
+
+
+@message(68)
+@frozen
+class RetireServer(Message):
+    """From an admin: forget a dead or drained server, refused while any chunk it holds lacks
+    its full copies elsewhere (answered with its last ServerList entry)."""
+
+    request_id: int = _request_id
+    address: str = field(default="", validator=_address)
+
+
+# --- placement tickets ---
+
+
+@message(70)
+@frozen
+class Registered(Message):
+    """The manager's answer to a RegisterServer: the keys its placement tickets are signed
+    with (``sdbackup.tickets``), newest last."""
+
+    IS_REPLY = True
+    request_id: int = _request_id
+    ticket_keys: list = field(factory=list, converter=_records(TicketKey, limits.MAX_TICKET_KEYS),
+                              repr=False)
+
+
+@message(71)
+@frozen
+class TicketKeys(Message):
+    """From the manager: the keys its tickets are signed with now, newest last (they
+    replace those given before); answered with an Ack."""
+
+    request_id: int = _request_id
+    ticket_keys: list = field(factory=list, converter=_records(TicketKey, limits.MAX_TICKET_KEYS),
+                              repr=False)
+
+
+# --- encryption: a repository's key objects ---
+
+#: Key objects listed for one repository at most.
+MAX_KEYS = 1000
+
+
+def _repo_name(instance, attribute, value):
+    problem = repo_problem(value)
+    if problem:
+        raise ValueError(problem)
+
+
+def _key_ids(instance, attribute, value):
+    _hex_digests(instance, attribute, value)
+    if len(value) > MAX_KEYS:
+        raise ValueError(f"{attribute.name} holds {len(value)} ids, more than {MAX_KEYS}")
+
+
+@message(80)
+@frozen
+class ListKeys(Message):
+    """The key objects of a repository (none: it is not initialised, it is plaintext)."""
+
+    request_id: int = _request_id
+    repo: str = field(default="default", validator=_repo_name)
+
+
+@message(81)
+@frozen
+class KeyList(Message):
+    IS_REPLY = True
+    request_id: int = _request_id
+    key_ids: list = field(factory=list, validator=_key_ids)
+
+
+@message(82)
+@frozen
+class CommitKey(Message):
+    """A key object the client has stored: the manager reads it from a server and lists it
+    under its repository (answered with KeyCommitted)."""
+
+    request_id: int = _request_id
+    key_id: str = field(default="", validator=_hex_digest)
+
+
+@message(83)
+@frozen
+class KeyCommitted(Message):
+    IS_REPLY = True
+    request_id: int = _request_id
+    key_id: str = field(default="", validator=_hex_digest)
+    repo: str = field(default="default", validator=_repo_name)
+
+
+@message(84)
+@frozen
+class RemoveKey(Message):
+    """Unlist a key object and have every live server delete it (Ack); the last key of a
+    repository is never removed."""
+
+    request_id: int = _request_id
+    key_id: str = field(default="", validator=_hex_digest)
+
+
+# --- tags ---
+
+
+@message(75)
+@frozen
+class ReplaceSnapshot(Message):
+    """From a client's ``tag``: list the stored snapshot ``snapshot_id`` instead of
+    ``replaces`` (answered with SnapshotCommitted). The manager lists it only if it has the
+    same root tree, host and paths, so a tag change can hide or swap no content."""
+
+    request_id: int = _request_id
+    snapshot_id: str = field(default="", validator=_hex_digest)
+    replaces: str = field(default="", validator=_hex_digest)
+
+
+# --- prune ---
+
+#: What a prune is doing: reading the snapshots' objects, deleting unreachable chunks,
+#: trimming copies above the factor; then done, or failed (``error`` says why).
+PRUNE_STATES = ("marking", "sweeping", "trimming", "done", "failed")
+
+
+@message(60)
+@frozen
+class PruneRequest(Message):
+    """From an admin: start a prune (``sdbackup prune``), or with ``dry_run`` count what it
+    would free; answered at once with its PruneStatus (ask PruneStatusRequest for more)."""
+
+    request_id: int = _request_id
+    dry_run: bool = field(default=False, validator=_bool)
+
+
+@message(61)
+@frozen
+class PruneStatusRequest(Message):
+    """From an admin: how is the prune under way, or the last one, doing?"""
+
+    request_id: int = _request_id
+
+
+@message(62)
+@frozen
+class PruneStatus(Message):
+    """A prune's figures so far (final once ``state`` is done or failed)."""
+
+    IS_REPLY = True
+    request_id: int = _request_id
+    prune_id: int = field(default=0, validator=_non_negative)
+    state: str = field(default="done", validator=in_(PRUNE_STATES))
+    dry_run: bool = field(default=False, validator=_bool)
+    #: Seconds since it started; the grace period it kept (see ``services/prune.py``).
+    elapsed: float = field(default=0.0, validator=_time)
+    grace: float = field(default=0.0, validator=_time)
+    snapshots: int = field(default=0, validator=_non_negative)
+    #: Objects read and chunks found reachable by the mark.
+    objects_read: int = field(default=0, validator=_non_negative)
+    reachable: int = field(default=0, validator=_non_negative)
+    #: Unreachable chunks: to delete (and their bytes, one copy each), and those spared
+    #: because a backup stored or counted on them within the grace period.
+    unreachable: int = field(default=0, validator=_non_negative)
+    unreachable_bytes: int = field(default=0, validator=_non_negative)
+    recent: int = field(default=0, validator=_non_negative)
+    #: Unreachable chunks dealt with so far (of ``unreachable``), and their copies deleted
+    #: on the servers (would be, with dry_run), with the bytes freed.
+    swept: int = field(default=0, validator=_non_negative)
+    deleted_chunks: int = field(default=0, validator=_non_negative)
+    deleted_copies: int = field(default=0, validator=_non_negative)
+    deleted_bytes: int = field(default=0, validator=_non_negative)
+    #: Copies above the replication factor deleted (would be), and their bytes.
+    trimmed_copies: int = field(default=0, validator=_non_negative)
+    trimmed_bytes: int = field(default=0, validator=_non_negative)
+    error: str = field(default="", converter=_reason, validator=_str)
+
+
+@message(63)
+@frozen
+class DeleteChunks(Message):
+    """From the manager: delete these chunks (data, trees, chunk lists; never snapshot
+    objects), but those written or stored again here less than ``min_age`` seconds ago."""
+
+    request_id: int = _request_id
+    chunk_ids: list = field(factory=list, validator=_hex_digests)
+    min_age: float = field(default=0.0, validator=_time)
+
+
+@message(64)
+@frozen
+class ChunksDeleted(Message):
+    """What a DeleteChunks removed (and the bytes freed), and what it kept as too new."""
+
+    IS_REPLY = True
+    request_id: int = _request_id
+    chunk_ids: list = field(factory=list, validator=_hex_digests)
+    freed_bytes: int = field(default=0, validator=_non_negative)
+    kept: list = field(factory=list, validator=_hex_digests)
+
+
 # --- codec ------------------------------------------------------------------
 
 #: Bytes of a frame's start that name its type: a connection checks the frame's length
@@ -823,6 +1116,23 @@ FRAME_LIMITS: dict[type, int] = {
     ForgetSnapshots: ID_LIST_FRAME,
     SnapshotsForgotten: ID_LIST_FRAME,
     DeleteSnapshots: ID_LIST_FRAME,
+    ReplaceSnapshot: SMALL_FRAME,
+    Registered: SMALL_FRAME,
+    TicketKeys: SMALL_FRAME,
+    ListServers: SMALL_FRAME,
+    ServerList: LIST_FRAME,
+    DrainServer: SMALL_FRAME,
+    RetireServer: SMALL_FRAME,
+    PruneRequest: SMALL_FRAME,
+    PruneStatusRequest: SMALL_FRAME,
+    PruneStatus: SMALL_FRAME,
+    DeleteChunks: ID_LIST_FRAME,
+    ChunksDeleted: LIST_FRAME,
+    ListKeys: SMALL_FRAME,
+    KeyList: ID_LIST_FRAME,
+    CommitKey: SMALL_FRAME,
+    KeyCommitted: SMALL_FRAME,
+    RemoveKey: SMALL_FRAME,
 }
 
 

@@ -16,7 +16,7 @@ import itertools
 import attrs
 from twisted.internet import defer
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -339,6 +339,12 @@ class MessageProtocol(FrameReceiver):
 
     def _reply_error(self, failure: Failure, msg: Message):
         code = getattr(failure.value, "code", None)
+        if self._closed and failure.check(ConnectionLost, ConnectionDone):
+            # The peer went away while we worked for it (a server frozen past --dead-after,
+            # then resumed): nobody is left to answer, and nothing is wrong here.
+            self.log.info("{message} from {peer} abandoned: the connection closed",
+                          message=type(msg).__name__, peer=self.describe_peer())
+            return
         if isinstance(code, str):
             # An expected refusal (bad checksum, unknown snapshot, ...): its text is for the user.
             reason = str(failure.value)

@@ -10,14 +10,21 @@ power loss may lose the last writes, which the servers' inventories bring back (
 sync of every ChunksAdded notice took a third of the manager's time in a first backup of
 50,000 files). The schema version is ``PRAGMA user_version``. Tables::
 
-    servers(address, first_seen, last_seen, free_bytes, chunk_count)
-    chunks(chunk_id, size)              -- every chunk or object ever reported
+    servers(address, first_seen, last_seen, free_bytes, chunk_count,
+            disk_id,                    -- its data folder's identity ('' when not told)
+            draining,                   -- 1: place nothing on it, copy its chunks elsewhere
+            retired)                    -- when it was retired (0: not): hidden, refused
+    chunks(chunk_id, size, added,       -- every chunk or object ever reported
+           touched)                     -- when a backup last stored or counted on it
     locations(chunk_id, server)         -- copies the servers reported
     snapshots(snapshot_id, time, host, paths, tags, tree, parent, files, dirs, bytes)
-    forgotten(snapshot_id, at)          -- forgotten snapshots: a server that was down when
+    forgotten(snapshot_id, at, tree)    -- forgotten snapshots: a server that was down when
                                         -- they were forgotten is told to delete them
+    prunes(started, cutoff, deleted)    -- prunes: a commit older than a cutoff is checked
 
-A catalog of another version (older, newer, or not a catalog at all) is moved
+A catalog of an older version with steps in ``MIGRATIONS`` up to this one is
+migrated in place (what the servers cannot tell, such as which server is
+draining, is kept). Any other (older, newer, or not a catalog at all) is moved
 aside, named with a suffix, and a fresh one is created: rebuilding the index
 from the servers is the migration.
 
@@ -35,8 +42,9 @@ from twisted.logger import Logger
 from sdbackup.protocols.messages import SnapshotSummary
 
 #: 1 was the unversioned catalog with file rows; 2 the first index; 3 added chunks.added;
-#: 4 added forgotten.
-SCHEMA_VERSION = 4
+#: 4 added forgotten; 5 added chunks.touched, forgotten.tree and prunes (prune); 6 added the
+#: servers' disk_id, draining and retired.
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE servers (
@@ -44,14 +52,20 @@ CREATE TABLE servers (
     first_seen REAL NOT NULL,
     last_seen REAL NOT NULL,
     free_bytes INTEGER NOT NULL,
-    chunk_count INTEGER NOT NULL
+    chunk_count INTEGER NOT NULL,
+    disk_id TEXT NOT NULL DEFAULT '',
+    draining INTEGER NOT NULL DEFAULT 0,
+    retired REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE chunks (
     chunk_id TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
     -- When a server first told of it in a ChunksAdded (0: from an inventory). A chunk
     -- that new may have copies whose notices are still on their way: repair waits.
-    added REAL NOT NULL DEFAULT 0
+    added REAL NOT NULL DEFAULT 0,
+    -- When a backup last stored it or counted on it (placement "known", HasChunks "held",
+    -- Locate), or the catalog first learned of it: a prune spares it for its grace period.
+    touched REAL NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE locations (
     chunk_id TEXT NOT NULL,
@@ -74,9 +88,46 @@ CREATE TABLE snapshots (
 CREATE INDEX snapshots_by_time ON snapshots (time, snapshot_id);
 CREATE TABLE forgotten (
     snapshot_id TEXT PRIMARY KEY,
-    at REAL NOT NULL
+    at REAL NOT NULL,
+    -- Its root tree: for a grace period a prune keeps what it reaches (a backup under way
+    -- may have it as its parent).
+    tree TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
+CREATE TABLE prunes (
+    started REAL PRIMARY KEY,
+    -- Chunks touched since the cutoff were spared, and how many chunks it deleted (-1:
+    -- under way, or cut short by a crash: it may have deleted some).
+    cutoff REAL NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0
+);
 """
+
+#: Version -> the statements that take a catalog of that version to the next one.
+MIGRATIONS: dict[int, str] = {
+    # Every chunk counts as touched now: what backups under way counted on is not known.
+    4: """
+ALTER TABLE chunks ADD COLUMN touched REAL NOT NULL DEFAULT 0;
+UPDATE chunks SET touched = CAST(strftime('%s', 'now') AS REAL);
+ALTER TABLE forgotten ADD COLUMN tree TEXT NOT NULL DEFAULT '';
+CREATE TABLE prunes (started REAL PRIMARY KEY, cutoff REAL NOT NULL,
+                     deleted INTEGER NOT NULL DEFAULT 0);
+""",
+    5: """
+ALTER TABLE servers ADD COLUMN disk_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE servers ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE servers ADD COLUMN retired REAL NOT NULL DEFAULT 0;
+""",
+}
+
+
+def _migratable(version: int | None) -> bool:
+    """True when ``MIGRATIONS`` lead from ``version`` to ``SCHEMA_VERSION``."""
+    if version is None or version < 1:
+        return False
+    while version < SCHEMA_VERSION and version in MIGRATIONS:
+        version += 1
+    return version == SCHEMA_VERSION
+
 
 #: Values bound in one ``IN (...)`` list.
 _IN_BATCH = 500
@@ -97,7 +148,8 @@ class Catalog:
         #: Where a catalog of another version was moved, if one was.
         self.moved_aside: str | None = None
         version = _version_of(path)
-        if version is not None and version != SCHEMA_VERSION:
+        migrate = version != SCHEMA_VERSION and _migratable(version)
+        if version is not None and version != SCHEMA_VERSION and not migrate:
             self.moved_aside = _move_aside(path, version)
             self.log.warn("catalog {path} has schema version {version}, not {expected}: moved "
                           "to {aside}; a fresh index is rebuilt from what the servers hold",
@@ -106,7 +158,17 @@ class Catalog:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        if version != SCHEMA_VERSION:
+        if migrate:
+            with self._transaction():
+                while version < SCHEMA_VERSION:
+                    for statement in MIGRATIONS[version].split(";"):
+                        if statement.strip():
+                            self.db.execute(statement)
+                    version += 1
+                    self.log.info("catalog {path} migrated to schema version {version}",
+                                  path=path, version=version)
+                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version != SCHEMA_VERSION:
             with self._transaction():
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
@@ -130,41 +192,118 @@ class Catalog:
 
     # --- servers -------------------------------------------------------------------
 
-    def record_server(self, address: str, free_bytes: int, chunk_count: int, now: float):
+    def record_server(self, address: str, free_bytes: int, chunk_count: int, now: float,
+                      disk_id: str | None = None):
+        """A server registered (with its ``disk_id``) or sent a heartbeat. A registration
+        brings a retired address back; another disk at a draining one is not draining."""
         with self._transaction():
             self.db.execute(
-                "INSERT INTO servers VALUES (?, ?, ?, ?, ?) ON CONFLICT (address) DO UPDATE "
+                "INSERT INTO servers (address, first_seen, last_seen, free_bytes, chunk_count,"
+                " disk_id) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (address) DO UPDATE "
                 "SET last_seen=excluded.last_seen, free_bytes=excluded.free_bytes, "
-                "chunk_count=excluded.chunk_count",
-                (address, now, now, free_bytes, chunk_count),
+                "chunk_count=excluded.chunk_count"
+                + (", disk_id=excluded.disk_id, retired=0, draining=CASE WHEN servers.disk_id"
+                   " IN ('', excluded.disk_id) THEN servers.draining ELSE 0 END"
+                   if disk_id is not None else ""),
+                (address, now, now, free_bytes, chunk_count, disk_id or ""),
             )
 
     def servers(self) -> list[tuple[str, float, int, int]]:
-        """Every server ever seen: ``(address, last_seen, free_bytes, chunk_count)``."""
+        """Every server seen and not retired: ``(address, last_seen, free_bytes, chunk_count)``."""
         return self.db.execute(
-            "SELECT address, last_seen, free_bytes, chunk_count FROM servers ORDER BY address"
+            "SELECT address, last_seen, free_bytes, chunk_count FROM servers WHERE retired = 0"
+            " ORDER BY address"
         ).fetchall()
 
     def server_addresses(self) -> set[str]:
-        """The servers the catalog knows: those a starting manager waits for."""
-        return {row[0] for row in self.db.execute("SELECT address FROM servers")}
+        """The servers the catalog knows (and were not retired): those a starting manager
+        waits for."""
+        return {row[0] for row in self.db.execute("SELECT address FROM servers WHERE retired = 0")}
+
+    def server_records(self) -> list[tuple]:
+        """Every server ever seen, retired ones too: ``(address, disk_id, last_seen,
+        free_bytes, retired)``, by address."""
+        return self.db.execute(
+            "SELECT address, disk_id, last_seen, free_bytes, retired FROM servers"
+            " ORDER BY address").fetchall()
+
+    def server_of_disk(self, disk_id: str) -> list[tuple[str, float]]:
+        """The servers recorded with this disk: ``(address, retired)``."""
+        return self.db.execute("SELECT address, retired FROM servers WHERE disk_id = ?",
+                               (disk_id,)).fetchall()
+
+    def draining_servers(self) -> set[str]:
+        return {row[0] for row in self.db.execute(
+            "SELECT address FROM servers WHERE draining != 0 AND retired = 0")}
+
+    def move_server(self, old: str, new: str):
+        """A disk recorded at ``old`` is served at ``new`` now: its copies, its draining flag,
+        go with it; ``old`` is forgotten."""
+        with self._transaction():
+            self.db.execute("UPDATE OR IGNORE locations SET server = ? WHERE server = ?",
+                            (new, old))
+            self.db.execute("DELETE FROM locations WHERE server = ?", (old,))
+            self.db.execute("UPDATE servers SET draining = MAX(draining, (SELECT draining FROM"
+                            " servers WHERE address = ?1)) WHERE address = ?2", (old, new))
+            self.db.execute("DELETE FROM servers WHERE address = ?", (old,))
+
+    def set_draining(self, address: str, draining: bool = True):
+        with self._transaction():
+            self.db.execute("UPDATE servers SET draining = ? WHERE address = ?",
+                            (int(draining), address))
+
+    def retire_server(self, address: str, now: float):
+        """Forget a server's copies; keep it (and its disk) known as retired."""
+        with self._transaction():
+            self.db.execute("DELETE FROM locations WHERE server = ?", (address,))
+            self.db.execute("UPDATE servers SET retired = ?, draining = 0 WHERE address = ?",
+                            (now, address))
+
+    def usage_by_server(self, only: str | None = None) -> dict[str, tuple[int, int]]:
+        """``address -> (copies recorded, their bytes)``, of every server or ``only`` one."""
+        where, values = ("WHERE l.server = ?", (only,)) if only is not None else ("", ())
+        return {server: (count, size) for server, count, size in self.db.execute(
+            "SELECT l.server, COUNT(*), COALESCE(SUM(c.size), 0) FROM locations l"
+            f" JOIN chunks c ON c.chunk_id = l.chunk_id {where} GROUP BY l.server", values)}
+
+    def shortfall(self, server: str, counting: set[str], others: set[str], copies: int
+                  ) -> tuple[int, int]:
+        """Of the chunks ``server`` holds: how many have fewer than ``copies`` on the
+        ``counting`` servers, and how many have none on the ``others`` (live ones but it)."""
+        counting_list = ",".join("?" * len(counting)) or "NULL"
+        others_list = ",".join("?" * len(others)) or "NULL"
+        short, lost = self.db.execute(
+            "SELECT COALESCE(SUM(n < ?), 0), COALESCE(SUM(m = 0), 0) FROM ("
+            " SELECT (SELECT COUNT(*) FROM locations o WHERE o.chunk_id = h.chunk_id"
+            f"  AND o.server IN ({counting_list})) AS n,"
+            " (SELECT COUNT(*) FROM locations o WHERE o.chunk_id = h.chunk_id"
+            f"  AND o.server IN ({others_list})) AS m"
+            " FROM locations h WHERE h.server = ?)",
+            (copies, *sorted(counting), *sorted(others), server)).fetchone()
+        return short, lost
 
     # --- chunks and locations ---------------------------------------------------------
 
-    def _add(self, server: str, held: list[tuple[str, int]], added: float = 0.0):
-        self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?)",
-                            ((chunk_id, size, added) for chunk_id, size in held))
+    def _add(self, server: str, held: list[tuple[str, int]], added: float = 0.0,
+             touched: float = 0.0):
+        """Record copies; a chunk new to the catalog is touched at ``touched``, one stored
+        again (``added``) is touched then too."""
+        self.db.executemany(
+            "INSERT INTO chunks (chunk_id, size, added, touched) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (chunk_id) DO UPDATE SET touched = MAX(touched, excluded.added)",
+            ((chunk_id, size, added, max(added, touched)) for chunk_id, size in held))
         self.db.executemany("INSERT OR IGNORE INTO locations VALUES (?, ?)",
                             ((chunk_id, server) for chunk_id, _ in held))
 
     def add_locations(self, server: str, held: Iterable[tuple[str, int]], reporting: bool = False,
-                      added: float = 0.0):
+                      added: float = 0.0, touched: float = 0.0):
         """``server`` holds these ``(chunk_id, size)``; ``reporting``: its inventory is under
         way, and they count as reported in it; ``added``: when a chunk new to the catalog
-        was stored (0 when it is no news, such as a repair's copy)."""
+        was stored (0 when it is no news, such as a repair's copy); ``touched``: when a chunk
+        new to the catalog counts as touched, if not ``added``."""
         held = list(held)
         with self._transaction():
-            self._add(server, held, added)
+            self._add(server, held, added, touched)
             if reporting:
                 self.db.executemany("INSERT OR IGNORE INTO temp.reported VALUES (?, ?)",
                                     ((server, chunk_id) for chunk_id, _ in held))
@@ -174,12 +313,14 @@ class Catalog:
         with self._transaction():
             self.db.execute("DELETE FROM temp.reported WHERE server = ?", (server,))
 
-    def report_page(self, server: str, held: Iterable[tuple[str, int]], final: bool):
+    def report_page(self, server: str, held: Iterable[tuple[str, int]], final: bool,
+                    now: float = 0.0):
         """A page of ``server``'s inventory. Its copies count at once; the final page makes its
-        recorded copies exactly the ones reported since ``begin_report``."""
+        recorded copies exactly the ones reported since ``begin_report``. A chunk new to the
+        catalog counts as touched ``now``: a backup may count on it already."""
         held = list(held)
         with self._transaction():
-            self._add(server, held)
+            self._add(server, held, touched=now)
             self.db.executemany("INSERT OR IGNORE INTO temp.reported VALUES (?, ?)",
                                 ((server, chunk_id) for chunk_id, _ in held))
             if final:
@@ -221,18 +362,22 @@ class Catalog:
         return total, under, missing
 
     def under_replicated(self, alive: set[str], copies: int, limit: int,
-                         added_before: float = float("inf")) -> list[tuple[str, int, list[str]]]:
+                         added_before: float = float("inf"), draining: set[str] = frozenset()
+                         ) -> list[tuple[str, int, list[str]]]:
         """Up to ``limit`` chunks added before ``added_before`` with at least one but fewer
-        than ``copies`` live copies: ``(chunk_id, size, live holders)``. Every chunk held
-        counts: nothing is collected yet."""
+        than ``copies`` live copies: ``(chunk_id, size, live holders)``. Copies on the
+        ``draining`` servers are holders that do not count. Every chunk held counts: a chunk
+        stops counting only when a prune drops its records."""
         if not alive:
             return []
         live = ",".join("?" * len(alive))
+        holding = ",".join("?" * (len(alive) + len(draining)))
         rows = self.db.execute(
             "SELECT c.chunk_id, c.size, group_concat(l.server, ' ') FROM chunks c"
-            f" JOIN locations l ON l.chunk_id = c.chunk_id AND l.server IN ({live})"
-            " WHERE c.added < ? GROUP BY c.chunk_id HAVING COUNT(l.server) < ? LIMIT ?",
-            (*sorted(alive), added_before, copies, limit),
+            f" JOIN locations l ON l.chunk_id = c.chunk_id AND l.server IN ({holding})"
+            f" WHERE c.added < ? GROUP BY c.chunk_id HAVING SUM(l.server IN ({live})) < ?"
+            " LIMIT ?",
+            (*sorted(alive), *sorted(draining), added_before, *sorted(alive), copies, limit),
         ).fetchall()
         return [(chunk_id, size, sorted(servers.split(" "))) for chunk_id, size, servers in rows]
 
@@ -304,12 +449,33 @@ class Catalog:
             listed = {row[0] for row in self._select_in(
                 "SELECT snapshot_id FROM snapshots WHERE snapshot_id IN ({})", snapshot_ids)}
             forgotten = [s for s in snapshot_ids if s in listed]
+            self.db.executemany(
+                "INSERT OR IGNORE INTO forgotten (snapshot_id, at, tree)"
+                " SELECT ?1, ?2, COALESCE((SELECT tree FROM snapshots WHERE snapshot_id = ?1), '')",
+                ((s, now) for s in forgotten))
             self.db.executemany("DELETE FROM snapshots WHERE snapshot_id = ?",
                                 ((s,) for s in forgotten))
-            self.db.executemany("INSERT OR IGNORE INTO forgotten VALUES (?, ?)",
-                                ((s, now) for s in forgotten))
             self._drop_objects(forgotten)
         return forgotten
+
+    def replace_snapshot(self, summary: SnapshotSummary, replaced: str, now: float) -> bool:
+        """List ``summary`` instead of the snapshot ``replaced`` (a tag change), at once: the
+        old one is remembered as forgotten, so no server's copy lists it again. Whether it was
+        listed."""
+        with self._transaction():
+            listed = self.db.execute("DELETE FROM snapshots WHERE snapshot_id = ?",
+                                     (replaced,)).rowcount > 0
+            self.db.execute("INSERT OR IGNORE INTO forgotten (snapshot_id, at) VALUES (?, ?)",
+                            (replaced, now))
+            self._drop_objects([replaced])
+            self.db.execute(
+                "INSERT OR IGNORE INTO snapshots SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+                " WHERE NOT EXISTS (SELECT 1 FROM forgotten WHERE snapshot_id = ?1)",
+                (summary.snapshot_id, summary.time, summary.host, json.dumps(summary.paths),
+                 json.dumps(summary.tags), summary.tree, summary.parent, summary.files,
+                 summary.dirs, summary.bytes),
+            )
+        return listed
 
     def _drop_objects(self, object_ids: list[str]):
         self.db.executemany("DELETE FROM locations WHERE chunk_id = ?", ((c,) for c in object_ids))
@@ -327,6 +493,118 @@ class Catalog:
         with self._transaction():
             self._drop_objects(list(snapshot_ids))
 
+
+    # --- prune (``sdbackup/services/prune.py``) ------------------------------------------
+
+    def held_touching(self, chunk_ids: Iterable[str], now: float) -> dict[str, list[str]]:
+        """``holders``; and every chunk held is touched ``now`` in the same transaction: a
+        backup counts on it from this answer on, so a prune sweeping meanwhile spares it."""
+        with self._transaction():
+            found = self.holders(chunk_ids)
+            self.db.executemany("UPDATE chunks SET touched = ?1 WHERE chunk_id = ?2 AND touched < ?1",
+                                ((now, c) for c in found))
+        return found
+
+    def prune_roots(self, cutoff: float) -> tuple[list[str], list[str]]:
+        """Where a mark starts: ``(snapshot ids, root trees)`` of the listed snapshots and of
+        those forgotten since ``cutoff`` (a backup under way may have taken one as parent)."""
+        listed = self.db.execute("SELECT snapshot_id, tree FROM snapshots").fetchall()
+        recent = self.db.execute("SELECT tree FROM forgotten WHERE at >= ? AND tree != ''",
+                                 (cutoff,)).fetchall()
+        return [s for s, _ in listed], list(dict.fromkeys([t for _, t in listed]
+                                                          + [t for (t,) in recent]))
+
+    def begin_mark(self):
+        """A mark starts: nothing is marked reachable yet (a temporary table of this
+        connection, so the mark costs the manager no memory per chunk)."""
+        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS marked (chunk_id TEXT PRIMARY KEY)"
+                        " WITHOUT ROWID")
+        self.db.execute("DELETE FROM temp.marked")
+
+    def mark(self, chunk_ids: Iterable[str]):
+        with self._transaction():
+            self.db.executemany("INSERT OR IGNORE INTO temp.marked VALUES (?)",
+                                ((c,) for c in chunk_ids))
+
+    def marked_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM temp.marked").fetchone()[0]
+
+    def unreachable(self, after: str, limit: int) -> list[tuple[str, int, float, int]]:
+        """Up to ``limit`` chunks not marked, by id after ``after``: ``(chunk_id, size,
+        touched, copies recorded)``."""
+        return self.db.execute(
+            "SELECT c.chunk_id, c.size, c.touched,"
+            " (SELECT COUNT(*) FROM locations l WHERE l.chunk_id = c.chunk_id) FROM chunks c"
+            " WHERE c.chunk_id > ? AND c.chunk_id NOT IN (SELECT chunk_id FROM temp.marked)"
+            " ORDER BY c.chunk_id LIMIT ?", (after, limit)).fetchall()
+
+    def claim_unreachable(self, chunk_ids: Iterable[str], cutoff: float
+                          ) -> list[tuple[str, int, list[str]]]:
+        """Of ``chunk_ids``, those still not marked and not touched since ``cutoff``, with
+        their size and holders; their rows are removed in the same transaction, so from now
+        on no placement, HasChunks or Locate counts on them. ``restore_copies`` puts back
+        what a server kept."""
+        chunk_ids = list(dict.fromkeys(chunk_ids))
+        with self._transaction():
+            doomed = list(self._select_in(
+                "SELECT chunk_id, size FROM chunks WHERE touched < ? AND chunk_id IN ({})"
+                " AND chunk_id NOT IN (SELECT chunk_id FROM temp.marked)", chunk_ids, cutoff))
+            holders = self.holders(c for c, _ in doomed)
+            self._drop_objects([c for c, _ in doomed])
+        return [(c, size, holders.get(c, [])) for c, size in doomed]
+
+    def restore_copies(self, server: str, held: Iterable[tuple[str, int]], now: float):
+        """A server kept chunks it was told to delete (stored again meanwhile): they are held,
+        and touched ``now``."""
+        held = list(held)
+        with self._transaction():
+            self._add(server, held, touched=now)
+            self.db.executemany("UPDATE chunks SET touched = ?1 WHERE chunk_id = ?2 AND touched < ?1",
+                                ((now, c) for c, _ in held))
+
+    def over_replicated(self, alive: set[str], copies: int, after: str, limit: int
+                        ) -> list[tuple[str, int, list[str]]]:
+        """Up to ``limit`` chunks, by id after ``after``, with more than ``copies`` live
+        copies: ``(chunk_id, size, live holders)``. Snapshot objects are left out: a prune
+        deletes no root object (only ``forget`` does)."""
+        if not alive:
+            return []
+        live = ",".join("?" * len(alive))
+        rows = self.db.execute(
+            "SELECT c.chunk_id, c.size, group_concat(l.server, ' ') FROM chunks c"
+            f" JOIN locations l ON l.chunk_id = c.chunk_id AND l.server IN ({live})"
+            " WHERE c.chunk_id > ? AND c.chunk_id NOT IN (SELECT snapshot_id FROM snapshots)"
+            " GROUP BY c.chunk_id HAVING COUNT(l.server) > ?"
+            " ORDER BY c.chunk_id LIMIT ?",
+            (*sorted(alive), after, copies, limit)).fetchall()
+        return [(chunk_id, size, sorted(servers.split(" "))) for chunk_id, size, servers in rows]
+
+    def claim_trims(self, alive: set[str], copies: int, drops: Iterable[tuple[str, str]]
+                    ) -> list[tuple[str, str]]:
+        """Remove the records of these ``(chunk_id, server)`` copies, each only while its
+        chunk keeps more than ``copies`` live copies; the ones removed."""
+        claimed = []
+        with self._transaction():
+            for chunk_id, server in drops:
+                holders = self.holders([chunk_id]).get(chunk_id, [])
+                if server in holders and sum(h in alive for h in holders) > copies:
+                    self.db.execute("DELETE FROM locations WHERE chunk_id = ? AND server = ?",
+                                    (chunk_id, server))
+                    claimed.append((chunk_id, server))
+        return claimed
+
+    def record_prune(self, started: float, cutoff: float):
+        with self._transaction():
+            self.db.execute("INSERT OR REPLACE INTO prunes VALUES (?, ?, -1)", (started, cutoff))
+
+    def finish_prune(self, started: float, deleted: int):
+        with self._transaction():
+            self.db.execute("UPDATE prunes SET deleted = ? WHERE started = ?", (deleted, started))
+
+    def last_prune_cutoff(self) -> float | None:
+        """The latest cutoff of a prune that deleted chunks (or may have: one cut short): a
+        backup older than that may have counted on one (None when no prune deleted any)."""
+        return self.db.execute("SELECT MAX(cutoff) FROM prunes WHERE deleted != 0").fetchone()[0]
 
 _SUMMARY_COLUMNS = "snapshot_id, time, host, paths, tags, tree, parent, files, dirs, bytes"
 

@@ -2,6 +2,7 @@
 
 Layout under the data folder::
 
+    identity              this folder's random identity (32 hex digits), made on first start
     incoming/             chunks being written (a crash leaves only these)
     chunks/ab/abcdef...   data chunks, tree and chunk list objects, sharded by the id's first byte
     snapshots/abcdef...   snapshot objects: a server lists them without opening any chunk
@@ -20,6 +21,7 @@ import ctypes
 import fcntl
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -29,7 +31,11 @@ from sdbackup.objects import Kind
 MAGIC = b"SDBCHNK2"
 #: Kind codes a single flipped bit can never turn into one another (pairwise two bits apart),
 #: so a damaged kind byte reads as a damaged header, not as another kind.
-KIND_CODES = {Kind.DATA: 0x00, Kind.TREE: 0x03, Kind.LIST: 0x05, Kind.SNAPSHOT: 0x06}
+KIND_CODES = {Kind.DATA: 0x00, Kind.TREE: 0x03, Kind.LIST: 0x05, Kind.SNAPSHOT: 0x06,
+              Kind.KEY: 0x09}
+#: Kinds kept in ``snapshots/``: the roots an inventory names without opening a chunk (key
+#: objects, found by the manager's indexer as snapshots are).
+ROOT_KINDS = (Kind.SNAPSHOT, Kind.KEY)
 _KIND_NAMES = {code: kind for kind, code in KIND_CODES.items()}
 HEADER_SIZE = len(MAGIC) + 1 + hashing.DIGEST_SIZE
 #: Fewer new chunks than this in one store are fsynced one by one; more, with one syncfs.
@@ -89,6 +95,45 @@ def lock_folder(root: str):
     return lock
 
 
+class DiskFull(ChunkStoreError):
+    """A store refused: it would leave less free space than the server's reserve."""
+
+    code = "disk-full"
+
+
+#: The identity file of a data folder, and the length of the identity (hex digits).
+IDENTITY_FILE = "identity"
+IDENTITY_LENGTH = 32
+
+
+def folder_identity(root: str) -> str:
+    """The data folder's identity, made (random, written durably) the first time.
+
+    The manager counts copies per identity, not per address: a folder copied, or
+    moved to a server at another address, is the same disk and never a second copy.
+    """
+    path = os.path.join(root, IDENTITY_FILE)
+    try:
+        with open(path) as f:
+            identity = f.read(IDENTITY_LENGTH + 2).strip()
+    except FileNotFoundError:
+        identity = ""
+    if len(identity) == IDENTITY_LENGTH and all(c in "0123456789abcdef" for c in identity):
+        return identity
+    if identity:
+        raise ChunkStoreError(f"{path} is damaged (not {IDENTITY_LENGTH} hex digits): move it "
+                              f"aside to give the folder a new identity")
+    identity = uuid.uuid4().hex
+    temp = f"{path}.{uuid.uuid4().hex}"
+    with open(temp, "w") as f:
+        f.write(identity + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+    _fsync_dir(root)
+    return identity
+
+
 class ChunkMissing(ChunkStoreError):
     code = "chunk-missing"
 
@@ -116,6 +161,10 @@ def _sync_file_system(path: str):
         os.close(fd)
 
 
+def _mib(size: int) -> str:
+    return f"{size / 1024**2:.1f} MiB"
+
+
 def _check_id(chunk_id: str):
     if not hashing.is_hex_digest(chunk_id):
         raise InvalidChunkId(f"not a chunk id: {chunk_id!r}")
@@ -131,12 +180,16 @@ class ChunkStore:
         self.snapshots = os.path.join(self.root, "snapshots")
         self.quarantine = os.path.join(self.root, "quarantine")
         self._folder_lock = lock_folder(self.root)
+        #: Which disk this is, whatever address its server has (``folder_identity``).
+        self.identity = folder_identity(self.root)
         for folder in (self.root, self.incoming, self.chunks, self.snapshots, self.quarantine):
             os.makedirs(folder, exist_ok=True)
         # Anything left in incoming/ was never renamed into place: never acknowledged.
         for leftover in os.listdir(self.incoming):
             os.unlink(os.path.join(self.incoming, leftover))
         self._lock = threading.Lock()
+        #: Bytes of free space no store may take (the server's ``--reserve``).
+        self.reserve = 0
         self._count = sum(1 for _ in self.chunk_ids())
 
     def close(self):
@@ -148,7 +201,7 @@ class ChunkStore:
     def _home(self, kind: str, chunk_id: str) -> str:
         """Where a chunk of ``kind`` is kept."""
         _check_id(chunk_id)
-        if kind == Kind.SNAPSHOT:
+        if kind in ROOT_KINDS:
             return os.path.join(self.snapshots, chunk_id)
         return os.path.join(self.chunks, chunk_id[:2], chunk_id)
 
@@ -186,7 +239,17 @@ class ChunkStore:
         for chunk_id, checksum, payload in chunks:
             self._check(kind, chunk_id, checksum, payload)
             self._held_already(kind, chunk_id)  # an id held as another kind refuses the lot
-        return self._write_all(kind, [c for c in chunks if not self._held_already(kind, c[0])])
+        new = [c for c in chunks if not self._held_again(kind, c[0])]
+        if new and self.reserve:
+            self._check_room(sum(HEADER_SIZE + len(payload) for _, _, payload in new))
+        return self._write_all(kind, new)
+
+    def _check_room(self, size: int):
+        """``DiskFull`` when writing ``size`` bytes would leave less than the reserve free."""
+        free = self.free_bytes()
+        if free - size < self.reserve:
+            raise DiskFull(f"the disk is full: {_mib(free)} free, {_mib(self.reserve)} kept in "
+                           f"reserve (--reserve), {_mib(size)} to store")
 
     def _check(self, kind: str, chunk_id: str, checksum: str, payload: bytes):
         _check_id(chunk_id)
@@ -230,11 +293,16 @@ class ChunkStore:
                 os.unlink(temp)
             raise
         added, folders, made = [], set(), False
-        for chunk_id, temp, size in written:
+        for index, (chunk_id, temp, size) in enumerate(written):
             path = self._home(kind, chunk_id)
             folder = os.path.dirname(path)
             if folder not in folders and not os.path.isdir(folder):
-                os.makedirs(folder, exist_ok=True)
+                try:
+                    os.makedirs(folder, exist_ok=True)
+                except OSError:  # (a full disk has no room for a folder either)
+                    for _, left, _ in written[index:]:
+                        os.unlink(left)
+                    raise
                 made = True
             with self._lock:
                 if os.path.exists(path):
@@ -273,6 +341,19 @@ class ChunkStore:
             raise
         os.close(fd)
         return temp
+
+    def _held_again(self, kind: str, chunk_id: str) -> bool:
+        """True when the chunk is held as ``kind``, and then its file's time is made now: a
+        prune deletes no file written or stored again less than its grace ago
+        (``delete_chunks``). False when it is not held, or was just deleted."""
+        if not self._held_already(kind, chunk_id):
+            return False
+        with self._lock:  # (one with delete_chunks: a file deleted is stored again)
+            try:
+                os.utime(self._home(kind, chunk_id))
+            except FileNotFoundError:
+                return False
+        return True
 
     def _held_already(self, kind: str, chunk_id: str) -> bool:
         """True when the chunk is held as ``kind``; ``KindConflict`` when it is held as another."""
@@ -379,6 +460,34 @@ class ChunkStore:
         if deleted:
             _fsync_dir(self.snapshots)
         return deleted
+
+    def delete_chunks(self, chunk_ids: list[str], min_age: float
+                      ) -> tuple[list[tuple[str, int]], list[str]]:
+        """A prune: delete these chunks durably, but those written or stored again less
+        than ``min_age`` seconds ago, and snapshot or key objects (roots, which only
+        ``forget`` deletes). ``(id, bytes freed)`` of those deleted, and the ids kept; unheld
+        ones are in neither."""
+        deleted, kept, folders = [], [], set()
+        now = time.time()
+        for chunk_id in chunk_ids:
+            path = self._home(Kind.DATA, chunk_id)
+            with self._lock:
+                try:
+                    stat = os.stat(path)
+                    if now - stat.st_mtime < min_age:
+                        kept.append(chunk_id)
+                        continue
+                    os.unlink(path)
+                except FileNotFoundError:
+                    if os.path.exists(self._home(Kind.SNAPSHOT, chunk_id)):
+                        kept.append(chunk_id)
+                    continue
+                self._count -= 1
+            deleted.append((chunk_id, stat.st_size))
+            folders.add(os.path.dirname(path))
+        for folder in folders:
+            _fsync_dir(folder)
+        return deleted, kept
 
     # --- listing ----------------------------------------------------------------------
 

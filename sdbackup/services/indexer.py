@@ -8,13 +8,18 @@ a manager whose catalog was lost lists every snapshot again once the servers
 have reported: no flag, no special path. A snapshot object that is not valid
 is logged and skipped, never indexed. One the catalog remembers as forgotten is
 not indexed either: the server reporting it is told to delete it.
+
+Key objects (an encrypted repository's wrapped keys, ``sdbackup.sealing``) are
+kept with the snapshots on the servers and reported the same way: the indexer
+reads them too, and keeps which repository each belongs to in ``keys``, in
+memory: every start rebuilds it from the servers' reports.
 """
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sdbackup import objects
+from sdbackup import objects, sealing
 from sdbackup.limits import shorten
 from sdbackup.names import escape
 from sdbackup.objects import Kind
@@ -48,6 +53,11 @@ def summarize(snapshot_id: str, snapshot: objects.Snapshot) -> SnapshotSummary:
     )
 
 
+def same_content(a: SnapshotSummary, b: SnapshotSummary) -> bool:
+    """Whether two snapshots list the same files: one may replace the other (a tag change)."""
+    return (a.tree, a.host, sorted(a.paths)) == (b.tree, b.host, sorted(b.paths))
+
+
 class SnapshotIndexer:
     """Indexes the snapshot objects the servers report. ``manager`` gives ``live``, ``db``,
     ``catalog`` and ``clock``."""
@@ -60,8 +70,17 @@ class SnapshotIndexer:
         self._queue: dict[str, None] = {}  # waiting, in order (a dict as an ordered set)
         self._running: dict[str, list[defer.Deferred]] = {}  # in flight -> who waits for it
         self._bad: set[str] = set()
+        #: Originals not indexed yet -> the snapshot a tag change replaced each with (a rebuilt
+        #: index may read a replacement before its original).
+        self._replaced_by: dict[str, SnapshotSummary] = {}
+        #: Original -> (generation, summary) of the latest version of its line read since the
+        #: manager started: a rebuilt index keeps only the latest of the versions it reads.
+        self._lines: dict[str, tuple[int, SnapshotSummary]] = {}
         self._workers = 0
         self._idle: list[defer.Deferred] = []
+        #: Key objects read: id -> repository. Removed ones are deleted where reported.
+        self.keys: dict[str, str] = {}
+        self.removed_keys: set[str] = set()
 
     @property
     def pending(self) -> int:
@@ -76,12 +95,15 @@ class SnapshotIndexer:
             return
         manager = self.manager
         forgotten = await manager.db(manager.catalog.forgotten_among, snapshot_ids)
+        forgotten += [i for i in snapshot_ids if i in self.removed_keys]
         if forgotten:
             await manager.db(manager.catalog.drop_forgotten_objects, forgotten)
             d = defer.ensureDeferred(self._delete_forgotten(server, forgotten))
             d.addErrback(lambda f: self.log.failure("deleting forgotten snapshots", f))
         unknown = await manager.db(manager.catalog.unknown_snapshots, snapshot_ids)
         for snapshot_id in unknown:
+            if snapshot_id in self.keys or snapshot_id in self.removed_keys:
+                continue
             if snapshot_id not in self._bad and snapshot_id not in self._running:
                 self._queue[snapshot_id] = None
         while self._queue and self._workers < self.at_once:
@@ -118,7 +140,22 @@ class SnapshotIndexer:
             summary = await manager.db(manager.catalog.snapshot, snapshot_id)
             if summary is not None:
                 return summary
-        return await self._index(snapshot_id)
+        summary = await self._index(snapshot_id)
+        if not isinstance(summary, SnapshotSummary):
+            raise BadSnapshot(f"{snapshot_id[:16]} is a key object, not a snapshot")
+        return summary
+
+    async def ensure_key(self, key_id: str) -> str:
+        """The repository of a key object, reading it first if it is not known yet; raises
+        as ``ensure`` does."""
+        if key_id in self.removed_keys:
+            raise UnknownSnapshot(f"key {key_id[:16]} was removed")
+        repo = self.keys.get(key_id)
+        if repo is None:
+            repo = await self._index(key_id)
+        if not isinstance(repo, str):
+            raise BadSnapshot(f"{key_id[:16]} is a snapshot, not a key object")
+        return repo
 
     async def _work(self):
         try:
@@ -167,6 +204,15 @@ class SnapshotIndexer:
                 d.callback(None)
 
     async def _read(self, snapshot_id: str) -> SnapshotSummary:
+        found = await self.read(snapshot_id)
+        if isinstance(found, str):
+            return found  # a key object's repository (``keys`` has it now)
+        summary, snapshot = found
+        await self._list(summary, snapshot)
+        return summary
+
+    async def read(self, snapshot_id: str) -> tuple[SnapshotSummary, objects.Snapshot]:
+        """A snapshot object from a live holder, verified and decoded, not indexed."""
         manager = self.manager
         if snapshot_id in self._bad:
             raise BadSnapshot(f"snapshot {snapshot_id[:16]} is not a valid snapshot object")
@@ -176,15 +222,66 @@ class SnapshotIndexer:
             raise UnknownSnapshot(f"no live server holds snapshot {snapshot_id[:16]}"
                                   + (f" (it was held by {', '.join(holders)})" if holders else ""))
         try:
-            _, payload = await read_object(manager.live, live, snapshot_id, (Kind.SNAPSHOT,),
-                                           manager.clock)
+            kind, payload = await read_object(manager.live, live, snapshot_id,
+                                              (Kind.SNAPSHOT, Kind.KEY), manager.clock)
         except ObjectInvalid as e:
             raise BadSnapshot(str(e)) from None
         except ObjectUnavailable as e:
             raise UnknownSnapshot(str(e)) from None
+        if kind == Kind.KEY:
+            try:
+                repo = sealing.decode_key(payload).repo
+            except ValueError as e:
+                raise BadSnapshot(f"key {snapshot_id[:16]} cannot be read: {e}") from None
+            if snapshot_id not in self.removed_keys:
+                self.keys[snapshot_id] = repo
+            return repo
         try:
-            summary = summarize(snapshot_id, objects.decode_snapshot(payload))
+            snapshot = objects.decode_snapshot(payload)
+            summary = summarize(snapshot_id, snapshot)
         except ValueError as e:  # ObjectFormatError is one
             raise BadSnapshot(f"snapshot {snapshot_id[:16]} cannot be read: {e}") from None
+        return summary, snapshot
+
+    async def _list(self, summary: SnapshotSummary, snapshot: objects.Snapshot):
+        """Index a snapshot read from a server. One a ``tag`` wrote (it names its ``original``)
+        replaces its original when that holds the same content (root tree, host, paths), so
+        an original left on a server that was down when it was replaced, read again by an
+        index rebuilt from the servers, is not listed again: ``sdbackup tag`` cannot hide or
+        swap content, only its tags. Of two versions of one line (the same original), the one
+        of the later ``generation`` stays listed."""
+        manager = self.manager
+        snapshot_id = summary.snapshot_id
+        original = snapshot.original.hex()
+        if original and original != snapshot_id:
+            newest = self._lines.get(original)
+            if (newest is not None and newest[1].snapshot_id != snapshot_id
+                    and same_content(newest[1], summary)):
+                if newest[0] > snapshot.generation:  # a later version is listed: this one is stale
+                    await self.replace(newest[1], snapshot_id)
+                    return
+                await self.replace(summary, newest[1].snapshot_id)
+            self._lines[original] = (snapshot.generation, summary)
+            old = await manager.db(manager.catalog.snapshot, original)
+            if old is None:
+                self._replaced_by[original] = summary
+            elif same_content(old, summary):
+                await self.replace(summary, original)
+                return
+        newer = self._replaced_by.get(snapshot_id)
+        if newer is not None and same_content(newer, summary):
+            await self.replace(newer, snapshot_id)
+            return
         await manager.db(manager.catalog.add_snapshot, summary)
-        return summary
+
+    async def replace(self, summary: SnapshotSummary, replaced: str):
+        """List ``summary`` instead of ``replaced`` at once, and have every live server delete
+        the replaced object (one down now deletes it when it reports it: it is forgotten)."""
+        manager = self.manager
+        await manager.db(manager.catalog.replace_snapshot, summary, replaced, manager.clock.seconds())
+        self._replaced_by.pop(replaced, None)
+        self.log.info("snapshot {snapshot} replaced by {replacement} (a tag change)",
+                      snapshot=replaced[:16], replacement=summary.snapshot_id[:16])
+        for server in list(manager.live.values()):
+            d = defer.ensureDeferred(self._delete_forgotten(server, [replaced]))
+            d.addErrback(lambda f: self.log.failure("deleting a replaced snapshot", f))

@@ -5,10 +5,14 @@
 * ``safemode``: when a starting manager may serve clients;
 * ``indexer``: the list of snapshots, read from the snapshot objects the servers hold;
 * ``dagcheck``: ``check``'s walk from every snapshot through the objects it references;
-* ``repair``: copies of chunks left with too few live copies.
+* ``repair``: copies of chunks left with too few live copies;
+* ``prune``: deleting what no snapshot reaches any more, trimming copies above the factor.
 
-``forget`` unlists snapshots and has the servers delete their objects; what they
-reference stays (there is no prune yet).
+``forget`` unlists snapshots and has the servers delete their objects.
+
+Each placement comes with tickets the manager signs (``sdbackup.tickets``,
+HDFS block tokens as the model): servers store and forward only under them,
+with the key each got when it registered.
 
 Its catalog is an index: locations come from the servers' own reports, never
 from a client's word, and everything in it can be rebuilt from what the
@@ -26,27 +30,35 @@ from twisted.logger import Logger
 from sdbackup.limits import MAX_REPLICAS, MAX_SERVERS, shorten
 from sdbackup.placement import ServerLoad, place_chunks
 from sdbackup.protocols.messages import (
+    MAX_KEYS,
     Ack,
     CheckReport,
     ChunksHeld,
     ClusterStatus,
     DeleteSnapshots,
+    KeyCommitted,
+    KeyList,
     Locations,
     Placement,
+    Registered,
     ServerState,
     SnapshotCommitted,
     SnapshotList,
     SnapshotsForgotten,
     SyncNotices,
+    TicketKeys,
     VerifyChunks,
 )
 from sdbackup.protocols.peer import MessageProtocol, RemoteError
 from sdbackup.services.catalog import Catalog
 from sdbackup.services.dagcheck import DagCheck
-from sdbackup.services.indexer import DELETE_TIMEOUT, SnapshotIndexer
+from sdbackup.services.drain import ServerAdmin
+from sdbackup.services.indexer import DELETE_TIMEOUT, SnapshotIndexer, same_content
 from sdbackup.services.node import NodeService, close_all
+from sdbackup.services.prune import DEFAULT_GRACE, DEFAULT_RATE, Pruner
 from sdbackup.services.repair import PLACEMENT_GRANULARITY, Repairer
 from sdbackup.services.safemode import SafeMode
+from sdbackup.tickets import DEFAULT_KEY_INTERVAL, DEFAULT_LIFETIME, Keyring
 from sdbackup.tlsconfig import Transport
 from sdbackup.web.monitor import ManagerMonitor
 
@@ -56,6 +68,12 @@ RUN_BYTES = MiB
 RUN_CHUNKS = 128
 #: Seconds the manager waits for a server to send its pending notices before a commit.
 SYNC_TIMEOUT = 30.0
+
+
+class KeyRefused(Exception):
+    """A key object that cannot be removed: unknown, or its repository's last."""
+
+    code = "key-refused"
 
 
 @attrs.define
@@ -79,6 +97,10 @@ class LiveServer:
     total_bytes: int = 0
     scrub_done: int = 0
     scrub_total: int = 0
+    #: Its data folder's identity ("": not told), and whether it has less free space than
+    #: its reserve (nothing is placed on a full server).
+    disk_id: str = ""
+    full: bool = False
 
 
 def when_ready(handler):
@@ -124,7 +146,9 @@ class Manager:
     def __init__(self, catalog: Catalog, run_in_db, clock, replicas: int = 2,
                  dead_after: float = 15.0, repair_rate: float = 50 * MiB,
                  expected_servers=(), safe_mode_timeout: float = 30.0,
-                 safe_mode_settle: float = 3.0):
+                 safe_mode_settle: float = 3.0, ticket_lifetime: float = DEFAULT_LIFETIME,
+                 ticket_key_interval: float = DEFAULT_KEY_INTERVAL,
+                 prune_grace: float = DEFAULT_GRACE, prune_rate: float = DEFAULT_RATE):
         self.catalog = catalog
         self.db = run_in_db
         self.replicas = replicas
@@ -140,6 +164,13 @@ class Manager:
         self._safe_mode_call = None
         self.indexer = SnapshotIndexer(self)
         self.repair = Repairer(self, repair_rate)
+        self.pruner = Pruner(self, prune_grace, prune_rate)
+        #: Servers being drained (kept in the catalog): no chunk is placed on them, and their
+        #: copies do not count toward the factor.
+        self.draining: set[str] = set()
+        self.server_admin = ServerAdmin(self)
+        #: Signs placement tickets; its secrets go to each server as it registers.
+        self.tickets = Keyring(ticket_lifetime, ticket_key_interval)
 
     def _now(self) -> float:
         return self.clock.seconds()
@@ -217,21 +248,35 @@ class Manager:
                           peer=connection.describe_peer())
             raise RemoteError(f"{msg.address} is held by a live server with another certificate",
                               "forbidden")
+        await self.server_admin.check_registration(msg, old, connection)
         if old is not None and old.connection is not connection:
             self.log.warn("server {address} registered again; dropping its old link",
                           address=msg.address)
             old.connection.transport.loseConnection()
         self.live[msg.address] = LiveServer(
             msg.address, connection, msg.free_bytes, msg.chunk_count, self._now(),
-            total_bytes=msg.total_bytes,
+            total_bytes=msg.total_bytes, disk_id=msg.disk_id, full=msg.full,
         )
         self.safe_mode.server_registered(msg.address, self._now())
         await self.db(self.catalog.begin_report, msg.address)
         await self.db(self.catalog.record_server, msg.address, msg.free_bytes, msg.chunk_count,
-                      self._now())
+                      self._now(), msg.disk_id)
+        await self.server_admin.adopt_disk(msg)
         self.log.info("server {address} registered: {chunks} chunks, {free} bytes free",
                       address=msg.address, chunks=msg.chunk_count, free=msg.free_bytes)
-        return Ack(request_id=msg.request_id)
+        return Registered(request_id=msg.request_id, ticket_keys=self.tickets.valid(self._now()))
+
+    def rotate_ticket_keys(self):
+        """Sign with a new key when the current one has signed long enough, and tell every live
+        server the keys valid now (the older ones until the tickets they signed expire)."""
+        if not self.tickets.rotate(self._now()):
+            return
+        keys = TicketKeys(ticket_keys=[key for key, _ in self.tickets.keys])
+        for server in list(self.live.values()):
+            d = server.connection.request(keys, SYNC_TIMEOUT, self.clock)
+            d.addErrback(lambda f, address=server.address: self.log.warn(
+                "server {address} did not take the new ticket keys: {why}", address=address,
+                why=shorten(f.getErrorMessage())))
 
     async def handle_ChunkInventory(self, msg, connection):
         server = self._server_of(connection)
@@ -239,7 +284,7 @@ class Manager:
         server.reported_chunks += len(msg.chunks)
         server.reported_snapshots += len(msg.snapshots)
         await self.db(self.catalog.report_page, server.address,
-                      [(c.chunk_id, c.size) for c in msg.chunks], msg.final)
+                      [(c.chunk_id, c.size) for c in msg.chunks], msg.final, self._now())
         await self.indexer.learn(msg.snapshots, server)
         if msg.final:
             self.log.info("server {address} reported {count} chunks, {snapshots} of them "
@@ -274,6 +319,11 @@ class Manager:
         server.chunk_count = msg.chunk_count
         server.total_bytes = msg.total_bytes
         server.scrub_done, server.scrub_total = msg.scrub_done, msg.scrub_total
+        if msg.full != server.full:
+            server.full = msg.full
+            self.log.warn("server {address} is {state}: {free} bytes free", address=server.address,
+                          state="full: nothing more is placed on it" if msg.full else "no longer full",
+                          free=msg.free_bytes)
         server.last_seen = self._now()
         return self.db(self.catalog.record_server, server.address, msg.free_bytes,
                        msg.chunk_count, server.last_seen)
@@ -298,9 +348,10 @@ class Manager:
         self.check_ready()
 
     def loads(self, excluding=()) -> list[ServerLoad]:
-        """What placement needs to know of the live servers, but those in ``excluding``."""
+        """What placement needs to know of the live servers that may take chunks (neither full
+        nor draining), but those in ``excluding``."""
         return [ServerLoad(s.address, s.free_bytes, s.assigned) for s in self.live.values()
-                if s.address not in excluding]
+                if s.address not in excluding and not s.full and s.address not in self.draining]
 
     def check_liveness(self):
         """Declare dead every server silent for longer than ``dead_after`` seconds."""
@@ -323,22 +374,27 @@ class Manager:
         if wanted and not loads:
             raise RemoteError("no usable storage server is alive", "not-enough-servers")
         count = min(self.replicas, len(loads))
-        assignments = {}
+        assignments, chains = {}, {}
         if wanted:
             assignments = place_runs(loads, list(wanted.items()), count)
             for chunk_id, servers in assignments.items():
                 for address in servers:
                     self.live[address].assigned += wanted[chunk_id]
+                chains.setdefault(tuple(servers), []).append(chunk_id)
+        now = self._now()
         return Placement(request_id=msg.request_id, known=known, assignments=assignments,
-                         replicas=self.replicas)
+                         replicas=self.replicas,
+                         tickets=[self.tickets.issue(ids, list(chain), now)
+                                  for chain, ids in chains.items()])
 
     @when_ready
     async def handle_HasChunks(self, msg, connection):
         return ChunksHeld(request_id=msg.request_id, chunk_ids=await self._held(msg.chunk_ids))
 
     async def _held(self, chunk_ids: list[str]) -> list[str]:
-        """The chunks among ``chunk_ids`` with a copy on a live server, in the same order."""
-        holders = await self.db(self.catalog.holders, chunk_ids)
+        """The chunks among ``chunk_ids`` with a copy on a live server, in the same order;
+        touched, since the client counts on them now (a prune spares them)."""
+        holders = await self.db(self.catalog.held_touching, chunk_ids, self._now())
         return [c for c in chunk_ids if any(h in self.live for h in holders.get(c, ()))]
 
     @when_ready
@@ -347,9 +403,36 @@ class Manager:
         every copy from the servers themselves), then the object is read, verified, indexed."""
         await self._sync_notices()
         summary = await self.indexer.ensure(msg.snapshot_id)
+        await self.pruner.verify_commit(summary)  # refused if a prune took what it counted on
         self.log.info("snapshot {snapshot} committed: {host}, {files} files, {size} bytes",
                       snapshot=summary.snapshot_id[:16], host=summary.host, files=summary.files,
                       size=summary.bytes)
+        return SnapshotCommitted(request_id=msg.request_id, snapshot=summary)
+
+    @when_ready
+    async def handle_ReplaceSnapshot(self, msg, connection):
+        """A client's ``tag``: list the stored snapshot instead of the one it replaces, in one
+        catalog transaction, if both hold the same content (root tree, host, paths); the old
+        object is deleted on every server and remembered as forgotten."""
+        await self._sync_notices()
+        old = await self.db(self.catalog.snapshot, msg.replaces)
+        if old is None:
+            listed = await self.db(self.catalog.snapshot, msg.snapshot_id)
+            if listed is not None:  # replaced already: the indexer read the new one first
+                return SnapshotCommitted(request_id=msg.request_id, snapshot=listed)
+            raise RemoteError(f"snapshot {msg.replaces[:16]} is not listed", "unknown-snapshot")
+        read = await self.indexer.read(msg.snapshot_id)
+        if not isinstance(read, tuple):  # a key object's id, not a snapshot's
+            raise RemoteError(f"{msg.snapshot_id[:16]} is not a snapshot", "bad-request")
+        summary, _ = read
+        if not same_content(old, summary):
+            raise RemoteError(f"snapshot {msg.snapshot_id[:16]} does not hold what "
+                              f"{msg.replaces[:16]} holds (root tree, host and paths): a tag "
+                              "change cannot replace it", "bad-request")
+        await self.indexer.replace(summary, msg.replaces)
+        self.log.info("snapshot {snapshot} retagged as {replacement} by {peer}",
+                      snapshot=msg.replaces[:16], replacement=msg.snapshot_id[:16],
+                      peer=connection.describe_peer())
         return SnapshotCommitted(request_id=msg.request_id, snapshot=summary)
 
     async def _sync_notices(self):
@@ -369,7 +452,8 @@ class Manager:
     async def handle_ForgetSnapshots(self, msg, connection):
         """Unlist snapshots (an admin's ``forget``) and have every live server delete their
         objects, so no index rebuild lists them again; a server down now deletes them when it
-        reports them (the catalog remembers them as forgotten). What they reference stays."""
+        reports them (the catalog remembers them as forgotten). What they reference stays
+        until a prune."""
         forgotten = await self.db(self.catalog.forget_snapshots, msg.snapshot_ids, self._now())
         if forgotten:
             servers = list(self.live.values())
@@ -385,6 +469,74 @@ class Manager:
                           peer=connection.describe_peer())
         return SnapshotsForgotten(request_id=msg.request_id, snapshot_ids=forgotten)
 
+    # --- servers: list, drain, retire (``drain``) ---------------------------------------
+
+    async def handle_ListServers(self, msg, connection):
+        return await self.server_admin.list(msg)
+
+    @when_ready
+    async def handle_DrainServer(self, msg, connection):
+        return await self.server_admin.drain(msg, connection.describe_peer())
+
+    @when_ready
+    async def handle_RetireServer(self, msg, connection):
+        return await self.server_admin.retire(msg, connection.describe_peer())
+
+    # --- encrypted repositories' key objects (``sdbackup.sealing``) -----------------------
+
+    @when_ready
+    async def handle_ListKeys(self, msg, connection):
+        keys = sorted(k for k, repo in self.indexer.keys.items() if repo == msg.repo)
+        return KeyList(request_id=msg.request_id, key_ids=keys[:MAX_KEYS])
+
+    @when_ready
+    async def handle_CommitKey(self, msg, connection):
+        """List a key object a client stored: read from a server and checked, as a snapshot."""
+        await self._sync_notices()
+        repo = await self.indexer.ensure_key(msg.key_id)
+        self.log.info("key {key} of repository {repo} committed by {peer}", key=msg.key_id[:16],
+                      repo=repo, peer=connection.describe_peer())
+        return KeyCommitted(request_id=msg.request_id, key_id=msg.key_id, repo=repo)
+
+    @when_ready
+    async def handle_RemoveKey(self, msg, connection):
+        """Unlist a key object and delete it on every live server (one down now is told when
+        it reports it, until the manager restarts); never a repository's last key."""
+        keys = self.indexer.keys
+        repo = keys.get(msg.key_id)
+        if repo is None:
+            raise KeyRefused(f"no key {msg.key_id[:16]}")
+        if sum(1 for r in keys.values() if r == repo) < 2:
+            raise KeyRefused(f"key {msg.key_id[:16]} is the last key of repository {repo}")
+        del keys[msg.key_id]
+        self.indexer.removed_keys.add(msg.key_id)
+        await self.db(self.catalog.drop_forgotten_objects, [msg.key_id])
+        servers = list(self.live.values())
+        replies = await defer.DeferredList(
+            [s.connection.request(DeleteSnapshots(snapshot_ids=[msg.key_id]), DELETE_TIMEOUT,
+                                  self.clock) for s in servers], consumeErrors=True)
+        for server, (ok, result) in zip(servers, replies, strict=True):
+            if not ok:
+                self.log.warn("server {address} did not delete a removed key ({why})",
+                              address=server.address, why=shorten(result.getErrorMessage()))
+        self.log.info("key {key} of repository {repo} removed by {peer}", key=msg.key_id[:16],
+                      repo=repo, peer=connection.describe_peer())
+        return Ack(request_id=msg.request_id)
+
+    # --- pruning ---------------------------------------------------------------------
+
+    @when_ready
+    def handle_PruneRequest(self, msg, connection):
+        """An admin's ``prune``: started here, followed with PruneStatusRequest."""
+        run = self.pruner.start(msg.dry_run, connection.describe_peer())
+        return run.status(msg.request_id, self._now())
+
+    @when_ready
+    def handle_PruneStatusRequest(self, msg, connection):
+        if self.pruner.current is None:
+            raise RemoteError("no prune has run since the manager started", "no-prune")
+        return self.pruner.current.status(msg.request_id, self._now())
+
     # --- reading ---------------------------------------------------------------
 
     @when_ready
@@ -396,7 +548,8 @@ class Manager:
 
     @when_ready
     async def handle_Locate(self, msg, connection):
-        holders = await self.db(self.catalog.holders, msg.chunk_ids)
+        # (Touched: a backup reads its parent's trees, and counts on those unchanged.)
+        holders = await self.db(self.catalog.held_touching, msg.chunk_ids, self._now())
         return Locations(request_id=msg.request_id, holders=self._live_holders(holders))
 
     def _live_holders(self, holders: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -467,7 +620,9 @@ class ManagerService(NodeService):
                  safe_mode_timeout: float = 30.0, safe_mode_settle: float = 3.0, reactor=None,
                  metrics: str | None = None, web: str | None = None,
                  web_password_file: str | None = None, history_interval: float = 30.0,
-                 transport: Transport | None = None):
+                 transport: Transport | None = None, ticket_lifetime: float = DEFAULT_LIFETIME,
+                 ticket_key_interval: float = DEFAULT_KEY_INTERVAL,
+                 prune_grace: float = DEFAULT_GRACE, prune_rate: float = DEFAULT_RATE):
         # One catalog thread: SQLite calls are serialised, never on the reactor.
         super().__init__(listen, "sdbackup-catalog", 1, reactor, transport)
         self.data = data
@@ -477,6 +632,10 @@ class ManagerService(NodeService):
         self.repair_rate = repair_rate
         self.safe_mode_timeout = safe_mode_timeout
         self.safe_mode_settle = safe_mode_settle
+        self.ticket_lifetime = ticket_lifetime
+        self.ticket_key_interval = ticket_key_interval
+        self.prune_grace = prune_grace
+        self.prune_rate = prune_rate
         self.manager: Manager | None = None
         #: ``--metrics`` and ``--web``: refuses a forbidden address here, before starting.
         self.monitor = ManagerMonitor(self, metrics, web, web_password_file, history_interval)
@@ -489,8 +648,14 @@ class ManagerService(NodeService):
                                self.dead_after, self.repair_rate,
                                expected_servers=catalog.server_addresses(),
                                safe_mode_timeout=self.safe_mode_timeout,
-                               safe_mode_settle=self.safe_mode_settle)
+                               safe_mode_settle=self.safe_mode_settle,
+                               ticket_lifetime=self.ticket_lifetime,
+                               ticket_key_interval=self.ticket_key_interval,
+                               prune_grace=self.prune_grace, prune_rate=self.prune_rate)
+        self.manager.draining = catalog.draining_servers()
         self.every(max(self.dead_after / 4, 0.05), self.manager.check_liveness, "liveness")
+        self.every(min(self.ticket_key_interval / 10, 60.0), self.manager.rotate_ticket_keys,
+                   "ticket keys")
         self.every(self.repair_interval, self.manager.repair.tick, "repair")
         self.listen(self.manager, "manager")
         self.monitor.start()

@@ -1,9 +1,10 @@
 """Re-replication: bringing every chunk back to the replication factor.
 
 Every chunk or object a server reported is kept at the replication factor
-(nothing is collected yet). A pass copies chunks with too few live copies
+until a prune deletes it (``prune.py``). A pass copies chunks with too few live copies
 from a live holder to other servers (``ReplicateChunk``: the holder sends its
-verified copy, as the kind it is, along the chain). Passes start when
+verified copy, as the kind it is, along the chain of a ticket the manager
+signs, as a client's store goes). Passes start when
 something may have left a chunk short (a server died or came back, a copy was
 found corrupt, chunks were added, a check ended), and the periodic tick runs
 one only then, so an idle cluster is not scanned again and again. Copies are
@@ -91,9 +92,12 @@ class Repairer:
         if now < self._settling_until:
             self.needed = True  # the newest chunks are judged by a later pass
         while manager.live:
-            wanted = min(manager.replicas, len(manager.live))
-            work = await manager.db(manager.catalog.under_replicated, set(manager.live), wanted,
-                                    REPAIR_BATCH, now - SETTLE)
+            # Copies on draining servers do not count: their chunks are copied to the others.
+            draining = manager.draining & set(manager.live)
+            counting = set(manager.live) - draining
+            wanted = min(manager.replicas, len(counting))
+            work = await manager.db(manager.catalog.under_replicated, counting, wanted,
+                                    REPAIR_BATCH, now - SETTLE, draining)
             if not work:
                 break
             # A few workers share the batch (a semaphore would nest a callback per chunk).
@@ -116,7 +120,8 @@ class Repairer:
     async def _copy(self, chunk_id: str, size: int, holders: list[str], wanted: int) -> bool:
         manager = self.manager
         loads = manager.loads(excluding=holders)
-        need = min(wanted - len(holders), len(loads))
+        counted = [h for h in holders if h not in manager.draining]
+        need = min(wanted - len(counted), len(loads))
         if need < 1:
             return False
         targets = place_chunks(loads, [(chunk_id, size)], need, PLACEMENT_GRANULARITY)[chunk_id]
@@ -125,10 +130,13 @@ class Repairer:
             server = manager.live.get(source)
             if server is None:
                 continue
+            # The copy travels as a store does: under a ticket naming the chain, so the
+            # targets take it, and the source sends it nowhere else.
+            ticket = manager.tickets.issue([chunk_id], [source, *targets], manager.clock.seconds())
             try:
                 reply = await server.connection.request(
-                    ReplicateChunk(chunk_id=chunk_id, forward_to=targets), REPAIR_TIMEOUT,
-                    manager.clock)
+                    ReplicateChunk(chunk_id=chunk_id, forward_to=targets, ticket=ticket),
+                    REPAIR_TIMEOUT, manager.clock)
             except RemoteError as e:
                 if e.code in ("chunk-corrupt", "chunk-missing"):
                     await manager.db(manager.catalog.remove_locations, source, [chunk_id])
@@ -141,6 +149,8 @@ class Repairer:
                               chunk=chunk_id[:16], source=source, why=shorten(e))
                 continue
             for address in reply.holders:
+                if address not in targets:
+                    continue  # (only where the manager sent it; the copies report themselves too)
                 if address in manager.live:
                     manager.live[address].assigned += size
                 await manager.db(manager.catalog.add_locations, address, [(chunk_id, size)])

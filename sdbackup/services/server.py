@@ -1,10 +1,11 @@
 """A storage server: verified chunk files, replication, scrubbing, and its link to the manager.
 
 ``StorageServer`` answers StoreChunk(s) and FetchChunk from clients and other
-servers, and ReplicateChunk, VerifyChunks, SyncNotices, DeleteSnapshots and FetchChunk
-from the manager. A chunk (file data, or a tree, chunk list or snapshot object: its
+servers, and ReplicateChunk, VerifyChunks, SyncNotices, DeleteSnapshots, DeleteChunks
+(a prune) and FetchChunk from the manager. A chunk (file data, or a tree, chunk list or snapshot object: its
 ``kind`` travels with it) is stored and verified on this server's disk, then
-forwarded to the next server the manager named; the client hears
+forwarded to the next server the manager named, only under the placement's
+ticket the manager signed (``sdbackup.tickets``); the client hears
 ``ChunkStored`` only once every server in the chain confirmed the same
 checksum. The manager hears of every chunk stored here (``ChunksAdded``, with
 sizes and which are snapshots), from the server itself, never from a client.
@@ -23,7 +24,6 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from sdbackup.metrics import ServerMetrics
-from sdbackup.objects import Kind
 from sdbackup.protocols.messages import (
     FETCH_REPLY_BYTES,
     MAX_CHUNK_SIZE,
@@ -34,6 +34,7 @@ from sdbackup.protocols.messages import (
     ChunksAdded,
     ChunksCorrupt,
     ChunksData,
+    ChunksDeleted,
     ChunksStored,
     ChunkStored,
     Heartbeat,
@@ -45,8 +46,9 @@ from sdbackup.protocols.messages import (
     VerifyReport,
 )
 from sdbackup.protocols.peer import ConnectionRefusedByPeer, MessageProtocol, PeerPool, RemoteError
-from sdbackup.services.chunkstore import ChunkCorrupt, ChunkMissing, ChunkStore
+from sdbackup.services.chunkstore import ROOT_KINDS, ChunkCorrupt, ChunkMissing, ChunkStore, DiskFull
 from sdbackup.services.node import NodeService, close_all
+from sdbackup.tickets import refusal
 from sdbackup.tlsconfig import Transport
 
 #: Stores one connection may have under way before the server stops reading from it.
@@ -61,6 +63,11 @@ INVENTORY_PAGE = 40_000
 #: Seconds new chunk ids are gathered before the manager is told of them.
 NOTIFY_DELAY = 0.2
 MiB = 1024 * 1024
+#: ``--reserve`` when not given: room for the stores already under way (a few packs of up to
+#: 8 MiB per connection), and for the logs and whatever else shares the file system.
+DEFAULT_RESERVE = 1024 * MiB
+#: After a write ran out of space, free bytes beyond the reserve before stores are taken again.
+FULL_MARGIN = 64 * MiB
 
 
 class StorageServer:
@@ -75,6 +82,8 @@ class StorageServer:
         self.clock = clock
         self.address = address
         self.manager: MessageProtocol | None = None
+        #: The keys the manager signs placement tickets with (given when this server registers).
+        self.ticket_keys: dict = {}
         self._stores_in_flight: dict[MessageProtocol, int] = {}
         self._fetch_gates: dict[MessageProtocol, _FetchGate] = {}
         #: Chunk bytes read for fetches since the start (what the disks served to readers).
@@ -89,23 +98,30 @@ class StorageServer:
         self._added: dict[str, tuple[int, bool]] = {}
         self._corrupt: dict[str, None] = {}
         self._flush_call = None
+        #: Free bytes to keep (``--reserve``): below it the server is full and refuses stores.
+        self.reserve = 0
+        #: A write ran out of space: full until ``FULL_MARGIN`` more than the reserve is free.
+        self._ran_out = False
+        self._full = False
 
     # --- storing ---------------------------------------------------------------
 
     async def handle_StoreChunk(self, msg, connection):
+        self._check_ticket(msg.ticket, [msg.chunk_id], msg.forward_to)
         self._started(connection)
         try:
             await self._write(msg.kind, [(msg.chunk_id, msg.checksum, msg.payload)])
             holders = [self.address]
             if msg.forward_to:
                 holders += await self._forward(msg.kind, msg.chunk_id, msg.checksum, msg.payload,
-                                               msg.forward_to)
+                                               msg.forward_to, msg.ticket)
             return ChunkStored(request_id=msg.request_id, chunk_id=msg.chunk_id,
                                checksum=msg.checksum, holders=holders)
         finally:
             self._finished(connection)
 
     async def handle_StoreChunks(self, msg, connection):
+        self._check_ticket(msg.ticket, [ref.chunk_id for ref in msg.chunks], msg.forward_to)
         self._started(connection)
         try:
             await self._write(msg.kind, [(ref.chunk_id, ref.checksum, piece)
@@ -115,7 +131,7 @@ class StorageServer:
                 following = msg.forward_to[0]
                 reply = await self._ask_next(following, StoreChunks(
                     chunks=msg.chunks, forward_to=msg.forward_to[1:], kind=msg.kind,
-                    payload=msg.payload))
+                    ticket=msg.ticket, payload=msg.payload))
                 if reply.chunk_ids != [ref.chunk_id for ref in msg.chunks]:
                     raise RemoteError(f"replica {following} confirmed other chunks",
                                       "replication-failed", following)
@@ -124,6 +140,16 @@ class StorageServer:
                                 chunk_ids=[ref.chunk_id for ref in msg.chunks], holders=holders)
         finally:
             self._finished(connection)
+
+    def _check_ticket(self, ticket, chunk_ids: list[str], forward_to: list[str]):
+        """Refuse a store (or a copy) that no valid ticket of the manager allows here, before
+        anything is written or any connection made: ``forward_to`` must be the ticket's chain
+        after this server, so bytes go only where the manager placed them."""
+        refused = refusal(ticket, self.ticket_keys, self.clock.seconds(), chunk_ids,
+                          self.address, forward_to)
+        if refused is not None:
+            code, reason = refused
+            raise RemoteError(f"{self.address} refused the store: {reason}", code)
 
     def _started(self, connection):
         count = self._stores_in_flight.get(connection, 0) + 1
@@ -143,20 +169,29 @@ class StorageServer:
         """Verify and store chunks in the disk pool; tell the manager of the new ones."""
         try:
             added = await self.disk(self.store.put_many, kind, chunks)
+        except DiskFull as e:
+            self._now_full(str(e))
+            raise RemoteError(f"{self.address} refused chunks: {e}", e.code) from e
         except OSError as e:
-            code = "disk-full" if e.errno == errno.ENOSPC else "io-error"
-            self.log.error("cannot store chunks: {error}", error=e)
-            raise RemoteError(f"{self.address} cannot store chunks: {e.strerror}", code) from e
+            if e.errno != errno.ENOSPC:
+                self.log.error("cannot store chunks: {error}", error=e)
+                raise RemoteError(f"{self.address} cannot store chunks: {e.strerror}",
+                                  "io-error") from e
+            # The store removed what it had begun to write; what it held is untouched.
+            self._ran_out = True
+            self._now_full(f"the disk ran out of space ({e.strerror})")
+            raise RemoteError(f"{self.address} cannot store chunks: the disk is full",
+                              "disk-full") from e
         for chunk_id, size in added:
-            self._notify(self._added, chunk_id, (size, kind == Kind.SNAPSHOT))
+            self._notify(self._added, chunk_id, (size, kind in ROOT_KINDS))
 
     async def _forward(self, kind: str, chunk_id: str, checksum: str, payload: bytes,
-                       forward_to: list[str]) -> list[str]:
-        """Send a chunk along the chain; the servers that confirmed it."""
+                       forward_to: list[str], ticket) -> list[str]:
+        """Send a chunk along the chain, under its ticket; the servers that confirmed it."""
         following = forward_to[0]
         reply = await self._ask_next(following, StoreChunk(
             chunk_id=chunk_id, checksum=checksum, forward_to=forward_to[1:], kind=kind,
-            payload=payload))
+            ticket=ticket, payload=payload))
         if reply.checksum != checksum or reply.chunk_id != chunk_id:
             raise RemoteError(f"replica {following} confirmed a different chunk",
                               "replication-failed", following)
@@ -172,6 +207,34 @@ class StorageServer:
         except Exception as e:
             raise RemoteError(f"replica {following} unreachable: {e}", "replication-failed",
                               following) from e
+
+    # --- a full disk -------------------------------------------------------------------
+
+    def disk_state(self) -> dict:
+        """Free and total bytes of the data folder's file system, and whether it is full."""
+        free, total = self.store.disk_space()
+        if self._ran_out and free >= self.reserve + FULL_MARGIN:
+            self._ran_out = False
+        full = free < self.reserve or self._ran_out
+        if full != self._full:
+            self._full = full
+            if full:
+                self.log.warn("the disk is full: {free} bytes free, {reserve} kept in reserve; "
+                              "refusing stores until there is room", free=free,
+                              reserve=self.reserve)
+            else:
+                self.log.info("the disk has room again: {free} bytes free", free=free)
+        return {"free_bytes": free, "total_bytes": total, "full": full}
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(chunk_count=self.store.count(), scrub_done=self.scrub_done,
+                         scrub_total=self.scrub_total, **self.disk_state())
+
+    def _now_full(self, why: str):
+        """A store was refused for want of space: the manager hears it now, not at the next
+        heartbeat, and places the rest elsewhere."""
+        self.log.warn("refused a store: {why}", why=why)
+        self.tell_manager(self.heartbeat())
 
     # --- reading -----------------------------------------------------------------
 
@@ -230,9 +293,13 @@ class StorageServer:
 
     async def handle_ReplicateChunk(self, msg, connection):
         """Re-replication: copy a chunk held here, as the kind it is, to the servers the
-        manager named."""
+        manager named in the order's ticket."""
+        self._check_ticket(msg.ticket, [msg.chunk_id], msg.forward_to)
+        if not msg.forward_to:
+            raise RemoteError("a copy needs a server to go to", "bad-request")
         kind, checksum, payload = await self._read(msg.chunk_id)
-        holders = await self._forward(kind, msg.chunk_id, checksum, payload, msg.forward_to)
+        holders = await self._forward(kind, msg.chunk_id, checksum, payload, msg.forward_to,
+                                      msg.ticket)
         return ChunkStored(request_id=msg.request_id, chunk_id=msg.chunk_id, checksum=checksum,
                            holders=holders)
 
@@ -278,6 +345,19 @@ class StorageServer:
         if deleted:
             self.log.info("deleted {count} forgotten snapshot objects", count=len(deleted))
         return Ack(request_id=msg.request_id)
+
+    async def handle_DeleteChunks(self, msg, connection):
+        """A prune: delete chunks no snapshot reaches (or copies above the replication
+        factor), on the disk pool; say what went, so the manager's records stay true."""
+        deleted, kept = await self.disk(self.store.delete_chunks, msg.chunk_ids, msg.min_age)
+        for chunk_id, _ in deleted:
+            self._added.pop(chunk_id, None)  # (a notice not sent yet would record it again)
+        freed = sum(size for _, size in deleted)
+        if deleted:
+            self.log.info("prune: deleted {count} chunks, {bytes} bytes", count=len(deleted),
+                          bytes=freed)
+        return ChunksDeleted(request_id=msg.request_id, chunk_ids=[c for c, _ in deleted],
+                             freed_bytes=freed, kept=kept)
 
     # --- telling the manager -------------------------------------------------------
 
@@ -326,6 +406,11 @@ class StorageServer:
                 chunks=[_held(chunk_id, size) for chunk_id, (size, _) in page],
                 snapshots=[chunk_id for chunk_id, (_, is_snapshot) in page if is_snapshot]))
 
+    def handle_TicketKeys(self, msg, connection):
+        """The manager signs with a new key: these are the keys valid now."""
+        self.ticket_keys = {key.key_id: key for key in msg.ticket_keys}
+        return Ack(request_id=msg.request_id)
+
     def handle_SyncNotices(self, msg, connection):
         """Send every notice not sent yet, then answer: the manager reads them first, as they
         travel ahead of the answer on the same link."""
@@ -353,8 +438,11 @@ class StorageService(NodeService):
     def __init__(self, listen: str, data: str, manager: str, advertise: str | None = None,
                  heartbeat: float = 5.0, scrub_interval: float = 86400.0,
                  scrub_rate: float = 20 * MiB, reconnect_delay: float = 5.0, reactor=None,
-                 metrics: str | None = None, transport: Transport | None = None):
+                 metrics: str | None = None, transport: Transport | None = None,
+                 reserve: int = DEFAULT_RESERVE):
         super().__init__(listen, "sdbackup-disk", 4, reactor, transport)
+        #: ``--reserve``: free bytes no store may take.
+        self.reserve = reserve
         self.data = data
         self.manager_description = manager
         self.advertise = advertise
@@ -376,7 +464,9 @@ class StorageService(NodeService):
         # Shorter than the client's wait, so the client hears why a replica failed.
         self.peers = PeerPool(self.reactor, None, "server", request_timeout=FORWARD_TIMEOUT,
                               transport=self.transport)
+        store.reserve = self.reserve
         self.server = StorageServer(store, self.run_in_pool, self.peers, self.reactor)
+        self.server.reserve = self.reserve
         self.listen(self.server, "server")
         if self.metrics is not None:
             self.metrics.start()
@@ -408,8 +498,10 @@ class StorageService(NodeService):
 
     async def _register_async(self, connection):
         await connection.ready
-        await connection.request(RegisterServer(
-            address=self.server.address, chunk_count=self.store.count(), **self._disk_space()))
+        registered = await connection.request(RegisterServer(
+            address=self.server.address, chunk_count=self.store.count(),
+            disk_id=self.store.identity, **self.server.disk_state()))
+        self.server.ticket_keys = {key.key_id: key for key in registered.ticket_keys}
         await self.server.send_inventory(connection)
         self.server.manager = connection
         self.server.flush()  # what was stored while the inventory was under way
@@ -432,6 +524,11 @@ class StorageService(NodeService):
         if failure.check(error.ConnectionLost, error.ConnectionDone, TimeoutError):
             self.log.info("lost the manager while registering; will register again")
         elif failure.check(RemoteError, ConnectionRefusedByPeer):
+            if getattr(failure.value, "code", "") in ("disk-in-use", "retired"):
+                # This disk is counted at another address, or retired: expected, not broken.
+                self.log.warn("the manager refused this server: {why}", why=str(failure.value))
+                connection.transport.loseConnection()
+                return
             # Wrong certificate, CA or role: said once per try, without a traceback.
             self.log.error("the manager refused this server: {why}", why=str(failure.value))
             connection.transport.loseConnection()
@@ -445,15 +542,8 @@ class StorageService(NodeService):
         self._registered.addCallback(lambda address: (d.callback(address), address)[1])
         return d
 
-    def _disk_space(self) -> dict:
-        """Free and total bytes of the data folder's file system, for the manager's dashboard."""
-        free, total = self.store.disk_space()
-        return {"free_bytes": free, "total_bytes": total}
-
     def _send_heartbeat(self):
-        self.server.tell_manager(Heartbeat(
-            chunk_count=self.store.count(), scrub_done=self.server.scrub_done,
-            scrub_total=self.server.scrub_total, **self._disk_space()))
+        self.server.tell_manager(self.server.heartbeat())
 
     async def _scrub_forever(self):
         """Paced scrub passes with ``scrub_interval`` seconds of rest between them."""

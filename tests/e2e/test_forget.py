@@ -25,8 +25,6 @@ def test_forget_keep_last_leaves_one_that_restores(cluster, tmp_path):
     refused = cluster.sdbackup("forget", cwd=tmp_path, check=False)
     assert refused.returncode == 2
     assert "refusing to forget every snapshot" in refused.stderr
-    pruned = cluster.sdbackup("forget", "--keep-last", "1", "--prune", cwd=tmp_path, check=False)
-    assert pruned.returncode == 2 and "prune is not built yet" in pruned.stderr
 
     dry = cluster.sdbackup("forget", "--keep-last", "1", "--dry-run", cwd=tmp_path)
     assert "2 snapshots would be forgotten" in dry.stdout

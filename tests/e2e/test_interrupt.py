@@ -18,9 +18,23 @@ def frozen_manager_backup(cluster, src: Path):
     write(src / "a.txt", b"never stored\n")
     os.kill(cluster.manager.popen.pid, signal.SIGSTOP)
     running = cluster.start_sdbackup("backup", "a.txt", cwd=src)
-    time.sleep(1.5)
-    assert running.running()
+    # Connected (a socket open) means its reactor runs, and so its signal handlers, put in
+    # place on the reactor's first turn, are in place: importing alone may take seconds.
+    deadline = time.monotonic() + 30
+    while not has_socket(running.popen.pid):
+        assert running.running() and time.monotonic() < deadline, "the client never connected"
+        time.sleep(0.05)
+    time.sleep(0.3)
     return running
+
+
+def has_socket(pid: int) -> bool:
+    folder = f"/proc/{pid}/fd"
+    try:
+        return any(os.readlink(os.path.join(folder, fd)).startswith("socket:")
+                   for fd in os.listdir(folder))
+    except OSError:  # an fd closed meanwhile
+        return False
 
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -35,6 +49,69 @@ def test_an_interrupted_backup_exits_as_a_shell_expects_without_a_traceback(clus
     assert result.returncode == status, result.describe()
     assert result.stderr.strip().splitlines() == ["sdbackup: interrupted"], result.describe()
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_backup_interrupted_while_the_servers_hang_exits_at_once(cluster, tmp_path):
+    """Every server frozen while a backup stores: SIGINT does not wait for their time-outs
+    (nor try other servers) but exits 130."""
+    write(tmp_path / "src/large.bin", os.urandom(24 * 1024 * 1024))
+    frozen = []
+    try:
+        for server in cluster.servers:
+            os.kill(server.process.popen.pid, signal.SIGSTOP)
+            frozen.append(server)
+        running = cluster.start_sdbackup("backup", "src", cwd=tmp_path)
+        deadline = time.monotonic() + 30
+        while not has_socket(running.popen.pid):
+            assert running.running() and time.monotonic() < deadline, "the client never connected"
+            time.sleep(0.05)
+        time.sleep(1.0)  # placed, and storing on the frozen servers
+        assert running.running()
+        running.popen.send_signal(signal.SIGINT)
+        result = running.wait(timeout=15)
+    finally:
+        for server in frozen:
+            os.kill(server.process.popen.pid, signal.SIGCONT)
+    assert result.returncode == 130, result.describe()
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_restore_leaves_no_partial_file(cluster, tmp_path, signum, status):
+    """SIGINT or SIGTERM while the servers are frozen mid-restore: the shell's status, nothing
+    of the large file under its name or under a temporary one, and a second restore finishes
+    the job."""
+    data = os.urandom(24 * 1024 * 1024)
+    write(tmp_path / "src/large.bin", data)
+    write(tmp_path / "src/small.txt", b"small\n")
+    sid = cluster.snapshot_id(cluster.sdbackup("backup", "src", cwd=tmp_path).stdout)
+    target = tmp_path / "out"
+    running = cluster.start_sdbackup("restore", sid, "--target", target, cwd=tmp_path)
+    frozen = []
+    try:
+        deadline = time.monotonic() + 60
+        while not target.exists():
+            assert running.running() and time.monotonic() < deadline, "the restore never began"
+            time.sleep(0.02)
+        for server in cluster.servers:
+            os.kill(server.process.popen.pid, signal.SIGSTOP)
+            frozen.append(server)
+        time.sleep(0.3)
+        assert running.running(), "the restore ended before it could be interrupted"
+        running.popen.send_signal(signum)
+        result = running.wait(timeout=20)
+    finally:
+        for server in frozen:
+            os.kill(server.process.popen.pid, signal.SIGCONT)
+    assert result.returncode == status, result.describe()
+    assert "sdbackup: interrupted" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    left = [p.name for p in target.rglob("*")]
+    assert "large.bin" not in left
+    assert not [name for name in left if name.endswith(".tmp")], left
+
+    cluster.sdbackup("restore", sid, "--target", target, cwd=tmp_path)
+    assert (target / "src/large.bin").read_bytes() == data
 
 
 def test_the_prompt_takes_several_names_and_expands_the_home_folder(cluster, tmp_path):

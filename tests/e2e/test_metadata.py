@@ -325,10 +325,12 @@ class Attacker:
         for chunk_id, blob in zip(ids, blobs, strict=True):
             if chunk_id not in placement.known:
                 packs.setdefault(tuple(placement.assignments[chunk_id]), []).append((chunk_id, blob))
+        tickets = {tuple(ticket.chain): ticket for ticket in placement.tickets}
         for servers, items in packs.items():
             await self.session.servers.request(servers[0], StoreChunks(
                 chunks=[ChunkRef(i, len(b), hashing.checksum(b)) for i, b in items],
-                forward_to=list(servers[1:]), kind=kind, payload=b"".join(b for _, b in items)))
+                forward_to=list(servers[1:]), kind=kind, ticket=tickets[servers],
+                payload=b"".join(b for _, b in items)))
         return [bytes.fromhex(i) for i in ids]
 
     async def commit(self, snapshot: bytes) -> str:

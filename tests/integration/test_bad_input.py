@@ -112,7 +112,8 @@ async def test_a_chunk_with_a_wrong_checksum_is_refused(cluster, wire_client):
     address = cluster.servers[0].server.address
     with pytest.raises(RemoteError) as caught:
         await wire_client.servers.request(address, StoreChunk(
-            chunk_id="d" * 64, checksum="d" * 64, payload=b"not what the checksum says"))
+            chunk_id="d" * 64, checksum="d" * 64, ticket=cluster.ticket(["d" * 64], [address]),
+            payload=b"not what the checksum says"))
     assert caught.value.code == "checksum-mismatch"
     assert nothing_stored(cluster)
 
@@ -123,15 +124,17 @@ async def test_a_bogus_tree_is_refused_by_the_first_server(cluster, wire_client)
     good = objects.encode_tree(objects.make_tree([objects.Node(name=b"ok", type="file")]))
     bogus = b"a tree, says the sender"
     pack = [(objects.object_id(Kind.TREE, good), good), (hashing.object_id(Kind.TREE, bogus), bogus)]
+    ticket = cluster.ticket([i for i, _ in pack], [first, second])
     with pytest.raises(RemoteError) as caught:
         await wire_client.servers.request(first, StoreChunks(
             chunks=[ChunkRef(i, len(d), hashing.checksum(d)) for i, d in pack],
-            forward_to=[second], kind=Kind.TREE, payload=good + bogus))
+            forward_to=[second], kind=Kind.TREE, ticket=ticket, payload=good + bogus))
     assert caught.value.code == "bad-object"
     assert "tree" in caught.value.reason
     with pytest.raises(RemoteError) as caught:
         await wire_client.servers.request(first, StoreChunk(
-            chunk_id=pack[1][0], checksum=hashing.checksum(bogus), kind=Kind.TREE, payload=bogus))
+            chunk_id=pack[1][0], checksum=hashing.checksum(bogus), kind=Kind.TREE,
+            ticket=cluster.ticket([pack[1][0]], [first]), payload=bogus))
     assert caught.value.code == "bad-object"
     # Nothing of the pack was stored, here or on the replica.
     assert nothing_stored(cluster)
@@ -143,17 +146,21 @@ async def test_an_object_sent_as_another_kind_is_refused(cluster, wire_client):
     tree = objects.encode_tree(objects.make_tree([objects.Node(name=b"x", type="file")]))
     tree_id = objects.object_id(Kind.TREE, tree)
     address = cluster.servers[0].server.address
+    ticket = cluster.ticket([tree_id], [address])
     with pytest.raises(RemoteError) as caught:
         await wire_client.servers.request(address, StoreChunk(
-            chunk_id=tree_id, checksum=hashing.checksum(tree), kind=Kind.SNAPSHOT, payload=tree))
+            chunk_id=tree_id, checksum=hashing.checksum(tree), kind=Kind.SNAPSHOT, ticket=ticket,
+            payload=tree))
     assert caught.value.code == "bad-object"
     assert nothing_stored(cluster)
     # Stored as a tree, the same id cannot then be passed off as file data.
     await wire_client.servers.request(address, StoreChunk(
-        chunk_id=tree_id, checksum=hashing.checksum(tree), kind=Kind.TREE, payload=tree))
+        chunk_id=tree_id, checksum=hashing.checksum(tree), kind=Kind.TREE, ticket=ticket,
+        payload=tree))
     with pytest.raises(RemoteError) as caught:
         await wire_client.servers.request(address, StoreChunk(
-            chunk_id=tree_id, checksum=hashing.checksum(b"data"), kind=Kind.DATA, payload=b"data"))
+            chunk_id=tree_id, checksum=hashing.checksum(b"data"), kind=Kind.DATA, ticket=ticket,
+            payload=b"data"))
     assert caught.value.code == "invalid-chunk-id"  # the id is the tree's hash, not the data's
     reply = await wire_client.servers.request(address, FetchChunk(chunk_id=tree_id))
     assert (reply.kind, reply.payload) == (Kind.TREE, tree)

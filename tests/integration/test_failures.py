@@ -112,7 +112,7 @@ async def test_check_read_data_finds_corrupt_copies(cluster, tmp_path, monkeypat
 
 
 @pytest_twisted.ensureDeferred
-async def test_chunks_stored_before_a_crash_are_not_sent_again(cluster):
+async def test_chunks_stored_before_a_client_crash_count_as_held(cluster):
     """Chunks confirmed by servers but never committed (the client died) count as held."""
     data = os.urandom(100_000)
     chunk_id = hashing.chunk_id(data)
@@ -121,7 +121,7 @@ async def test_chunks_stored_before_a_crash_are_not_sent_again(cluster):
         servers = [s.server.address for s in cluster.servers[:2]]
         await session.servers.request(servers[0], StoreChunk(
             chunk_id=chunk_id, checksum=hashing.checksum(data), forward_to=servers[1:],
-            payload=data))
+            ticket=cluster.ticket([chunk_id], servers), payload=data))
 
         async def known():
             placement = await session.ask(PlacementRequest(chunks=[ChunkNeed(chunk_id, len(data))]))
@@ -165,9 +165,9 @@ async def test_losing_the_manager_mid_backup_is_a_clear_error(cluster, tmp_path,
     session = await cluster.session()
     try:
         running = defer.ensureDeferred(Backup(session, ["src"]).run())
-        # The manager goes away once the backup is under way.
+        # The manager process goes away once the backup is under way.
         await cluster.until(lambda: any(s.store.count() for s in cluster.servers), what="a store")
-        session.manager.transport.abortConnection()
+        await cluster.manager.stopService()
         with pytest.raises(ClientError, match="lost the manager"):
             await running
     finally:

@@ -1,6 +1,6 @@
 """``forget`` on the wire: ForgetSnapshots unlists snapshots, every server deletes their objects,
 and neither a lost catalog nor a server that was down brings them back. Nothing they
-reference is deleted (there is no prune yet)."""
+reference is deleted: that is prune's work (test_prune.py)."""
 
 import os
 
@@ -59,7 +59,7 @@ async def test_forget_unlists_and_deletes_the_snapshot_objects_only(cluster, wir
     # Each snapshot object was on two servers: those copies are gone from the disks, durably.
     assert snapshot_files(cluster) == {kept}
     assert sum(s.store.count() for s in cluster.servers) == chunks_before - 2 * len(gone)
-    # The data they reference stays (no prune): every other chunk is still held.
+    # The data they reference stays until a prune: every other chunk is still held.
     for backup in backups:
         for chunk_id, _ in backup.data + backup.lists + backup.trees:
             assert any(s.store.has(chunk_id) for s in cluster.servers)

@@ -200,6 +200,14 @@ async def test_stale_and_invented_locations_from_the_manager_are_survived(cluste
     assert files_under(tmp_path / "out") == source
 
 
+def fully_replicated(cluster):
+    """A condition: the manager counts no chunk short of copies (from the servers' reports)."""
+    async def condition():
+        known, short, missing = await cluster.chunk_health()
+        return known and not short and not missing
+    return condition
+
+
 async def copies_on_disk(cluster, servers) -> dict:
     counts = {}
     for server in servers:
@@ -230,6 +238,7 @@ async def test_a_replica_that_confirms_without_storing_is_repaired_around(cluste
         return counts and all(n >= 2 for n in counts.values())
 
     await cluster.until(repaired, timeout=30, what="two real copies of every chunk")
+    await cluster.until(fully_replicated(cluster), what="the manager counting them")
     await cluster.stop_server(liar)
     result = await restore(cluster, tmp_path / "out")
     assert result.errors == []
@@ -259,6 +268,7 @@ async def test_a_primary_that_acks_before_its_replica_is_repaired_around(cluster
         return counts and all(n >= 2 for n in counts.values())
 
     await cluster.until(every_chunk_twice, timeout=30, what="two real copies of every chunk")
+    await cluster.until(fully_replicated(cluster), what="the manager counting them")
     await cluster.stop_server(liar)
     result = await restore(cluster, tmp_path / "out")
     assert result.errors == []

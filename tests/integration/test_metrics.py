@@ -133,7 +133,8 @@ async def test_server_metrics_count_what_it_stores_and_serves(cluster, tmp_path)
         chunk_id = hashing.chunk_id(payload)
         await client.servers.request(server.server.address, StoreChunks(
             chunks=[ChunkRef(chunk_id, len(payload), hashing.checksum(payload))],
-            forward_to=[], kind=Kind.DATA, payload=payload))
+            forward_to=[], kind=Kind.DATA, ticket=cluster.ticket([chunk_id], [server.server.address]),
+            payload=payload))
         await client.servers.request(server.server.address, FetchChunk(chunk_id=chunk_id))
 
         samples = await scrape(port)

@@ -19,6 +19,7 @@ from sdbackup import hashing, objects
 from sdbackup.client.listing import entry_line
 from sdbackup.client.repository import ChunkUnavailable, Repository
 from sdbackup.client.restore import Restore
+from sdbackup.client.session import ClientError
 from sdbackup.client.treereader import Enter, Entry, TreeReader
 from sdbackup.objects import Kind, Node
 from sdbackup.protocols.messages import CommitSnapshot, FetchChunks
@@ -255,14 +256,19 @@ async def test_include_restores_only_those_paths_and_the_folders_above_them(
     snapshot_id = await builder.commit(wire_client, fidelity_tree(builder))
 
     result = await restore(session, snapshot_id, tmp_path / "part",
-                           ["docs/\\xff\\nodd\\\\name", "other/sub", "nowhere"])
+                           ["docs/\\xff\\nodd\\\\name", "other/sub"])
 
     assert sorted(os.listdir(tmp_path / "part")) == ["docs", "other"]
     assert os.listdir(bytes(tmp_path / "part/docs")) == [b"\xff\nodd\\name"]
     assert sorted(os.listdir(tmp_path / "part/other")) == ["sub"]
     assert os.listdir(tmp_path / "part/other/sub") == ["hard3"]
     assert stat.S_IMODE(os.lstat(tmp_path / "part/docs").st_mode) == 0o2750
-    assert result.errors == [f"nowhere: not in snapshot {snapshot_id[:8]}"]
+    assert result.errors == []
+    # An include that matches nothing: an error before anything is written, no target made.
+    with pytest.raises(ClientError, match=f"--include 'nowhere': matches nothing in snapshot "
+                                          f"{snapshot_id[:8]}"):
+        await restore(session, snapshot_id, tmp_path / "none", ["other/sub", "nowhere"])
+    assert not (tmp_path / "none").exists()
 
 
 # --- snapshots that try to escape ------------------------------------------------------------------

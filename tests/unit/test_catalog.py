@@ -56,7 +56,7 @@ def test_a_new_catalog_has_the_current_version(catalog, db_path):
     try:
         assert other.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         tables = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert tables == {"servers", "chunks", "locations", "snapshots", "forgotten"}
+        assert tables == {"servers", "chunks", "locations", "snapshots", "forgotten", "prunes"}
     finally:
         other.close()
 
@@ -173,7 +173,7 @@ def test_an_inventory_makes_a_servers_copies_exactly_the_reported_ones(catalog):
         cid("c1"): [B], cid("c2"): [A], cid("c3"): [A]}
     report(catalog, B)
     assert catalog.holders([cid("c1")]) == {}
-    # The chunk is still known (nothing is collected): it counts as missing.
+    # The chunk is still known (only a prune forgets chunks): it counts as missing.
     assert catalog.chunk_stats({A, B}, 2) == (3, 2, 1)
 
 

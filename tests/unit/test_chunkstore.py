@@ -42,10 +42,10 @@ def a_snapshot(host: str = "host") -> bytes:
 
 
 def files_under(folder) -> list[str]:
-    """The files a store keeps under ``folder``, its lock file left out (chunk files are
-    named by their hex ids, never ``lock``)."""
+    """The files a store keeps under ``folder``, its lock and identity files left out (chunk
+    files are named by their hex ids, never ``lock`` or ``identity``)."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if p.is_file() and p.name != "lock")
+                  if p.is_file() and p.name not in ("lock", "identity"))
 
 
 @pytest.fixture

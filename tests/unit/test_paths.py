@@ -1,10 +1,9 @@
-"""Path rules: how local paths are named in a snapshot, names, paths typed by users, includes."""
+"""Path rules: how local paths are named in a snapshot, names, paths typed by users."""
 
 
 import pytest
 
 from sdbackup.paths import (
-    Includes,
     UnsafePath,
     check_name,
     display_path,
@@ -23,6 +22,9 @@ def test_relative_paths_keep_their_name(subtests):
         ("./some//folder/./x", "some/folder/x"),
         ("a/b/../c", "a/c"),
         ("ü/日本", "ü/日本"),
+        ("-rf", "-rf"),  # names that sort before "." are names too
+        ("!x", "!x"),
+        (" x", " x"),
     ]:
         with subtests.test(local=local):
             assert snapshot_path(local, cwd="/home/me/work") == expected
@@ -99,50 +101,3 @@ def test_display_path_is_what_parse_path_reads():
     text = display_path(names)
     assert "\n" not in text
     assert parse_path(text) == names
-
-
-# --- Includes --------------------------------------------------------------------------------
-
-
-def test_no_includes_means_everything():
-    includes = Includes()
-    assert includes.wants((b"any", b"path"), False)
-    assert includes.unmatched() == []
-
-
-def test_includes(subtests):
-    includes = Includes(["home/me", "/etc/hosts/"])
-    for path, is_folder, expected in [
-        ("home/me", True, True),
-        ("home/me/docs/a.txt", False, True),
-        ("home", True, True),  # a folder above an include is restored, to hold it
-        ("home", False, False),  # ... but not a file of that name
-        ("home/mere", True, False),
-        ("home/me2/x", False, False),
-        ("hom", True, False),
-        ("etc", True, True),
-        ("etc/hosts", False, True),
-        ("etc/passwd", False, False),
-        ("var", True, False),
-    ]:
-        with subtests.test(path=path):
-            assert includes.wants(parse_path(path), is_folder) is expected
-
-
-def test_includes_never_met_are_reported():
-    includes = Includes(["home/me", "etc/hosts"])
-    includes.wants((b"home",), True)
-    includes.wants((b"home", b"me"), True)
-    assert includes.unmatched() == [(b"etc", b"hosts")]
-
-
-def test_include_of_the_root_is_everything():
-    includes = Includes(["/"])
-    assert includes.wants((b"x",), False)
-    assert includes.unmatched() == []
-
-
-def test_includes_name_escaped_bytes():
-    includes = Includes(["a\\xff"])
-    assert includes.wants((b"a\xff",), False)
-    assert not includes.wants((b"a\\xff",), False)

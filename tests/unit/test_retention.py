@@ -189,7 +189,6 @@ def test_policy_in_words():
     (["--keep-within", "2w"], "is not a duration"),
     (["--keep-daily", "-3"], "give a count"),
     (["--keep-last", "1", "--group-by", "host,os"], "'os' is not one of"),
-    (["--keep-last", "1", "--prune"], "prune is not built yet"),
 ])
 def test_forget_usage_errors(argv, error, capsys):
     parser = cli.build_parser()

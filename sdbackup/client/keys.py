@@ -1,0 +1,217 @@
+"""Encrypted repositories from the client's side: the password, opening a repository's key,
+``sdbackup init`` and ``sdbackup key list|add|remove|passwd``.
+
+A repository (``--repo NAME``, else ``$SDBACKUP_REPO``, else ``default``) that
+has key objects on the cluster is encrypted: every command opens its master
+key with the password before it reads or stores anything, and a wrong one
+ends the command (exit 1) with nothing written. A repository without keys
+is plaintext, as before ``init`` existed; but a password given for it (a
+sign the user expects encryption) is an error, so that nobody can make a
+client store plaintext by hiding a repository's keys.
+
+The password comes from ``$SDBACKUP_PASSWORD``, ``$SDBACKUP_PASSWORD_FILE``,
+``--password-file``, or a prompt on a terminal; a new one (``init``,
+``key add``, ``key passwd``) from ``$SDBACKUP_NEW_PASSWORD``,
+``--new-password-file``, or a prompt asked twice.
+"""
+
+import datetime
+import getpass
+import os
+import pwd
+import socket
+import sys
+
+import attrs
+from twisted.internet.threads import deferToThread
+
+from sdbackup import hashing, sealing
+from sdbackup.client.repository import Repository
+from sdbackup.client.session import ClientError, Session
+from sdbackup.client.uploader import Signal, Uploader
+from sdbackup.objects import Kind, ObjectFormatError
+from sdbackup.protocols.messages import CommitKey, ListKeys, RemoveKey
+
+#: Bytes of a password file read at most.
+MAX_PASSWORD = 4096
+
+
+@attrs.frozen
+class OpenedKey:
+    """A key object of the repository, as listed."""
+
+    key_id: str
+    key: sealing.KeyObject
+
+
+def repo_name(args) -> str:
+    name = getattr(args, "repo", None) or os.environ.get("SDBACKUP_REPO") or sealing.DEFAULT_REPO
+    problem = sealing.repo_problem(name)
+    if problem:
+        raise ClientError(f"--repo: {problem}")
+    return name
+
+
+def _read_password_file(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PASSWORD + 1)
+    except OSError as e:
+        raise ClientError(f"cannot read the {what} file {path}: {e.strerror}") from None
+    if len(data) > MAX_PASSWORD:
+        raise ClientError(f"the {what} file {path} is longer than {MAX_PASSWORD} bytes")
+    password = data.rstrip(b"\r\n")
+    if not password:
+        raise ClientError(f"the {what} file {path} is empty")
+    return password
+
+
+def given_password(args) -> bytes | None:
+    """The password given without a prompt, or None."""
+    if os.environ.get("SDBACKUP_PASSWORD"):
+        return os.environ["SDBACKUP_PASSWORD"].encode()
+    path = getattr(args, "password_file", None) or os.environ.get("SDBACKUP_PASSWORD_FILE")
+    if path:
+        return _read_password_file(path, "password")
+    return None
+
+
+def _prompt(text: str) -> bytes:
+    if not sys.stdin.isatty():
+        raise ClientError("the repository is encrypted: give its password with $SDBACKUP_PASSWORD, "
+                          "$SDBACKUP_PASSWORD_FILE or --password-file (no terminal to ask on)")
+    password = getpass.getpass(text).encode()
+    if not password:
+        raise ClientError("an empty password")
+    return password
+
+
+def new_password(args) -> bytes:
+    """A new password: ``$SDBACKUP_NEW_PASSWORD``, ``--new-password-file``, or asked twice."""
+    if os.environ.get("SDBACKUP_NEW_PASSWORD"):
+        return os.environ["SDBACKUP_NEW_PASSWORD"].encode()
+    path = getattr(args, "new_password_file", None)
+    if path:
+        return _read_password_file(path, "new password")
+    first = _prompt("new password: ")
+    if _prompt("the new password again: ") != first:
+        raise ClientError("the two passwords differ")
+    return first
+
+
+async def list_keys(session: Session, repo: str) -> list[OpenedKey]:
+    """The repository's key objects, each read from the cluster and checked."""
+    reply = await session.ask(ListKeys(repo=repo))
+    repository = Repository(session)
+    found = []
+    for key_id in reply.key_ids:
+        data = await repository.fetch_object(Kind.KEY, key_id)
+        try:
+            key = sealing.decode_key(data)
+        except ObjectFormatError as e:
+            raise ClientError(f"key {key_id[:8]} of repository {repo} cannot be read: {e}") from None
+        if key.repo != repo:
+            raise ClientError(f"key {key_id[:8]} is of repository {key.repo!r}, not {repo!r}")
+        found.append(OpenedKey(key_id, key))
+    return found
+
+
+async def _unwrap_any(keys: list[OpenedKey], password: bytes) -> tuple[OpenedKey, bytes]:
+    for opened in keys:
+        try:
+            return opened, await deferToThread(sealing.unwrap, opened.key, password)
+        except sealing.WrongPassword:
+            continue
+    raise ClientError(f"wrong password for repository {keys[0].key.repo}: no key of it opens "
+                      f"with it")
+
+
+async def open_repository(session: Session, args) -> str | None:
+    """Put the repository's sealer on the session; the id of the key in use (None for a
+    plaintext repository)."""
+    repo = repo_name(args)
+    keys = await list_keys(session, repo)
+    password = given_password(args)
+    if not keys:
+        if password is not None:
+            raise ClientError(f"repository {repo} is not initialised (it has no key), yet a password "
+                              f"was given: run sdbackup init first, or give no password")
+        if repo != sealing.DEFAULT_REPO:
+            raise ClientError(f"repository {repo} is not initialised: run sdbackup init --repo {repo}")
+        session.sealer = sealing.PlainSealer(repo)
+        return None
+    opened, master = await _unwrap_any(keys, password or _prompt(f"password for repository {repo}: "))
+    session.sealer = sealing.Sealer(repo, master)
+    return opened.key_id
+
+
+async def _store_key(session: Session, key: sealing.KeyObject) -> str:
+    data = sealing.encode_key(key)
+    key_id = sealing.key_id(data)
+    signal = Signal()
+    uploader = Uploader(session, signal, lambda text: print(f"sdbackup: {text}", file=sys.stderr))
+    await uploader.store_now(Kind.KEY, bytes.fromhex(key_id), data, hashing.checksum(data))
+    await session.ask(CommitKey(key_id=key_id))
+    return key_id
+
+
+def _who() -> tuple[str, str]:
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        user = str(os.getuid())
+    return socket.gethostname()[:255], user[:255]
+
+
+async def _new_key(session: Session, repo: str, master: bytes, password: bytes) -> str:
+    host, user = _who()
+    key = await deferToThread(sealing.wrap, master, repo, password, host, user)
+    return await _store_key(session, key)
+
+
+async def cmd_init(session: Session, args) -> int:
+    repo = repo_name(args)
+    if await list_keys(session, repo):
+        raise ClientError(f"repository {repo} is initialised already (see sdbackup key list)")
+    password = given_password(args) or new_password(args)
+    key_id = await _new_key(session, repo, sealing.new_master_key(), password)
+    print(f"created encrypted repository {repo} with key {key_id[:8]}; keep the password safe: "
+          f"without it nothing in the repository can be read")
+    return 0
+
+
+async def cmd_key(session: Session, args) -> int:
+    repo = repo_name(args)
+    keys = await list_keys(session, repo)
+    if not keys:
+        raise ClientError(f"repository {repo} is not initialised: run sdbackup init --repo {repo}")
+    password = given_password(args) or _prompt(f"password for repository {repo}: ")
+    current, master = await _unwrap_any(keys, password)
+    if args.key_command == "list":
+        print(f"{'':1} {'ID':8}  {'created':19}  {'host':20}  user")
+        for opened in sorted(keys, key=lambda k: k.key.created_ns):
+            key = opened.key
+            created = datetime.datetime.fromtimestamp(key.created_ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+            mark = "*" if opened.key_id == current.key_id else " "
+            print(f"{mark} {opened.key_id[:8]}  {created}  {key.host[:20]:20}  {key.user}")
+        return 0
+    if args.key_command == "add":
+        key_id = await _new_key(session, repo, master, new_password(args))
+        print(f"added key {key_id[:8]} to repository {repo}")
+        return 0
+    if args.key_command == "passwd":
+        key_id = await _new_key(session, repo, master, new_password(args))
+        await session.ask(RemoveKey(key_id=current.key_id))
+        print(f"changed the password of repository {repo}: key {key_id[:8]} added, "
+              f"key {current.key_id[:8]} removed")
+        return 0
+    matches = [k for k in keys if k.key_id.startswith(args.id)]
+    if len(matches) != 1:
+        raise ClientError(f"no key {args.id!r} in repository {repo}" if not matches
+                          else f"{args.id!r} names several keys")
+    if matches[0].key_id == current.key_id:
+        raise ClientError(f"key {args.id} is the one this password opens: remove it with another "
+                          f"password (or use sdbackup key passwd)")
+    await session.ask(RemoveKey(key_id=matches[0].key_id))
+    print(f"removed key {matches[0].key_id[:8]} from repository {repo}")
+    return 0

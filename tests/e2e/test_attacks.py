@@ -1,0 +1,125 @@
+"""Attacks of the security issue against a cluster of ``twistd`` processes, as a client can
+make them: a store that sends bytes to a port of its choosing (8), and a forged parent
+snapshot that would pass the attacker's content off as the victim's (6).
+"""
+
+import time
+
+import attrs
+import pytest
+import pytest_twisted
+from test_metadata import Attacker
+from twisted.internet import reactor, task
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
+
+from sdbackup import hashing, objects
+from sdbackup.client.repository import Repository
+from sdbackup.client.session import Session
+from sdbackup.objects import Kind
+from sdbackup.protocols.messages import ChunkNeed, PlacementRequest, StoreChunk
+from sdbackup.protocols.peer import RemoteError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Trap(Factory):
+    """The attacker's port: counts who connects to it."""
+
+    def __init__(self):
+        self.connections = 0
+
+    def buildProtocol(self, addr):
+        self.connections += 1
+        return Protocol()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_sends_nothing_to_a_port_a_client_names(start_cluster):
+    # Attack 8 (SSRF): StoreChunk with forward_to set to any endpoint made the server connect
+    # there and send the bytes. A client holding a real placement cannot add a hop to it.
+    cluster = start_cluster()
+    trap = Trap()
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(trap)
+    evil = f"tcp:127.0.0.1:{port.getHost().port}"
+    session = await Session(reactor, cluster.manager_endpoint).connect()
+    try:
+        data = b"to the attacker's port\n"
+        chunk_id = hashing.chunk_id(data)
+        placement = await session.ask(PlacementRequest(chunks=[ChunkNeed(chunk_id, len(data))]))
+        ticket, = placement.tickets
+        for forward_to in ([evil], [ticket.chain[1], evil]):
+            with pytest.raises(RemoteError) as refused:
+                await session.servers.request(ticket.chain[0], StoreChunk(
+                    chunk_id=chunk_id, checksum=hashing.checksum(data), forward_to=forward_to,
+                    ticket=ticket, payload=data))
+            assert refused.value.code == "bad-ticket"
+            assert "forward_to is not the rest of the ticket's chain" in refused.value.reason
+        await task.deferLater(reactor, 0.5, lambda: None)
+        assert trap.connections == 0
+        assert all(server.chunk_files() == set() for server in cluster.servers)
+    finally:
+        await session.close()
+        await port.stopListening()
+
+
+async def forge_parent(manager: str, victim_id: str, content: bytes) -> str:
+    """Commit a snapshot of the victim's host and paths, newer than the victim's, whose files
+    keep all the victim's metadata (sizes, times, inode, whole-file hash) but hold ``content``."""
+    session = await Session(reactor, manager).connect()
+    try:
+        repository, attacker = Repository(session), Attacker(session)
+        victim = await repository.load_snapshot(victim_id)
+        content_id, = await attacker.store(Kind.DATA, [content])
+
+        async def forged(tree_id: bytes) -> bytes:
+            nodes = []
+            for node in (await repository.load_tree(tree_id)).nodes:
+                if node.type == "dir":
+                    node = attrs.evolve(node, subtree=await forged(node.subtree))
+                elif node.type == "file":
+                    node = attrs.evolve(node, content=(content_id,), content_lists=())
+                nodes.append(node)
+            tree_id, = await attacker.store(Kind.TREE, [objects.encode_tree(objects.make_tree(nodes))])
+            return tree_id
+
+        snapshot = attrs.evolve(victim, time_ns=time.time_ns(), tree=await forged(victim.tree),
+                                parent=b"")
+        return await attacker.commit(objects.encode_snapshot(snapshot))
+    finally:
+        await session.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forged_parent_cannot_pass_other_bytes_off_as_the_victims(start_cluster, tmp_path):
+    # Attack 6: a snapshot of the same host and paths, with the victim's metadata copied, is
+    # taken as the parent of the victim's next backup: its files count as unchanged and keep
+    # the attacker's chunks. The whole-file hash the victim's own snapshot recorded goes
+    # with the metadata, and the restore checks every file against it.
+    cluster = start_cluster()
+    src = tmp_path / "src"
+    src.mkdir()
+    words = b"the victim's own words\n" * 500
+    (src / "doc.txt").write_bytes(words)
+    first = cluster.backup("src", cwd=tmp_path)
+    victim_id = next(s for s in await snapshot_ids(cluster) if s.startswith(first))
+    forged = await forge_parent(cluster.manager_endpoint, victim_id, b"X" * len(words))
+
+    second = cluster.sdbackup("backup", "src", cwd=tmp_path)
+    assert f"parent {forged[:8]}" in second.stdout  # the attack took: the forgery is the parent
+    target = tmp_path / "restored"
+    restored = cluster.sdbackup("restore", cluster.snapshot_id(second.stdout), "--target", target,
+                                cwd=tmp_path, check=False)
+
+    assert restored.returncode == 3, restored.describe()
+    assert "src/doc.txt: restored bytes do not match the file's hash; not written" in restored.stderr
+    assert not (target / "src" / "doc.txt").exists()
+    assert "0 files" in restored.stdout and "1 entries failed" in restored.stdout
+
+
+async def snapshot_ids(cluster) -> list[str]:
+    session = await Session(reactor, cluster.manager_endpoint).connect()
+    try:
+        return [s.snapshot_id for s in await Repository(session).snapshots()]
+    finally:
+        await session.close()

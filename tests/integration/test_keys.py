@@ -1,0 +1,85 @@
+"""The manager's index of key objects (encrypted repositories), over the wire: listed per
+repository, never its last one removed, removed keys deleted on the servers, the index rebuilt
+from the servers after a restart, and a sealed snapshot indexed from its public part only."""
+
+import os
+
+import pytest
+import pytest_twisted
+
+from sdbackup import objects, sealing
+from sdbackup.objects import Kind
+from sdbackup.protocols.messages import CommitKey, CommitSnapshot, KeyList, ListKeys, RemoveKey
+from sdbackup.protocols.peer import RemoteError
+
+#: The least scrypt cost a key object may carry: only wrapping is exercised here.
+CHEAP = 2**10
+
+
+def _key(repo: str, password: bytes, master: bytes) -> tuple[str, bytes]:
+    data = sealing.encode_key(sealing.wrap(master, repo, password, n=CHEAP))
+    return sealing.key_id(data), data
+
+
+async def _add(wire_client, repo: str, password: bytes, master: bytes) -> str:
+    key_id, data = _key(repo, password, master)
+    await wire_client.store(Kind.KEY, [(key_id, data)])
+    committed = await wire_client.ask(CommitKey(key_id=key_id))
+    assert (committed.key_id, committed.repo) == (key_id, repo)
+    return key_id
+
+
+async def _keys(wire_client, repo: str) -> list[str]:
+    reply = await wire_client.ask(ListKeys(repo=repo))
+    assert isinstance(reply, KeyList)
+    return reply.key_ids
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_are_listed_per_repository_and_the_last_one_stays(cluster, wire_client):
+    master = os.urandom(32)
+    first = await _add(wire_client, "alpha", b"one", master)
+    second = await _add(wire_client, "alpha", b"two", master)
+    other = await _add(wire_client, "beta", b"three", os.urandom(32))
+    assert await _keys(wire_client, "alpha") == sorted([first, second])
+    assert await _keys(wire_client, "beta") == [other]
+    assert await _keys(wire_client, "default") == []
+
+    await wire_client.ask(RemoveKey(key_id=first))
+    assert await _keys(wire_client, "alpha") == [second]
+    for server in cluster.servers:
+        assert not server.store.has(first)
+    with pytest.raises(RemoteError) as refused:
+        await wire_client.ask(RemoveKey(key_id=second))
+    assert refused.value.code == "key-refused" and "last key" in refused.value.reason
+    with pytest.raises(RemoteError) as unknown:
+        await wire_client.ask(RemoveKey(key_id=first))
+    assert unknown.value.code == "key-refused"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_manager_lists_the_keys_again(cluster, wire_client):
+    key_id = await _add(wire_client, "alpha", b"one", os.urandom(32))
+    await cluster.restart_manager()
+    await cluster.until_ready()
+    again = await cluster.wire_client()
+    try:
+        assert await _keys(again, "alpha") == [key_id]
+    finally:
+        await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sealed_snapshot_is_indexed_without_paths_or_tags(cluster, wire_client):
+    sealer = sealing.Sealer("alpha", os.urandom(32))
+    tree = sealer.seal(Kind.TREE, objects.encode_tree(objects.make_tree([])))
+    tree_id = objects.object_id(Kind.TREE, tree)
+    snapshot = sealer.seal(Kind.SNAPSHOT, objects.encode_snapshot(objects.Snapshot(
+        time_ns=1_700_000_000 * 10**9, host="laptop", paths=(b"/home/secret",),
+        tree=bytes.fromhex(tree_id), tags=("secret-tag",), summary={"files": 0, "dirs": 1})))
+    snapshot_id = objects.object_id(Kind.SNAPSHOT, snapshot)
+    await wire_client.store(Kind.TREE, [(tree_id, tree)])
+    await wire_client.store(Kind.SNAPSHOT, [(snapshot_id, snapshot)])
+    summary = (await wire_client.ask(CommitSnapshot(snapshot_id=snapshot_id))).snapshot
+    assert (summary.host, summary.tree, summary.dirs) == ("laptop", tree_id, 1)
+    assert (summary.paths, summary.tags, summary.parent) == ([], [], "")
