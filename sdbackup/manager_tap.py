@@ -6,7 +6,7 @@ from sdbackup import tlsconfig
 from sdbackup.limits import MAX_REPLICAS
 from sdbackup.logformat import with_log_format
 from sdbackup.metrics import check_observability_options
-from sdbackup.services.manager import ManagerService
+from sdbackup.services.manager import READ_DATA_INTERVAL, ManagerService
 from sdbackup.services.prune import DEFAULT_GRACE, DEFAULT_RATE
 from sdbackup.tickets import DEFAULT_KEY_INTERVAL, DEFAULT_LIFETIME
 from sdbackup.web.endpoints import ListenRefused, dashboard_endpoint
@@ -58,6 +58,9 @@ class Options(usage.Options):
          "backup runs).", float],
         ["prune-rate", None, DEFAULT_RATE,
          "Chunk copies a prune deletes per second at most, over all servers.", float],
+        ["read-data-interval", None, READ_DATA_INTERVAL,
+         "Seconds after a check --read-data ends before another may start (each re-reads "
+         "every disk whole; 0: no wait, still one at a time).", float],
         ["log-format", None, "text", "Log as text or json (one twisted.logger event a line)."],
         *tlsconfig.OPTION_PARAMETERS,
     ]
@@ -70,7 +73,7 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be positive")
         if self["prune-rate"] <= 0:
             raise usage.UsageError("--prune-rate must be positive")
-        for name in ("safe-mode-timeout", "safe-mode-settle", "prune-grace"):
+        for name in ("safe-mode-timeout", "safe-mode-settle", "prune-grace", "read-data-interval"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} cannot be negative")
         if self["ticket-key-interval"] < self["ticket-lifetime"]:
@@ -107,6 +110,7 @@ def makeService(options, reactor=None):
             ticket_lifetime=options["ticket-lifetime"],
             ticket_key_interval=options["ticket-key-interval"],
             prune_grace=options["prune-grace"], prune_rate=options["prune-rate"],
+            read_data_interval=options["read-data-interval"],
         )
     except (OSError, ValueError) as e:  # an unreadable or empty --web-password-file
         raise usage.UsageError(str(e)) from None

@@ -88,7 +88,8 @@ class Cluster:
         cluster is ready as soon as its first, empty, server reports)."""
         options = dict(replicas=replicas, dead_after=dead_after, repair_interval=repair_interval,
                        repair_rate=1024**3, safe_mode_timeout=safe_mode_timeout,
-                       safe_mode_settle=safe_mode_settle)
+                       safe_mode_settle=safe_mode_settle,
+                       read_data_interval=0.0)  # tests re-read the data more often than users
         cluster = cls(str(root), None, "", options=options)
         port = await cluster.start_manager("tcp:0", os.path.join(root, "manager"))
         cluster.manager_address = f"tcp:127.0.0.1:{port}"

@@ -68,6 +68,8 @@ RUN_BYTES = MiB
 RUN_CHUNKS = 128
 #: Seconds the manager waits for a server to send its pending notices before a commit.
 SYNC_TIMEOUT = 30.0
+#: Seconds between the end of a ``check --read-data`` and the start of the next, by default.
+READ_DATA_INTERVAL = 600.0
 
 
 class KeyRefused(Exception):
@@ -148,7 +150,8 @@ class Manager:
                  expected_servers=(), safe_mode_timeout: float = 30.0,
                  safe_mode_settle: float = 3.0, ticket_lifetime: float = DEFAULT_LIFETIME,
                  ticket_key_interval: float = DEFAULT_KEY_INTERVAL,
-                 prune_grace: float = DEFAULT_GRACE, prune_rate: float = DEFAULT_RATE):
+                 prune_grace: float = DEFAULT_GRACE, prune_rate: float = DEFAULT_RATE,
+                 read_data_interval: float = READ_DATA_INTERVAL):
         self.catalog = catalog
         self.db = run_in_db
         self.replicas = replicas
@@ -165,6 +168,11 @@ class Manager:
         self.indexer = SnapshotIndexer(self)
         self.repair = Repairer(self, repair_rate)
         self.pruner = Pruner(self, prune_grace, prune_rate)
+        #: ``check --read-data`` re-reads every disk whole: one at a time, and the next no
+        #: sooner than this many seconds after the last one ended.
+        self.read_data_interval = read_data_interval
+        self._read_data_running = False
+        self._read_data_ended: float | None = None
         #: Servers being drained (kept in the catalog): no chunk is placed on them, and their
         #: copies do not count toward the factor.
         self.draining: set[str] = set()
@@ -582,6 +590,29 @@ class Manager:
     async def handle_CheckRequest(self, msg, connection):
         """Have every live server verify (and with ``read_data`` re-hash) what it holds and
         report it again, then walk every snapshot's objects for what has no live copy."""
+        if not msg.read_data:
+            return await self._check(msg)
+        self._may_read_data()
+        self._read_data_running = True
+        try:
+            return await self._check(msg)
+        finally:
+            self._read_data_running = False
+            self._read_data_ended = self._now()
+
+    def _may_read_data(self):
+        """Refuse a ``check --read-data`` while one runs, or too soon after the last."""
+        if self._read_data_running:
+            raise RemoteError("a check --read-data is under way: wait for it to end", "busy")
+        if self._read_data_ended is not None:
+            wait = self._read_data_ended + self.read_data_interval - self._now()
+            if wait > 0:
+                raise RemoteError(
+                    f"the last check --read-data ended {self._now() - self._read_data_ended:.0f} s "
+                    f"ago: the next may start in {wait:.0f} s (the manager's "
+                    f"--read-data-interval)", "too-soon")
+
+    async def _check(self, msg):
         servers = list(self.live.values())
         begun = []
         for server in servers:
@@ -622,7 +653,8 @@ class ManagerService(NodeService):
                  web_password_file: str | None = None, history_interval: float = 30.0,
                  transport: Transport | None = None, ticket_lifetime: float = DEFAULT_LIFETIME,
                  ticket_key_interval: float = DEFAULT_KEY_INTERVAL,
-                 prune_grace: float = DEFAULT_GRACE, prune_rate: float = DEFAULT_RATE):
+                 prune_grace: float = DEFAULT_GRACE, prune_rate: float = DEFAULT_RATE,
+                 read_data_interval: float = READ_DATA_INTERVAL):
         # One catalog thread: SQLite calls are serialised, never on the reactor.
         super().__init__(listen, "sdbackup-catalog", 1, reactor, transport)
         self.data = data
@@ -636,6 +668,7 @@ class ManagerService(NodeService):
         self.ticket_key_interval = ticket_key_interval
         self.prune_grace = prune_grace
         self.prune_rate = prune_rate
+        self.read_data_interval = read_data_interval
         self.manager: Manager | None = None
         #: ``--metrics`` and ``--web``: refuses a forbidden address here, before starting.
         self.monitor = ManagerMonitor(self, metrics, web, web_password_file, history_interval)
@@ -651,7 +684,8 @@ class ManagerService(NodeService):
                                safe_mode_settle=self.safe_mode_settle,
                                ticket_lifetime=self.ticket_lifetime,
                                ticket_key_interval=self.ticket_key_interval,
-                               prune_grace=self.prune_grace, prune_rate=self.prune_rate)
+                               prune_grace=self.prune_grace, prune_rate=self.prune_rate,
+                               read_data_interval=self.read_data_interval)
         self.manager.draining = catalog.draining_servers()
         self.every(max(self.dead_after / 4, 0.05), self.manager.check_liveness, "liveness")
         self.every(min(self.ticket_key_interval / 10, 60.0), self.manager.rotate_ticket_keys,

@@ -67,7 +67,8 @@ SERVERS = 3
 #: Short timings for the failure tests: servers seen dead in 1.5 s, repaired within a second
 #: or two, every chunk re-hashed every second.
 FAST_SERVER_OPTIONS = ("--heartbeat", 0.3, "--scrub-interval", 1, "--scrub-rate", 500)
-FAST_MANAGER_OPTIONS = ("--dead-after", 1.5, "--repair-interval", 0.5, "--repair-rate", 500)
+FAST_MANAGER_OPTIONS = ("--dead-after", 1.5, "--repair-interval", 0.5, "--repair-rate", 500,
+                        "--read-data-interval", 0)
 #: A restarted manager serves clients once its servers reported, or after 10 s; with a lost
 #: catalog, once no new server registered for half a second.
 FAST_SAFE_MODE_OPTIONS = ("--safe-mode-timeout", 10, "--safe-mode-settle", 0.5)

@@ -172,3 +172,34 @@ async def test_losing_the_manager_mid_backup_is_a_clear_error(cluster, tmp_path,
             await running
     finally:
         await session.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_read_data_runs_one_at_a_time_and_not_again_too_soon(cluster, tmp_path,
+                                                                          monkeypatch):
+    """Each --read-data re-reads every disk whole: a second one while one runs is refused, and
+    so is one within --read-data-interval of the last; a plain check always runs."""
+    import pytest
+
+    from sdbackup.protocols.peer import RemoteError
+
+    monkeypatch.chdir(tmp_path)
+    write("src/a", os.urandom(4 * 1024 * 1024))
+    await backup(cluster, "src")
+    cluster.manager.manager.read_data_interval = 3600
+    session = await cluster.session()
+    try:
+        first = defer.ensureDeferred(session.ask(CheckRequest(read_data=True)))
+        with pytest.raises(RemoteError, match="under way") as busy:
+            await session.ask(CheckRequest(read_data=True))
+        assert busy.value.code == "busy"
+        assert (await first).corrupt == 0
+        with pytest.raises(RemoteError, match=r"the next may start in 3\d\d\d s") as soon:
+            await session.ask(CheckRequest(read_data=True))
+        assert soon.value.code == "too-soon"
+        assert (await session.ask(CheckRequest(read_data=False))).missing == 0
+
+        cluster.manager.manager.read_data_interval = 0
+        assert (await session.ask(CheckRequest(read_data=True))).corrupt == 0
+    finally:
+        await session.close()
