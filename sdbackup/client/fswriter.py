@@ -18,7 +18,8 @@ a short temporary name, ``.sdbackup-<pid>-<n>.tmp``, that fits any folder,
 whatever the length of the real name), runs of zero blocks are not written
 (the file stays sparse), the whole-file hash is checked, the metadata set,
 and only then is the file linked (or renamed) to its name: a restore never
-leaves a partial file under a real name. Metadata goes on after the content
+leaves a partial file under a real name, and the temporary names a killed one
+left are removed by the next restore that enters their folder. Metadata goes on after the content
 and in this order: owner (root only; by name where that name exists here),
 extended attributes, mode (after chown, which clears setuid; after the ACL,
 whose mask it sets; setuid and setgid only as root, else dropped with a note),
@@ -40,6 +41,7 @@ import grp
 import itertools
 import os
 import pwd
+import re
 import resource
 import stat
 
@@ -174,6 +176,8 @@ class FileSystemWriter:
             os.makedirs(target, exist_ok=True)
             fd = os.open(target, flags)
         self.root = Folder(fd, ())
+        if fd is not None and not dry_run:
+            _remove_leftovers(fd)
         if self.survey:
             self.root.existing = _survey(fd) if fd is not None else {}
         self.target = target
@@ -209,6 +213,8 @@ class FileSystemWriter:
                                    f"file); nothing is restored through it") from None
             raise
         existing = None
+        if existed and not self.dry_run:
+            _remove_leftovers(fd)
         if self.survey:
             try:
                 existing = _survey(fd) if existed else {}
@@ -541,6 +547,33 @@ class FileOut:
         if self.temp is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.temp, dir_fd=self.folder.fd)
+
+
+#: A temporary name of a restore (``_temp_name``), with the pid of the process that made it.
+_TEMP_NAME = re.compile(r"\.sdbackup-(\d+)-\d+\.tmp\Z")
+
+
+def _remove_leftovers(fd: int):
+    """Remove the temporary files a killed restore left in a folder (on a file system without
+    ``O_TMPFILE``): those of a process that is gone; a live one's may be under way."""
+    with os.scandir(fd) as entries:
+        names = [e.name for e in entries if _TEMP_NAME.match(e.name)]
+    for name in names:
+        pid = int(_TEMP_NAME.match(name).group(1))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+            os.unlink(name, dir_fd=fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
 
 
 def _survey(fd: int) -> dict:

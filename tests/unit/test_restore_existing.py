@@ -3,6 +3,7 @@ survey of existing folders, ``--delete``'s removal (never through a link) and dr
 real files and no cluster."""
 
 import os
+import subprocess
 
 import blake3
 import pytest
@@ -156,3 +157,25 @@ def test_a_dry_run_summary_says_nothing_was_written():
     assert line.startswith("snapshot abababab into out, dry run (nothing written or deleted): "
                            "would restore 2 files")
     assert "verified" not in line
+
+
+def test_temporary_files_a_killed_restore_left_are_removed_but_not_a_live_ones(tmp_path):
+    """On a file system without O_TMPFILE a restore writes under ``.sdbackup-PID-N.tmp``; one
+    killed before it renamed them leaves them, and the next restore into the target removes
+    them (not those of a restore still running)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    target = tmp_path / "out"
+    (target / "sub").mkdir(parents=True)
+    left = [target / f".sdbackup-{gone.pid}-0.tmp", target / f"sub/.sdbackup-{gone.pid}-7.tmp"]
+    running = target / f".sdbackup-{os.getppid()}-0.tmp"
+    mine = target / "sub/.sdbackup-12-x.tmp"  # not a restore's name
+    for path in [*left, running, mine]:
+        path.write_bytes(b"partial")
+
+    writer = FileSystemWriter(str(target))
+    writer.close_folder(writer.make_folder(writer.root, folder_node(b"sub")))
+    writer.close()
+
+    assert [p.exists() for p in left] == [False, False]
+    assert running.exists() and mine.exists()
