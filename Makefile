@@ -37,9 +37,11 @@ chromium:
 	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 # Not part of `make test`: several minutes, a real cluster, restic and borg (apt-get installs
-# them when missing). Options go through BENCH_ARGS, e.g. make bench BENCH_ARGS="--size-mib 256".
+# them when missing). Options go through BENCH_ARGS, e.g. make bench BENCH_ARGS="--size-mib 256";
+# then what TLS and encryption cost (SECURITY_BENCH_ARGS, e.g. "--size-mib 256 --repeat 1").
 bench: $(VENV)/.test-installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/bench.py $(BENCH_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/encryption.py $(SECURITY_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache

@@ -76,9 +76,14 @@ def kept_mutants() -> set[str]:
     return kept
 
 
-def run_area(name: str, module: str, tests: str, timeout: float, work: Path) -> dict:
+def run_area(name: str, module: str, tests: str, timeout: float, work: Path,
+             uncommitted: bool = False) -> dict:
     copy = work / name
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(copy)], check=True)
+    if uncommitted:  # the working tree as it is (while writing the tests that kill mutants)
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
+            ".git", ".venv", "bench_work", "__pycache__", "*.sqlite", "data_*", "manager_data"))
+    else:
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(copy)], check=True)
     env = {**os.environ, "PYTHONPATH": str(copy)}  # the copy's code, not the installed one
     cfg = copy / "mutate.toml"
     cfg.write_text(config(module, tests, timeout))
@@ -118,6 +123,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", choices=sorted(AREAS), help="areas to run (default: all)")
     parser.add_argument("--goal", type=float, default=90.0, help="percent of mutants to kill")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant's tests")
+    parser.add_argument("--uncommitted", action="store_true",
+                        help="mutate a copy of the working tree, not of the last commit")
     args = parser.parse_args(argv)
     if shutil.which("cosmic-ray") is None:
         raise SystemExit("cosmic-ray is not installed: make mutate installs it")
@@ -126,7 +133,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="sdbackup-mutate-") as work:
         for name in args.only or sorted(AREAS):
             module, tests = AREAS[name]
-            outcome = run_area(name, module, tests, args.timeout, Path(work))
+            outcome = run_area(name, module, tests, args.timeout, Path(work), args.uncommitted)
             survived = [s for s in outcome["survived"] if s.split("  #")[0] not in kept]
             counted = outcome["killed"] + len(survived)
             score = 100.0 * outcome["killed"] / counted if counted else 100.0
