@@ -827,6 +827,8 @@ def main(argv=None):
         parser.error("tag: --set replaces every tag: give it without --add and --remove")
     if args.command == "dump" and wants_json(args):
         parser.error("dump writes the file or a tar stream: it has no --json output")
+    if args.command in ("init", "key") and wants_json(args):
+        parser.error(f"{args.command} has no --json output yet")
     if args.command == "tls":
         if wants_json(args):
             parser.error("tls has no --json output")

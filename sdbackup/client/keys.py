@@ -9,10 +9,10 @@ is plaintext, as before ``init`` existed; but a password given for it (a
 sign the user expects encryption) is an error, so that nobody can make a
 client store plaintext by hiding a repository's keys.
 
-The password comes from ``$SDBACKUP_PASSWORD``, ``$SDBACKUP_PASSWORD_FILE``,
-``--password-file``, or a prompt on a terminal; a new one (``init``,
-``key add``, ``key passwd``) from ``$SDBACKUP_NEW_PASSWORD``,
-``--new-password-file``, or a prompt asked twice.
+The password comes from ``--password-file``, ``$SDBACKUP_PASSWORD``,
+``$SDBACKUP_PASSWORD_FILE``, or a prompt on a terminal, the first given; a new
+one (``init``, ``key add``, ``key passwd``) from ``--new-password-file``,
+``$SDBACKUP_NEW_PASSWORD``, or a prompt asked twice.
 """
 
 import datetime
@@ -67,12 +67,14 @@ def _read_password_file(path: str, what: str) -> bytes:
 
 
 def given_password(args) -> bytes | None:
-    """The password given without a prompt, or None."""
+    """The password given without a prompt, or None: the command line's ``--password-file``
+    first, then ``$SDBACKUP_PASSWORD``, then ``$SDBACKUP_PASSWORD_FILE``."""
+    if getattr(args, "password_file", None):
+        return _read_password_file(args.password_file, "password")
     if os.environ.get("SDBACKUP_PASSWORD"):
         return os.environ["SDBACKUP_PASSWORD"].encode()
-    path = getattr(args, "password_file", None) or os.environ.get("SDBACKUP_PASSWORD_FILE")
-    if path:
-        return _read_password_file(path, "password")
+    if os.environ.get("SDBACKUP_PASSWORD_FILE"):
+        return _read_password_file(os.environ["SDBACKUP_PASSWORD_FILE"], "password")
     return None
 
 
@@ -87,12 +89,12 @@ def _prompt(text: str) -> bytes:
 
 
 def new_password(args) -> bytes:
-    """A new password: ``$SDBACKUP_NEW_PASSWORD``, ``--new-password-file``, or asked twice."""
-    if os.environ.get("SDBACKUP_NEW_PASSWORD"):
-        return os.environ["SDBACKUP_NEW_PASSWORD"].encode()
+    """A new password: ``--new-password-file``, ``$SDBACKUP_NEW_PASSWORD``, or asked twice."""
     path = getattr(args, "new_password_file", None)
     if path:
         return _read_password_file(path, "new password")
+    if os.environ.get("SDBACKUP_NEW_PASSWORD"):
+        return os.environ["SDBACKUP_NEW_PASSWORD"].encode()
     first = _prompt("new password: ")
     if _prompt("the new password again: ") != first:
         raise ClientError("the two passwords differ")
