@@ -454,7 +454,8 @@ def public_snapshot_body(snapshot: Snapshot, details: bytes) -> bytes:
 
 def sealed_details(data: bytes) -> bytes:
     """The sealed details of an encrypted snapshot's bytes."""
-    details = _unpack(open_envelope(data, Kind.SNAPSHOT).body, "snapshot").get("details")
+    fields = _unpack(open_envelope(data, Kind.SNAPSHOT).body, "snapshot")
+    details = fields.get("details") if isinstance(fields, dict) else None
     if not isinstance(details, bytes):
         raise ObjectFormatError("an encrypted snapshot has sealed details")
     return details
