@@ -618,12 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--files-from-raw", action="append", default=[], metavar="FILE",
                    help="back up the paths in FILE, separated by NUL bytes (repeatable)")
     p = sub.add_parser("snapshots", parents=[manager], help="list snapshots")
-    p.add_argument("--host", action="append", default=[], metavar="HOST",
-                   help="only snapshots of this host (repeatable)")
-    p.add_argument("--path", action="append", default=[], metavar="PATH",
-                   help="only snapshots that include this path (repeatable: all of them)")
-    p.add_argument("--tag", action="append", default=[], metavar="TAG[,TAG]",
-                   help="only snapshots with all of these tags (repeatable: any entry)")
+    add_snapshot_filters(p)
     p.add_argument("--latest", type=int, default=0, metavar="N",
                    help="only the N newest snapshots of each host and set of paths")
     p = sub.add_parser("tag", parents=[manager],
@@ -730,12 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every snapshot made within DURATION (such as 1y2m3d4h) of the newest")
     p.add_argument("--keep-tag", action="append", default=[], metavar="TAG[,TAG]",
                    help="keep every snapshot with all of these tags (repeatable)")
-    p.add_argument("--host", action="append", default=[], metavar="HOST",
-                   help="only snapshots of this host (repeatable)")
-    p.add_argument("--path", action="append", default=[], metavar="PATH",
-                   help="only snapshots that include this path (repeatable: all of them)")
-    p.add_argument("--tag", action="append", default=[], metavar="TAG[,TAG]",
-                   help="only snapshots with all of these tags (repeatable: any entry)")
+    add_snapshot_filters(p)
     p.add_argument("--group-by", default="host,paths", metavar="FIELDS",
                    help="apply the policy to each group of snapshots sharing these of host, "
                         "paths, tags (default: host,paths; '' for one group)")
@@ -746,6 +736,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="delete data no snapshot references, trim copies above the factor")
     p.add_argument("--dry-run", action="store_true", help="report what would be freed, delete nothing")
     return parser
+
+
+def add_snapshot_filters(p: argparse.ArgumentParser):
+    """``--host``, ``--path`` and ``--tag``, as ``snapshots`` and ``forget`` take them
+    (``retention.matches``'s semantics)."""
+    p.add_argument("--host", action="append", default=[], metavar="HOST",
+                   help="only snapshots of this host (repeatable)")
+    p.add_argument("--path", action="append", default=[], metavar="PATH",
+                   help="only snapshots that include this path (repeatable: all of them)")
+    p.add_argument("--tag", action="append", default=[], metavar="TAG[,TAG]",
+                   help="only snapshots with all of these tags (repeatable: any entry)")
 
 
 def check_forget(parser: argparse.ArgumentParser, args):

@@ -9,29 +9,13 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.testing import MemoryReactorClock
 
 from sdbackup import hashing
-from sdbackup.client.backup import Backup
-from sdbackup.client.restore import Restore
 from sdbackup.objects import Kind
 from sdbackup.services.chunkstore import ChunkStore
 from sdbackup.services.server import StorageServer
 
+from .test_cluster import backup, restore
+
 MiB = 1024 * 1024
-
-
-async def backup(cluster, *paths):
-    session = await cluster.session()
-    try:
-        return await Backup(session, [str(p) for p in paths]).run()
-    finally:
-        await session.close()
-
-
-async def restore(cluster, target):
-    session = await cluster.session()
-    try:
-        return await Restore(session, "latest", str(target), ()).run()
-    finally:
-        await session.close()
 
 
 def copies(servers) -> dict:

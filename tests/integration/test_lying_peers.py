@@ -15,35 +15,14 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from sdbackup import hashing
-from sdbackup.client.backup import Backup
 from sdbackup.client.repository import ChunkUnavailable
 from sdbackup.client.restore import Restore
 from sdbackup.objects import Kind
 from sdbackup.protocols.messages import ChunksStored, Locations
 
+from .test_cluster import backup, restore, write
+
 MiB = 1024 * 1024
-
-
-def write(path, data: bytes):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-async def backup(cluster, *paths):
-    session = await cluster.session()
-    try:
-        return await Backup(session, [str(p) for p in paths]).run()
-    finally:
-        await session.close()
-
-
-async def restore(cluster, target, snapshot="latest"):
-    session = await cluster.session()
-    try:
-        return await Restore(session, snapshot, str(target), ()).run()
-    finally:
-        await session.close()
 
 
 # --- the lies --------------------------------------------------------------------------------
@@ -208,12 +187,22 @@ def fully_replicated(cluster):
     return condition
 
 
-async def copies_on_disk(cluster, servers) -> dict:
-    counts = {}
-    for server in servers:
-        for chunk_id in server.store.chunk_ids():
-            counts[chunk_id] = counts.get(chunk_id, 0) + 1
-    return counts
+async def restores_once_repaired_without(cluster, liar, source: dict, target):
+    """Wait for two real copies of every chunk on disk, and for the manager to count them,
+    then stop ``liar``: the restore must still be whole."""
+    def every_chunk_twice():
+        counts = {}
+        for server in cluster.servers:
+            for chunk_id in server.store.chunk_ids():
+                counts[chunk_id] = counts.get(chunk_id, 0) + 1
+        return counts and all(n >= 2 for n in counts.values())
+
+    await cluster.until(every_chunk_twice, timeout=30, what="two real copies of every chunk")
+    await cluster.until(fully_replicated(cluster), what="the manager counting them")
+    await cluster.stop_server(liar)
+    result = await restore(cluster, target)
+    assert result.errors == []
+    assert files_under(target) == source
 
 
 @pytest_twisted.ensureDeferred
@@ -232,17 +221,7 @@ async def test_a_replica_that_confirms_without_storing_is_repaired_around(cluste
 
     liar.server.handle_StoreChunks = confirm_only
     await backup(cluster, "src")
-
-    async def repaired():
-        counts = await copies_on_disk(cluster, cluster.servers)
-        return counts and all(n >= 2 for n in counts.values())
-
-    await cluster.until(repaired, timeout=30, what="two real copies of every chunk")
-    await cluster.until(fully_replicated(cluster), what="the manager counting them")
-    await cluster.stop_server(liar)
-    result = await restore(cluster, tmp_path / "out")
-    assert result.errors == []
-    assert files_under(tmp_path / "out") == source
+    await restores_once_repaired_without(cluster, liar, source, tmp_path / "out")
 
 
 @pytest_twisted.ensureDeferred
@@ -262,17 +241,7 @@ async def test_a_primary_that_acks_before_its_replica_is_repaired_around(cluster
 
     liar.server.handle_StoreChunks = ack_early
     await backup(cluster, "src")
-
-    async def every_chunk_twice():
-        counts = await copies_on_disk(cluster, cluster.servers)
-        return counts and all(n >= 2 for n in counts.values())
-
-    await cluster.until(every_chunk_twice, timeout=30, what="two real copies of every chunk")
-    await cluster.until(fully_replicated(cluster), what="the manager counting them")
-    await cluster.stop_server(liar)
-    result = await restore(cluster, tmp_path / "out")
-    assert result.errors == []
-    assert files_under(tmp_path / "out") == source
+    await restores_once_repaired_without(cluster, liar, source, tmp_path / "out")
 
 
 @pytest_twisted.ensureDeferred
