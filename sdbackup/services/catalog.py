@@ -387,13 +387,7 @@ class Catalog:
         """Index a snapshot (read from its object); indexing it again, or one forgotten (read
         while it was forgotten), changes nothing."""
         with self._transaction():
-            self.db.execute(
-                "INSERT OR IGNORE INTO snapshots SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
-                " WHERE NOT EXISTS (SELECT 1 FROM forgotten WHERE snapshot_id = ?1)",
-                (summary.snapshot_id, summary.time, summary.host, json.dumps(summary.paths),
-                 json.dumps(summary.tags), summary.tree, summary.parent, summary.files,
-                 summary.dirs, summary.bytes),
-            )
+            self._insert_snapshot(summary)
 
     def snapshot(self, snapshot_id: str) -> SnapshotSummary | None:
         row = self.db.execute(f"SELECT {_SUMMARY_COLUMNS} FROM snapshots WHERE snapshot_id = ?",
@@ -468,14 +462,18 @@ class Catalog:
             self.db.execute("INSERT OR IGNORE INTO forgotten (snapshot_id, at) VALUES (?, ?)",
                             (replaced, now))
             self._drop_objects([replaced])
-            self.db.execute(
-                "INSERT OR IGNORE INTO snapshots SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
-                " WHERE NOT EXISTS (SELECT 1 FROM forgotten WHERE snapshot_id = ?1)",
-                (summary.snapshot_id, summary.time, summary.host, json.dumps(summary.paths),
-                 json.dumps(summary.tags), summary.tree, summary.parent, summary.files,
-                 summary.dirs, summary.bytes),
-            )
+            self._insert_snapshot(summary)
         return listed
+
+    def _insert_snapshot(self, summary: SnapshotSummary):
+        """List a snapshot, unless it is listed already or forgotten (inside a transaction)."""
+        self.db.execute(
+            "INSERT OR IGNORE INTO snapshots SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+            " WHERE NOT EXISTS (SELECT 1 FROM forgotten WHERE snapshot_id = ?1)",
+            (summary.snapshot_id, summary.time, summary.host, json.dumps(summary.paths),
+             json.dumps(summary.tags), summary.tree, summary.parent, summary.files,
+             summary.dirs, summary.bytes),
+        )
 
     def _drop_objects(self, object_ids: list[str]):
         self.db.executemany("DELETE FROM locations WHERE chunk_id = ?", ((c,) for c in object_ids))

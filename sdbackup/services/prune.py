@@ -38,6 +38,7 @@ from sdbackup.services.chunkstore import HEADER_SIZE
 from sdbackup.services.dagcheck import READS_AT_ONCE, DagCheck
 from sdbackup.services.indexer import DELETE_TIMEOUT
 from sdbackup.services.objectreads import ObjectInvalid, ObjectUnavailable, read_object
+from sdbackup.services.pacing import Pace
 
 #: The default grace period: longer than any backup is expected to take. A chunk a backup
 #: stored or counted on less than this long before a prune's mark began is never deleted.
@@ -145,7 +146,7 @@ class Pruner:
         self.rate = rate
         #: The prune under way, or the last one.
         self.current: PruneRun | None = None
-        self._next_start = 0.0
+        self._paced = Pace()
 
     def start(self, dry_run: bool, who: str = "") -> PruneRun:
         """Start a prune; one under way is refused (``busy``)."""
@@ -331,12 +332,7 @@ class Pruner:
         return gone
 
     async def _pace(self, copies: int):
-        """Reserve ``copies`` deletions of the rate; wait for the reservation's turn."""
-        now = self.manager.clock.seconds()
-        start = max(now, self._next_start)
-        self._next_start = start + copies / self.rate
-        if start > now:
-            await task.deferLater(self.manager.clock, start - now)
+        await self._paced.take(self.manager.clock, copies, self.rate)
 
     # --- trim ----------------------------------------------------------------------------
 

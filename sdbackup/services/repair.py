@@ -13,13 +13,14 @@ client traffic. A starting manager (safe mode) repairs nothing: a server not
 yet reported is not a lost one.
 """
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from sdbackup.limits import shorten
 from sdbackup.placement import place_chunks
 from sdbackup.protocols.messages import ReplicateChunk
 from sdbackup.protocols.peer import RemoteError
+from sdbackup.services.pacing import Pace
 
 #: Under-replicated chunks fetched from the catalog at a time, and copies under way at once.
 REPAIR_BATCH = 256
@@ -48,7 +49,7 @@ class Repairer:
         #: Bytes copied again since the start (each new copy counted once), for metrics.
         self.copied_bytes = 0
         self._again = False
-        self._next_start = 0.0
+        self._paced = Pace()
         #: Until then some chunks are too new to judge: passes are needed again.
         self._settling_until = 0.0
 
@@ -159,9 +160,4 @@ class Repairer:
         return False
 
     async def _pace(self, size: int):
-        """Reserve ``size`` bytes of the repair rate; wait for the reservation's turn."""
-        now = self.manager.clock.seconds()
-        start = max(now, self._next_start)
-        self._next_start = start + size / self.rate
-        if start > now:
-            await task.deferLater(self.manager.clock, start - now)
+        await self._paced.take(self.manager.clock, size, self.rate)
