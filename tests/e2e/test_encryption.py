@@ -33,7 +33,9 @@ def _make_source(root: Path) -> dict:
     files = {
         f"{MARKER_NAME}/{MARKER_NAME}.txt": MARKER * 3 + b"\n",
         "small.txt": b"hello " + MARKER + b"\n",
-        "big.bin": (MARKER + os.urandom(64 * 1024)) * 40,  # several chunks
+        # Several chunks, each block its own random bytes: a block repeated 40 times would be
+        # deduplicated to a few chunks, and the servers would rightly hold less than 2.5 MiB.
+        "big.bin": b"".join(MARKER + os.urandom(64 * 1024) for _ in range(40)),
         "empty": b"",
     }
     for name, data in files.items():
