@@ -6,7 +6,7 @@ factor 2 each): one without TLS, one with mutual TLS on every link. Each round w
 file of random bytes (so nothing is deduplicated and every byte is sent), backs it up and
 restores it (checked with cmp) three ways, interleaved so all see the same machine:
 
-- ``off``: no TLS, the plaintext ``default`` repository;
+- ``off``: no TLS, a plaintext repository (``sdbackup init --repo plain --encryption none``);
 - ``encrypted``: no TLS, an encrypted repository (``sdbackup init --repo bench``);
 - ``tls+encrypted``: the TLS cluster, an encrypted repository.
 
@@ -87,6 +87,9 @@ def main():
             if encrypt:
                 env.update(SDBACKUP_PASSWORD=PASSWORD, SDBACKUP_REPO="bench")
                 sdbackup(env, "init")
+            else:
+                env.update(SDBACKUP_REPO="plain")
+                sdbackup(env, "init", "--encryption", "none")
             envs[name] = env
         for _ in range(args.repeat):
             for name, env in envs.items():

@@ -69,6 +69,9 @@ def main():
                "--repair-rate", str(args.repair_rate)]
     with LocalCluster(cluster_root, heartbeat=0.5, manager_options=options) as cluster:
         env["SDBACKUP_MANAGER"] = cluster.manager_address
+        env["SDBACKUP_PASSWORD"] = "sdbackup-bench"
+        env.pop("SDBACKUP_REPO", None)
+        sdbackup(env, "init")
         sdbackup(env, "backup", "big.bin")
         target = os.path.join(WORK, "restored")
         all_up = timed_restore(env, target, source)

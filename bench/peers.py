@@ -201,7 +201,12 @@ class Sdbackup(Tool):
         self.local = LocalCluster(self.work, servers=self.servers, replicas=self.replicas,
                                   heartbeat=1.0)
         self.local.start()
-        self.env = dict(environment(), SDBACKUP_MANAGER=self.local.manager_address)
+        # Encrypted, as a user's repository is by default (and as restic's always is).
+        self.env = dict(environment(), SDBACKUP_MANAGER=self.local.manager_address,
+                        SDBACKUP_PASSWORD="sdbackup-bench")
+        self.env.pop("SDBACKUP_REPO", None)
+        subprocess.run(["sdbackup", "init"], cwd=self.work, env=self.env, check=True,
+                       capture_output=True)
 
     def stop(self, keep: bool):
         if self.local is not None:
@@ -214,6 +219,9 @@ class Sdbackup(Tool):
         commit = first_line(["git", "-C", root, "rev-parse", "--short", "HEAD"])
         dirty = first_line(["git", "-C", root, "status", "--porcelain", "--", "sdbackup"])
         return f"sdbackup {commit}{' + local changes' if dirty != '?' else ''}"
+
+    def describe(self) -> str:
+        return f"{self.version()} (encrypted repository, replication factor {self.replicas})"
 
     def backup(self, key, data):
         return Command(["sdbackup", "backup", data.rel], data.folder, self.env)

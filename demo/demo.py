@@ -2,9 +2,9 @@
 
 Creates a cluster CA and certificates (``sdbackup tls``), starts a manager and
 three storage servers as separate ``twistd`` processes in ``demo_work/``, every
-link mutual TLS, backs up a sample folder with the ``sdbackup`` command,
-restores it, compares every file byte for byte, and stops the cluster, even
-on failure or Ctrl-C. Exit status 0 only when the restored copy is identical.
+link mutual TLS, initialises an encrypted repository, backs up a sample folder
+with the ``sdbackup`` command, restores it, compares every file byte for byte,
+and stops the cluster, even on failure or Ctrl-C. Exit status 0 only when the restored copy is identical.
 """
 
 import os
@@ -24,6 +24,8 @@ SAMPLE = "sample"  # relative to WORK, so the snapshot names it "sample"
 TLS = "tls"  # the CA and certificates, relative to WORK
 #: The manager's dashboard (loopback; the design's ports go on from 5000).
 DASHBOARD = "tcp:5080:interface=127.0.0.1"
+#: The demo repository's password (a real one comes from a prompt or a file).
+PASSWORD = "sdbackup demo"
 HEARTBEAT = 1  # seconds: status shows the servers' chunk counts soon after the backup
 # The venv's bin first, so twistd and sdbackup are the ones installed next to this python.
 ENV = environment()
@@ -130,6 +132,9 @@ def main():
         shown = [f"{k}={os.path.relpath(v, WORK)}" for k, v in ENV.items() if k.startswith("SDBACKUP_TLS")]
         print(f"\nthe client's certificate: {' '.join(shown)}")
         sdbackup("status")
+        ENV["SDBACKUP_PASSWORD"] = PASSWORD
+        print(f"\nthe repository's password: SDBACKUP_PASSWORD={PASSWORD}")
+        sdbackup("init")
         sdbackup("backup", SAMPLE)
         sdbackup("snapshots")
         sdbackup("ls", "-l", "latest")

@@ -82,7 +82,9 @@ def repo_problem(name) -> str | None:
 
 
 class PlainSealer:
-    """An uninitialised repository: chunks and objects go as they are."""
+    """A plaintext repository (``sdbackup init --encryption none``): chunks and objects go
+    as they are, and a snapshot names its repository unless it is the default one (whose
+    snapshots, from before repositories had to be initialised, name none)."""
 
     encrypted = False
 
@@ -90,6 +92,10 @@ class PlainSealer:
         self.repo = repo
 
     def seal(self, kind: str, data: bytes) -> bytes:
+        if kind == Kind.SNAPSHOT and self.repo != DEFAULT_REPO:
+            snapshot = objects.decode_snapshot(data)
+            if snapshot.repo != self.repo:
+                return objects.encode_snapshot(attrs.evolve(snapshot, repo=self.repo))
         return data
 
     def open(self, kind: str, data: bytes) -> bytes:
@@ -102,7 +108,7 @@ class PlainSealer:
 
     def owns(self, snapshot: objects.Snapshot) -> bool:
         """True when a snapshot (its public view) belongs to this repository."""
-        return not snapshot.repo
+        return (snapshot.repo or DEFAULT_REPO) == self.repo and bool(snapshot.paths)
 
 
 #: The sealer of a plaintext repository (what a client uses before it opens a repository).
@@ -197,14 +203,21 @@ class Sealer:
 # --- key objects -----------------------------------------------------------------------
 
 
+#: A key object's ``encryption``: the repository's master key wrapped under a password, or
+#: the mark of a repository made plaintext on purpose (``init --encryption none``).
+ENCRYPTED, NONE = "aes-256-gcm", "none"
+
+
 @frozen
 class KeyObject:
-    """A master key wrapped under one password, as stored on the cluster."""
+    """A master key wrapped under one password, as stored on the cluster; or, with
+    ``encryption`` ``"none"`` and no key, the mark that a repository is plaintext."""
 
     repo: str
     salt: bytes
     nonce: bytes
     wrapped: bytes
+    encryption: str = ENCRYPTED
     n: int = SCRYPT_N
     r: int = SCRYPT_R
     p: int = SCRYPT_P
@@ -241,12 +254,20 @@ def unwrap(key: KeyObject, password: bytes) -> bytes:
         raise WrongPassword(f"the password does not open this key of repository {key.repo}") from None
 
 
+def plaintext_mark(repo: str, host: str = "", user: str = "") -> KeyObject:
+    """The key object of a repository initialised without encryption."""
+    return KeyObject(repo=repo, salt=b"", nonce=b"", wrapped=b"", encryption=NONE,
+                     created_ns=time.time_ns(), host=host, user=user)
+
+
 def new_master_key() -> bytes:
     return os.urandom(MASTER_KEY_SIZE)
 
 
 def encode_key(key: KeyObject) -> bytes:
     fields = attrs.asdict(key)
+    if key.encryption == ENCRYPTED:  # (left out: the keys made before ``none`` keep their ids)
+        del fields["encryption"]
     body = msgpack.packb({k: fields[k] for k in sorted(fields)}, use_bin_type=True)
     return objects.seal(Kind.KEY, [], [], body)
 
@@ -272,6 +293,12 @@ def decode_key(data: bytes) -> KeyObject:
             isinstance(v, bytes) for v in (key.salt, key.nonce, key.wrapped)) or not all(
             isinstance(v, str) and len(v) <= 255 for v in (key.host, key.user)):
         raise objects.ObjectFormatError("a key object's fields are of the wrong types")
+    if key.encryption == NONE:
+        if key.salt or key.nonce or key.wrapped:
+            raise objects.ObjectFormatError("a plaintext repository's mark holds no key")
+        return key
+    if key.encryption != ENCRYPTED:
+        raise objects.ObjectFormatError(f"a key object of unknown encryption {key.encryption!r}")
     if (key.n < 2 or key.n & (key.n - 1) or key.n > MAX_SCRYPT_N or not 1 <= key.r <= MAX_SCRYPT_R
             or not 1 <= key.p <= MAX_SCRYPT_P or len(key.nonce) != NONCE_SIZE
             or len(key.wrapped) != MASTER_KEY_SIZE + TAG_SIZE or not 8 <= len(key.salt) <= 64):

@@ -61,7 +61,7 @@ import time
 
 from twisted.internet import defer, task
 
-from sdbackup import __version__, pki, retention
+from sdbackup import __version__, pki, retention, sealing
 from sdbackup.client import diff, dump, find, jsonout, keys, overwrite, prune, servers, tagging
 from sdbackup.client.backup import Backup
 from sdbackup.client.listing import entry_line
@@ -519,16 +519,19 @@ def cmd_tls(args) -> int:
     return 0
 
 
+def tls_files(args) -> list:
+    """The CA, certificate and key files: each from its option, else from
+    ``$SDBACKUP_TLS_CA/CERT/KEY`` (None where neither gives it)."""
+    return [getattr(args, f"tls_{name}", None) or os.environ.get(f"SDBACKUP_TLS_{name.upper()}")
+            for name in ("ca", "cert", "key")]
+
+
 def transport_of(args) -> Transport:
-    """TLS from the options, else from ``$SDBACKUP_TLS_CA/CERT/KEY``; else loopback only."""
-    files = [getattr(args, f"tls_{name}", None) or os.environ.get(f"SDBACKUP_TLS_{name.upper()}")
-             for name in ("ca", "cert", "key")]
+    """TLS from ``tls_files`` (all three: ``main`` refused some), else loopback only."""
+    files = tls_files(args)
     insecure = getattr(args, "insecure", False)
     if not any(files):
         return Transport(insecure=insecure)
-    if not all(files):
-        raise ClientError("give all of --tls-ca, --tls-cert and --tls-key (or $SDBACKUP_TLS_CA, "
-                          "$SDBACKUP_TLS_CERT, $SDBACKUP_TLS_KEY), or none")
     try:
         identity = load_identity(*files)
     except TLSConfigError as e:
@@ -674,7 +677,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write and delete nothing; say what would be (--verbose: each entry)")
     sub.add_parser("status", parents=[manager], help="show the manager's state and the servers")
     p = sub.add_parser("init", parents=[manager],
-                       help="make the repository (--repo) encrypted, with a new key and password")
+                       help="initialise the repository (--repo): encrypted, with a new key and "
+                            "password, unless --encryption none")
+    p.add_argument("--encryption", choices=(sealing.ENCRYPTED, sealing.NONE), default=sealing.ENCRYPTED,
+                   help="aes-256-gcm (the default): names and contents are sealed on the client; "
+                        "none: a plaintext repository, stored as it is")
     p.add_argument("--new-password-file", metavar="FILE",
                    help="its password, in a file (default: the password as any command takes "
                         "it, else $SDBACKUP_NEW_PASSWORD, else asked twice)")
@@ -826,10 +833,11 @@ def main(argv=None):
         parser.error("tag: give --add, --remove or --set")
     if args.command == "tag" and args.set is not None and (args.add or args.remove):
         parser.error("tag: --set replaces every tag: give it without --add and --remove")
+    if args.command != "tls" and any(tls_files(args)) and not all(tls_files(args)):
+        parser.error("give all of --tls-ca, --tls-cert and --tls-key (or $SDBACKUP_TLS_CA, "
+                     "$SDBACKUP_TLS_CERT, $SDBACKUP_TLS_KEY), or none")
     if args.command == "dump" and wants_json(args):
         parser.error("dump writes the file or a tar stream: it has no --json output")
-    if args.command in ("init", "key") and wants_json(args):
-        parser.error(f"{args.command} has no --json output yet")
     if args.command == "tls":
         if wants_json(args):
             parser.error("tls has no --json output")

@@ -1,13 +1,17 @@
-"""Encrypted repositories from the client's side: the password, opening a repository's key,
+"""Repositories from the client's side: the password, opening a repository's key,
 ``sdbackup init`` and ``sdbackup key list|add|remove|passwd``.
 
-A repository (``--repo NAME``, else ``$SDBACKUP_REPO``, else ``default``) that
-has key objects on the cluster is encrypted: every command opens its master
-key with the password before it reads or stores anything, and a wrong one
-ends the command (exit 1) with nothing written. A repository without keys
-is plaintext, as before ``init`` existed; but a password given for it (a
-sign the user expects encryption) is an error, so that nobody can make a
-client store plaintext by hiding a repository's keys.
+A repository (``--repo NAME``, else ``$SDBACKUP_REPO``, else ``default``) must be
+initialised before anything is backed up to or read from it, as restic's and
+borg's are. ``sdbackup init`` makes it encrypted: its key objects hold its
+master key, wrapped under each password, and every command opens the master key
+with the password before it reads or stores anything; a wrong one ends the
+command (exit 1) with nothing written. ``sdbackup init --encryption none`` (borg's
+``--encryption=none``) makes it plaintext on purpose: its one key object is a
+mark that holds no key. A client never falls back to plaintext by itself: a
+repository with no key object is refused, and so is one whose keys mix the two
+kinds, or a plaintext one given a password (a sign the user expects encryption),
+so that nobody can make a client store plaintext by hiding or adding keys.
 
 The password comes from ``--password-file``, ``$SDBACKUP_PASSWORD``,
 ``$SDBACKUP_PASSWORD_FILE``, or a prompt on a terminal, the first given; a new
@@ -26,6 +30,7 @@ import attrs
 from twisted.internet.threads import deferToThread
 
 from sdbackup import hashing, sealing
+from sdbackup.client import jsonout
 from sdbackup.client.repository import Repository
 from sdbackup.client.session import ClientError, Session
 from sdbackup.client.uploader import Signal, Uploader
@@ -128,18 +133,28 @@ async def _unwrap_any(keys: list[OpenedKey], password: bytes) -> tuple[OpenedKey
                       f"with it")
 
 
+def _not_initialised(repo: str) -> ClientError:
+    flag = "" if repo == sealing.DEFAULT_REPO else f" --repo {repo}"
+    return ClientError(f"repository {repo} is not initialised: run sdbackup init{flag} (encrypted, "
+                       f"the default), or sdbackup init{flag} --encryption none for a plaintext one")
+
+
 async def open_repository(session: Session, args) -> str | None:
     """Put the repository's sealer on the session; the id of the key in use (None for a
     plaintext repository)."""
     repo = repo_name(args)
     keys = await list_keys(session, repo)
-    password = given_password(args)
     if not keys:
+        raise _not_initialised(repo)
+    plain = [k for k in keys if k.key.encryption == sealing.NONE]
+    if plain and len(plain) < len(keys):
+        raise ClientError(f"repository {repo} has both encryption keys and a plaintext mark "
+                          f"(key {plain[0].key_id[:8]}): it cannot be both; see sdbackup key list")
+    password = given_password(args)
+    if plain:
         if password is not None:
-            raise ClientError(f"repository {repo} is not initialised (it has no key), yet a password "
-                              f"was given: run sdbackup init first, or give no password")
-        if repo != sealing.DEFAULT_REPO:
-            raise ClientError(f"repository {repo} is not initialised: run sdbackup init --repo {repo}")
+            raise ClientError(f"repository {repo} is plaintext (initialised with --encryption "
+                              f"none), yet a password was given: give no password for it")
         session.sealer = sealing.PlainSealer(repo)
         return None
     opened, master = await _unwrap_any(keys, password or _prompt(f"password for repository {repo}: "))
@@ -147,14 +162,28 @@ async def open_repository(session: Session, args) -> str | None:
     return opened.key_id
 
 
-async def _store_key(session: Session, key: sealing.KeyObject) -> str:
+async def _store_key(session: Session, key: sealing.KeyObject, first: bool = False) -> str:
+    """Store a key object and have the manager list it; ``first``: the repository's first
+    (the manager refuses it when another client initialised the repository meanwhile)."""
     data = sealing.encode_key(key)
     key_id = sealing.key_id(data)
     signal = Signal()
     uploader = Uploader(session, signal, lambda text: print(f"sdbackup: {text}", file=sys.stderr))
     await uploader.store_now(Kind.KEY, bytes.fromhex(key_id), data, hashing.checksum(data))
-    await session.ask(CommitKey(key_id=key_id))
+    await session.ask(CommitKey(key_id=key_id, first=first))
     return key_id
+
+
+def _say(args, text: str, **fields):
+    """A command's outcome: ``text``, or with ``--json`` one object (restic's shapes)."""
+    print(jsonout.dumps(fields) if getattr(args, "json", False) else text)
+
+
+def _key_json(opened: OpenedKey, current: str) -> dict:
+    """A key as ``key list --json`` shows it (restic's fields)."""
+    key = opened.key
+    return {"current": opened.key_id == current, "id": opened.key_id, "userName": key.user,
+            "hostName": key.host, "created": jsonout.rfc3339_ns(key.created_ns)}
 
 
 def _who() -> tuple[str, str]:
@@ -165,20 +194,30 @@ def _who() -> tuple[str, str]:
     return socket.gethostname()[:255], user[:255]
 
 
-async def _new_key(session: Session, repo: str, master: bytes, password: bytes) -> str:
+async def _new_key(session: Session, repo: str, master: bytes, password: bytes,
+                   first: bool = False) -> str:
     host, user = _who()
     key = await deferToThread(sealing.wrap, master, repo, password, host, user)
-    return await _store_key(session, key)
+    return await _store_key(session, key, first)
 
 
 async def cmd_init(session: Session, args) -> int:
     repo = repo_name(args)
     if await list_keys(session, repo):
         raise ClientError(f"repository {repo} is initialised already (see sdbackup key list)")
+    if args.encryption == sealing.NONE:
+        if given_password(args) is not None:
+            raise ClientError("--encryption none: a plaintext repository has no password; give none")
+        key_id = await _store_key(session, sealing.plaintext_mark(repo, *_who()), first=True)
+        _say(args, f"created plaintext repository {repo} (mark {key_id[:8]}): file names and "
+                   f"contents are stored as they are, readable by whoever can read the servers' disks",
+             message_type="initialized", repository=repo, id=key_id, encryption=sealing.NONE)
+        return 0
     password = given_password(args) or new_password(args)
-    key_id = await _new_key(session, repo, sealing.new_master_key(), password)
-    print(f"created encrypted repository {repo} with key {key_id[:8]}; keep the password safe: "
-          f"without it nothing in the repository can be read")
+    key_id = await _new_key(session, repo, sealing.new_master_key(), password, first=True)
+    _say(args, f"created encrypted repository {repo} with key {key_id[:8]}; keep the password safe: "
+               f"without it nothing in the repository can be read",
+         message_type="initialized", repository=repo, id=key_id, encryption=sealing.ENCRYPTED)
     return 0
 
 
@@ -186,9 +225,16 @@ async def cmd_key(session: Session, args) -> int:
     repo = repo_name(args)
     keys = await list_keys(session, repo)
     if not keys:
-        raise ClientError(f"repository {repo} is not initialised: run sdbackup init --repo {repo}")
+        raise _not_initialised(repo)
+    if any(k.key.encryption == sealing.NONE for k in keys):
+        raise ClientError(f"repository {repo} is plaintext (initialised with --encryption none): "
+                          f"it has no keys to manage")
     password = given_password(args) or _prompt(f"password for repository {repo}: ")
     current, master = await _unwrap_any(keys, password)
+    if args.key_command == "list" and getattr(args, "json", False):
+        ordered = sorted(keys, key=lambda k: k.key.created_ns)
+        print(jsonout.dumps([_key_json(k, current.key_id) for k in ordered]))
+        return 0
     if args.key_command == "list":
         print(f"{'':1} {'ID':8}  {'created':19}  {'host':20}  user")
         for opened in sorted(keys, key=lambda k: k.key.created_ns):
@@ -199,13 +245,15 @@ async def cmd_key(session: Session, args) -> int:
         return 0
     if args.key_command == "add":
         key_id = await _new_key(session, repo, master, new_password(args))
-        print(f"added key {key_id[:8]} to repository {repo}")
+        _say(args, f"added key {key_id[:8]} to repository {repo}", message_type="key_added",
+             repository=repo, id=key_id)
         return 0
     if args.key_command == "passwd":
         key_id = await _new_key(session, repo, master, new_password(args))
         await session.ask(RemoveKey(key_id=current.key_id))
-        print(f"changed the password of repository {repo}: key {key_id[:8]} added, "
-              f"key {current.key_id[:8]} removed")
+        _say(args, f"changed the password of repository {repo}: key {key_id[:8]} added, "
+                   f"key {current.key_id[:8]} removed", message_type="password_changed",
+             repository=repo, id=key_id, removed=current.key_id)
         return 0
     matches = [k for k in keys if k.key_id.startswith(args.id)]
     if len(matches) != 1:
@@ -215,5 +263,6 @@ async def cmd_key(session: Session, args) -> int:
         raise ClientError(f"key {args.id} is the one this password opens: remove it with another "
                           f"password (or use sdbackup key passwd)")
     await session.ask(RemoveKey(key_id=matches[0].key_id))
-    print(f"removed key {matches[0].key_id[:8]} from repository {repo}")
+    _say(args, f"removed key {matches[0].key_id[:8]} from repository {repo}",
+         message_type="key_removed", repository=repo, id=matches[0].key_id)
     return 0

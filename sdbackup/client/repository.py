@@ -61,14 +61,15 @@ class Repository:
     async def snapshots(self) -> list[SnapshotSummary]:
         """Every snapshot of the repository, oldest first, asked for a page at a time."""
         found: list[SnapshotSummary] = []
-        request = ListSnapshots()
+        repo = self.session.sealer.repo
+        request = ListSnapshots(repo=repo)
         while True:
             page = await self.session.ask(request)
             found.extend(page.snapshots)
             if not page.more or not page.snapshots:
                 return await self._of_repository(found)
             last = page.snapshots[-1]
-            request = ListSnapshots(after_time=last.time, after_id=last.snapshot_id)
+            request = ListSnapshots(after_time=last.time, after_id=last.snapshot_id, repo=repo)
 
     async def _of_repository(self, found: list[SnapshotSummary]) -> list[SnapshotSummary]:
         """The repository's snapshots among ``found``. The manager lists an encrypted

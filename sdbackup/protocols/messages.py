@@ -114,6 +114,17 @@ _kind = field(default="data", validator=in_(CHUNK_KINDS))
 _non_negative = [_int, ge(0), le(limits.MAX_COUNT)]
 _str = instance_of(str)
 _bool = instance_of(bool)
+
+
+def _repo_name(instance, attribute, value):
+    problem = repo_problem(value)
+    if problem:
+        raise ValueError(problem)
+
+
+def _optional_repo_name(instance, attribute, value):
+    if value != "":
+        _repo_name(instance, attribute, value)
 #: A server's address; a chain of them (a chunk's holders, where to forward it); a listing.
 _address = _text(limits.MAX_ADDRESS_LENGTH, ascii=True)
 _chain = _texts(limits.MAX_REPLICAS, limits.MAX_ADDRESS_LENGTH, ascii=True)
@@ -225,6 +236,8 @@ class SnapshotSummary(Record):
     files: int = field(default=0, validator=_non_negative)
     dirs: int = field(default=0, validator=_non_negative)
     bytes: int = field(default=0, validator=_non_negative)
+    #: Its repository (``default`` for a plaintext snapshot that names none).
+    repo: str = field(default="default", validator=_repo_name)
 
     def __attrs_post_init__(self):
         problem = limits.snapshot_problem(self.host, self.paths, self.tags)
@@ -500,13 +513,15 @@ class SnapshotCommitted(Message):
 @frozen
 class ListSnapshots(Message):
     """A page of the snapshots, oldest first: at most ``limit``, those after the snapshot
-    ``after_id`` (made at ``after_time``); from the first when ``after_id`` is empty."""
+    ``after_id`` (made at ``after_time``); from the first when ``after_id`` is empty. Those
+    of one repository, or of all when ``repo`` is empty."""
 
     request_id: int = _request_id
     after_time: float = field(default=0, validator=_time)
     after_id: str = field(default="", validator=_optional_hex_digest)
     limit: int = field(default=limits.MAX_SNAPSHOTS_PER_PAGE,
                        validator=[_int, ge(1), le(limits.MAX_SNAPSHOTS_PER_PAGE)])
+    repo: str = field(default="", validator=_optional_repo_name)
 
 
 @message(38)
@@ -904,12 +919,6 @@ class TicketKeys(Message):
 MAX_KEYS = 1000
 
 
-def _repo_name(instance, attribute, value):
-    problem = repo_problem(value)
-    if problem:
-        raise ValueError(problem)
-
-
 def _key_ids(instance, attribute, value):
     _hex_digests(instance, attribute, value)
     if len(value) > MAX_KEYS:
@@ -941,6 +950,8 @@ class CommitKey(Message):
 
     request_id: int = _request_id
     key_id: str = field(default="", validator=_hex_digest)
+    #: The repository's first key (``init``): refused when it has another already.
+    first: bool = field(default=False, validator=_bool)
 
 
 @message(83)

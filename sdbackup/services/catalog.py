@@ -17,7 +17,8 @@ sync of every ChunksAdded notice took a third of the manager's time in a first b
     chunks(chunk_id, size, added,       -- every chunk or object ever reported
            touched)                     -- when a backup last stored or counted on it
     locations(chunk_id, server)         -- copies the servers reported
-    snapshots(snapshot_id, time, host, paths, tags, tree, parent, files, dirs, bytes)
+    snapshots(snapshot_id, time, host, paths, tags, tree, parent, files, dirs, bytes,
+              repo)                     -- its repository (clients list one at a time)
     forgotten(snapshot_id, at, tree)    -- forgotten snapshots: a server that was down when
                                         -- they were forgotten is told to delete them
     prunes(started, cutoff, deleted)    -- prunes: a commit older than a cutoff is checked
@@ -43,8 +44,8 @@ from sdbackup.protocols.messages import SnapshotSummary
 
 #: 1 was the unversioned catalog with file rows; 2 the first index; 3 added chunks.added;
 #: 4 added forgotten; 5 added chunks.touched, forgotten.tree and prunes (prune); 6 added the
-#: servers' disk_id, draining and retired.
-SCHEMA_VERSION = 6
+#: servers' disk_id, draining and retired; 7 added snapshots.repo.
+SCHEMA_VERSION = 7
 
 SCHEMA = """
 CREATE TABLE servers (
@@ -83,7 +84,8 @@ CREATE TABLE snapshots (
     parent TEXT NOT NULL,
     files INTEGER NOT NULL,
     dirs INTEGER NOT NULL,
-    bytes INTEGER NOT NULL
+    bytes INTEGER NOT NULL,
+    repo TEXT NOT NULL DEFAULT 'default'
 );
 CREATE INDEX snapshots_by_time ON snapshots (time, snapshot_id);
 CREATE TABLE forgotten (
@@ -116,6 +118,13 @@ CREATE TABLE prunes (started REAL PRIMARY KEY, cutoff REAL NOT NULL,
 ALTER TABLE servers ADD COLUMN disk_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE servers ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE servers ADD COLUMN retired REAL NOT NULL DEFAULT 0;
+""",
+    # A plaintext snapshot (paths listed) is of the default repository, the only one that
+    # could be plaintext then; an encrypted one's repository is in its object, read again
+    # when its servers report it.
+    6: """
+ALTER TABLE snapshots ADD COLUMN repo TEXT NOT NULL DEFAULT 'default';
+DELETE FROM snapshots WHERE paths = '[]';
 """,
 }
 
@@ -400,16 +409,19 @@ class Catalog:
             f"SELECT {_SUMMARY_COLUMNS} FROM snapshots ORDER BY time, snapshot_id").fetchall()
         return [_summary(r) for r in rows]
 
-    def snapshot_page(self, after: tuple[float, str] | None, limit: int) -> list[SnapshotSummary]:
+    def snapshot_page(self, after: tuple[float, str] | None, limit: int, repo: str = ""
+                      ) -> list[SnapshotSummary]:
         """Up to ``limit`` snapshots, oldest first, after the one made at ``after``
-        ``(time, snapshot_id)`` (from the first when None).
+        ``(time, snapshot_id)`` (from the first when None); of repository ``repo`` (of all
+        when empty).
 
         A row that is no valid summary (indexed before fields were bounded) is left out:
         one over-long host must not break every listing.
         """
-        where, values = "", ()
+        where, values = "WHERE (? = '' OR repo = ?)", (repo, repo)
         if after is not None:
-            where, values = "WHERE time > ? OR (time = ? AND snapshot_id > ?)", (after[0], *after)
+            where += " AND (time > ? OR (time = ? AND snapshot_id > ?))"
+            values += (after[0], *after)
         rows = self.db.execute(f"SELECT {_SUMMARY_COLUMNS} FROM snapshots {where} "
                                "ORDER BY time, snapshot_id", values)
         page = []
@@ -468,11 +480,11 @@ class Catalog:
     def _insert_snapshot(self, summary: SnapshotSummary):
         """List a snapshot, unless it is listed already or forgotten (inside a transaction)."""
         self.db.execute(
-            "INSERT OR IGNORE INTO snapshots SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+            "INSERT OR IGNORE INTO snapshots SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
             " WHERE NOT EXISTS (SELECT 1 FROM forgotten WHERE snapshot_id = ?1)",
             (summary.snapshot_id, summary.time, summary.host, json.dumps(summary.paths),
              json.dumps(summary.tags), summary.tree, summary.parent, summary.files,
-             summary.dirs, summary.bytes),
+             summary.dirs, summary.bytes, summary.repo),
         )
 
     def _drop_objects(self, object_ids: list[str]):
@@ -484,6 +496,14 @@ class Catalog:
         return [row[0] for row in self._select_in(
             "SELECT snapshot_id FROM forgotten WHERE snapshot_id IN ({})",
             list(dict.fromkeys(snapshot_ids)))]
+
+    def forget_key(self, key_id: str, now: float):
+        """Remember a removed key object as forgotten, as a snapshot: a server that was down
+        when it was removed is told to delete it when it reports it, even after a restart."""
+        with self._transaction():
+            self.db.execute("INSERT OR IGNORE INTO forgotten (snapshot_id, at) VALUES (?, ?)",
+                            (key_id, now))
+            self._drop_objects([key_id])
 
     def drop_forgotten_objects(self, snapshot_ids: Iterable[str]):
         """A server reported forgotten snapshot objects (and is told to delete them): they are
@@ -604,13 +624,13 @@ class Catalog:
         backup older than that may have counted on one (None when no prune deleted any)."""
         return self.db.execute("SELECT MAX(cutoff) FROM prunes WHERE deleted != 0").fetchone()[0]
 
-_SUMMARY_COLUMNS = "snapshot_id, time, host, paths, tags, tree, parent, files, dirs, bytes"
+_SUMMARY_COLUMNS = "snapshot_id, time, host, paths, tags, tree, parent, files, dirs, bytes, repo"
 
 
 def _summary(row) -> SnapshotSummary:
-    snapshot_id, time_, host, paths, tags, tree, parent, files, dirs, size = row
+    snapshot_id, time_, host, paths, tags, tree, parent, files, dirs, size, repo = row
     return SnapshotSummary(snapshot_id, time_, host, json.loads(paths), tree, json.loads(tags),
-                           parent, files, dirs, size)
+                           parent, files, dirs, size, repo)
 
 
 def _version_of(path: str) -> int | None:

@@ -12,7 +12,8 @@ not indexed either: the server reporting it is told to delete it.
 Key objects (an encrypted repository's wrapped keys, ``sdbackup.sealing``) are
 kept with the snapshots on the servers and reported the same way: the indexer
 reads them too, and keeps which repository each belongs to in ``keys``, in
-memory: every start rebuilds it from the servers' reports.
+memory: every start rebuilds it from the servers' reports. A removed key is
+remembered as forgotten in the catalog, as a snapshot is.
 """
 
 from twisted.internet import defer
@@ -50,6 +51,7 @@ def summarize(snapshot_id: str, snapshot: objects.Snapshot) -> SnapshotSummary:
         paths=[escape(p) for p in snapshot.paths], tree=snapshot.tree.hex(),
         tags=list(snapshot.tags), parent=snapshot.parent.hex(),
         files=counts.get("files", 0), dirs=counts.get("dirs", 0), bytes=counts.get("bytes", 0),
+        repo=snapshot.repo or sealing.DEFAULT_REPO,
     )
 
 
@@ -78,34 +80,40 @@ class SnapshotIndexer:
         self._lines: dict[str, tuple[int, SnapshotSummary]] = {}
         self._workers = 0
         self._idle: list[defer.Deferred] = []
-        #: Key objects read: id -> repository. Removed ones are deleted where reported.
+        #: Key objects read: id -> repository. Removed ones are forgotten (in the catalog).
         self.keys: dict[str, str] = {}
-        self.removed_keys: set[str] = set()
+        #: Key objects stored since the manager started and not committed yet (an ``init``
+        #: under way, or one that died): not listed; an ``init`` racing them wins.
+        self.uncommitted_keys: set[str] = set()
+        self._stored_now: set[str] = set()
 
     @property
     def pending(self) -> int:
         """Snapshots waiting or being read."""
         return len(self._queue) + len(self._running)
 
-    async def learn(self, snapshot_ids: list[str], server):
+    async def learn(self, snapshot_ids: list[str], server, stored_now: bool = False):
         """``server`` (a ``LiveServer``) holds these snapshot objects: queue those the index
         lacks (read in the background). Those that were forgotten are not indexed: the server
-        is told to delete them (it was down when they were forgotten)."""
+        is told to delete them (it was down when they were forgotten). ``stored_now``: they
+        were just stored (not reported in an inventory): a key object among them is not
+        listed until its client commits it."""
         if not snapshot_ids:
             return
         manager = self.manager
         forgotten = await manager.db(manager.catalog.forgotten_among, snapshot_ids)
-        forgotten += [i for i in snapshot_ids if i in self.removed_keys]
         if forgotten:
             await manager.db(manager.catalog.drop_forgotten_objects, forgotten)
             d = defer.ensureDeferred(self._delete_forgotten(server, forgotten))
             d.addErrback(lambda f: self.log.failure("deleting forgotten snapshots", f))
         unknown = await manager.db(manager.catalog.unknown_snapshots, snapshot_ids)
         for snapshot_id in unknown:
-            if snapshot_id in self.keys or snapshot_id in self.removed_keys:
+            if snapshot_id in self.keys:
                 continue
             if snapshot_id not in self._bad and snapshot_id not in self._running:
                 self._queue[snapshot_id] = None
+                if stored_now:
+                    self._stored_now.add(snapshot_id)
         while self._queue and self._workers < self.at_once:
             self._workers += 1
             d = defer.ensureDeferred(self._work())
@@ -148,7 +156,8 @@ class SnapshotIndexer:
     async def ensure_key(self, key_id: str) -> str:
         """The repository of a key object, reading it first if it is not known yet; raises
         as ``ensure`` does."""
-        if key_id in self.removed_keys:
+        manager = self.manager
+        if await manager.db(manager.catalog.forgotten_among, [key_id]):
             raise UnknownSnapshot(f"key {key_id[:16]} was removed")
         repo = self.keys.get(key_id)
         if repo is None:
@@ -188,6 +197,7 @@ class SnapshotIndexer:
         return waiter
 
     def _done(self, result, snapshot_id: str):
+        self._stored_now.discard(snapshot_id)
         if isinstance(result, Failure) and result.check(BadSnapshot):
             self._bad.add(snapshot_id)
         for waiter in self._running.pop(snapshot_id):
@@ -233,8 +243,10 @@ class SnapshotIndexer:
                 repo = sealing.decode_key(payload).repo
             except ValueError as e:
                 raise BadSnapshot(f"key {snapshot_id[:16]} cannot be read: {e}") from None
-            if snapshot_id not in self.removed_keys:
-                self.keys[snapshot_id] = repo
+            if not await manager.db(manager.catalog.forgotten_among, [snapshot_id]):
+                self.keys[snapshot_id] = repo  # (unless removed while it was read)
+                if snapshot_id in self._stored_now:
+                    self.uncommitted_keys.add(snapshot_id)
             return repo
         try:
             snapshot = objects.decode_snapshot(payload)

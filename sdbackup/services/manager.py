@@ -312,7 +312,7 @@ class Manager:
         await self.db(self.catalog.add_locations, server.address,
                       [(c.chunk_id, c.size) for c in msg.chunks], server.reporting, self._now())
         self.repair.chunks_added()  # maybe stored with fewer copies than wanted
-        await self.indexer.learn(msg.snapshots, server)
+        await self.indexer.learn(msg.snapshots, server, stored_now=True)
 
     async def handle_ChunksCorrupt(self, msg, connection):
         server = self._server_of(connection)
@@ -494,14 +494,26 @@ class Manager:
 
     @when_ready
     async def handle_ListKeys(self, msg, connection):
-        keys = sorted(k for k, repo in self.indexer.keys.items() if repo == msg.repo)
+        keys = sorted(k for k, repo in self.indexer.keys.items()
+                      if repo == msg.repo and k not in self.indexer.uncommitted_keys)
         return KeyList(request_id=msg.request_id, key_ids=keys[:MAX_KEYS])
 
     @when_ready
     async def handle_CommitKey(self, msg, connection):
-        """List a key object a client stored: read from a server and checked, as a snapshot."""
+        """List a key object a client stored: read from a server and checked, as a snapshot.
+        A repository's ``first`` key is refused, and removed, when the repository has another
+        committed key already: of two clients that ran ``init`` at once, the first to commit
+        gets the repository, the other an error; never two master keys."""
         await self._sync_notices()
         repo = await self.indexer.ensure_key(msg.key_id)
+        uncommitted = self.indexer.uncommitted_keys
+        others = [k for k, r in self.indexer.keys.items()
+                  if r == repo and k != msg.key_id and k not in uncommitted]
+        if msg.first and others:
+            await self._remove_key(msg.key_id)
+            raise KeyRefused(f"repository {repo} was initialised meanwhile by another client "
+                             f"(key {others[0][:16]})")
+        uncommitted.discard(msg.key_id)
         self.log.info("key {key} of repository {repo} committed by {peer}", key=msg.key_id[:16],
                       repo=repo, peer=connection.describe_peer())
         return KeyCommitted(request_id=msg.request_id, key_id=msg.key_id, repo=repo)
@@ -509,27 +521,32 @@ class Manager:
     @when_ready
     async def handle_RemoveKey(self, msg, connection):
         """Unlist a key object and delete it on every live server (one down now is told when
-        it reports it, until the manager restarts); never a repository's last key."""
+        it reports it); never a repository's last key."""
         keys = self.indexer.keys
         repo = keys.get(msg.key_id)
         if repo is None:
             raise KeyRefused(f"no key {msg.key_id[:16]}")
         if sum(1 for r in keys.values() if r == repo) < 2:
             raise KeyRefused(f"key {msg.key_id[:16]} is the last key of repository {repo}")
-        del keys[msg.key_id]
-        self.indexer.removed_keys.add(msg.key_id)
-        await self.db(self.catalog.drop_forgotten_objects, [msg.key_id])
+        await self._remove_key(msg.key_id)
+        self.log.info("key {key} of repository {repo} removed by {peer}", key=msg.key_id[:16],
+                      repo=repo, peer=connection.describe_peer())
+        return Ack(request_id=msg.request_id)
+
+    async def _remove_key(self, key_id: str):
+        """Unlist a key object, remember it as forgotten (a server down now deletes it when it
+        reports it, across restarts), and have every live server delete it."""
+        self.indexer.keys.pop(key_id, None)
+        self.indexer.uncommitted_keys.discard(key_id)
+        await self.db(self.catalog.forget_key, key_id, self._now())
         servers = list(self.live.values())
         replies = await defer.DeferredList(
-            [s.connection.request(DeleteSnapshots(snapshot_ids=[msg.key_id]), DELETE_TIMEOUT,
+            [s.connection.request(DeleteSnapshots(snapshot_ids=[key_id]), DELETE_TIMEOUT,
                                   self.clock) for s in servers], consumeErrors=True)
         for server, (ok, result) in zip(servers, replies, strict=True):
             if not ok:
                 self.log.warn("server {address} did not delete a removed key ({why})",
                               address=server.address, why=shorten(result.getErrorMessage()))
-        self.log.info("key {key} of repository {repo} removed by {peer}", key=msg.key_id[:16],
-                      repo=repo, peer=connection.describe_peer())
-        return Ack(request_id=msg.request_id)
 
     # --- pruning ---------------------------------------------------------------------
 
@@ -551,7 +568,7 @@ class Manager:
     async def handle_ListSnapshots(self, msg, connection):
         """A page of snapshots (one more is read than fits, to know whether more follow)."""
         after = (msg.after_time, msg.after_id) if msg.after_id else None
-        found = await self.db(self.catalog.snapshot_page, after, msg.limit + 1)
+        found = await self.db(self.catalog.snapshot_page, after, msg.limit + 1, msg.repo)
         return SnapshotList.filled(msg.request_id, found, msg.limit)
 
     @when_ready

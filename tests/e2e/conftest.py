@@ -32,6 +32,10 @@
   CA and certificates (``sdbackup.localcluster.CERTIFICATES``) in its ``tls`` folder, the
   manager and servers started with them, ``sdbackup`` run with the client's.
   ``start_cluster(tls=True)`` does the same for one test.
+* Every cluster's default repository is initialised as a user must before a first
+  backup: encrypted, ``sdbackup`` run with ``SDBACKUP_PASSWORD`` set (``PASSWORD``).
+  ``start_cluster(repository="none")`` makes it plaintext, ``repository=None`` leaves
+  it uninitialised (for tests of ``init`` itself).
 """
 
 import contextlib
@@ -49,6 +53,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from sdbackup import sealing
 from sdbackup.localcluster import make_certificates, tls_environment, tls_options
 
 BIN = Path(sys.executable).parent
@@ -59,6 +64,8 @@ SDBACKUP = BIN / "sdbackup"
 START_TIMEOUT = 30.0
 #: Seconds one ``sdbackup`` command may run.
 COMMAND_TIMEOUT = 60.0
+#: The password of the default repository a ``Cluster`` initialises (in ``client_env``).
+PASSWORD = "e2e repository password"
 #: Seconds a process gets to exit after SIGTERM, then again after SIGKILL.
 STOP_TIMEOUT = 10.0
 #: Seconds between a storage server's heartbeats (status shows fresh counts soon).
@@ -237,14 +244,18 @@ class Cluster:
     clients: list = attrs.Factory(list)
     #: The folder of the CA and certificates of a TLS cluster (None: plaintext on loopback).
     tls: Path | None = None
+    #: How ``start`` initialises the default repository: encrypted (``sdbackup init``, the
+    #: clients given ``PASSWORD``), ``"none"`` (plaintext), or None: not at all.
+    repository: str | None = sealing.ENCRYPTED
 
     @classmethod
-    def with_tls(cls, root: Path, manager_options=(), server_options=()) -> "Cluster":
+    def with_tls(cls, root: Path, manager_options=(), server_options=(), **options) -> "Cluster":
         """A cluster whose links are all mutual TLS, with a CA and certificates in root/tls."""
         folder = root / "tls"
         make_certificates(str(folder))
         return cls(root, manager_options=[*manager_options, *tls_options(str(folder), "manager")],
-                   server_options=[*server_options, *tls_options(str(folder), "server")], tls=folder)
+                   server_options=[*server_options, *tls_options(str(folder), "server")], tls=folder,
+                   **options)
 
     @property
     def manager_data(self) -> Path:
@@ -269,6 +280,10 @@ class Cluster:
             listening = server.process.wait_for(SERVER_LISTENING)
             server.port, server.address = int(listening.group(1)), listening.group(2)
             server.process.wait_for(SERVER_REGISTERED)
+        if self.repository == sealing.NONE:
+            self.sdbackup("init", "--encryption", "none", cwd=self.root)
+        elif self.repository is not None:
+            self.sdbackup("init", cwd=self.root)
 
     def start_manager(self, listen: str):
         self.manager = self._twistd("manager", [
@@ -391,6 +406,8 @@ class Cluster:
         env["SDBACKUP_MANAGER"] = manager or self.manager_endpoint
         if self.tls is not None:
             env.update(tls_environment(str(self.tls)))
+        if self.repository == sealing.ENCRYPTED:
+            env["SDBACKUP_PASSWORD"] = PASSWORD
         return env
 
     def sdbackup(self, *args, cwd: Path, check: bool = True, manager: str | None = None,
@@ -527,13 +544,14 @@ def start_cluster(tmp_path_factory):
     clusters: list[Cluster] = []
 
     def start(servers: int = SERVERS, manager_options=FAST_MANAGER_OPTIONS,
-              server_options=FAST_SERVER_OPTIONS, tls: bool = False) -> Cluster:
+              server_options=FAST_SERVER_OPTIONS, tls: bool = False,
+              repository: str | None = sealing.ENCRYPTED) -> Cluster:
         root = tmp_path_factory.mktemp("cluster")
         if tls:
-            started = Cluster.with_tls(root, manager_options, server_options)
+            started = Cluster.with_tls(root, manager_options, server_options, repository=repository)
         else:
             started = Cluster(root, manager_options=list(manager_options),
-                              server_options=list(server_options))
+                              server_options=list(server_options), repository=repository)
         clusters.append(started)
         started.start(servers)
         return started

@@ -3,20 +3,23 @@ make them: a store that sends bytes to a port of its choosing (8), and a forged 
 snapshot that would pass the attacker's content off as the victim's (6).
 """
 
+import json
+import os
+import socket
 import time
 
 import attrs
 import pytest
 import pytest_twisted
-from test_metadata import Attacker
+from test_metadata import Attacker, file_node
 from twisted.internet import reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 
 from sdbackup import hashing, objects
 from sdbackup.client.repository import Repository
-from sdbackup.client.session import Session
-from sdbackup.objects import Kind
+from sdbackup.client.session import ClientError, Session
+from sdbackup.objects import Kind, Node
 from sdbackup.protocols.messages import ChunkNeed, PlacementRequest, StoreChunk
 from sdbackup.protocols.peer import RemoteError
 
@@ -38,7 +41,7 @@ class Trap(Factory):
 async def test_a_server_sends_nothing_to_a_port_a_client_names(start_cluster):
     # Attack 8 (SSRF): StoreChunk with forward_to set to any endpoint made the server connect
     # there and send the bytes. A client holding a real placement cannot add a hop to it.
-    cluster = start_cluster()
+    cluster = start_cluster(repository=None)  # (no key object on the servers)
     trap = Trap()
     port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(trap)
     evil = f"tcp:127.0.0.1:{port.getHost().port}"
@@ -91,12 +94,57 @@ async def forge_parent(manager: str, victim_id: str, content: bytes) -> str:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_forged_parent_cannot_pass_other_bytes_off_as_the_victims(start_cluster, tmp_path):
-    # Attack 6: a snapshot of the same host and paths, with the victim's metadata copied, is
-    # taken as the parent of the victim's next backup: its files count as unchanged and keep
-    # the attacker's chunks. The whole-file hash the victim's own snapshot recorded goes
-    # with the metadata, and the restore checks every file against it.
+async def test_a_forged_parent_in_an_encrypted_repository_is_not_the_victims(start_cluster, tmp_path):
+    # Attack 6 against the default, encrypted repository. The attacker, a client of the cluster
+    # without the password, cannot read the victim's snapshot to copy it; so it forges one
+    # blind but consistent: the victim's host and path, a file with every stat field of the
+    # victim's file (size, times, inode) and other bytes, under their own whole-file hash,
+    # newer than the victim's. The victim never takes it as a parent, never lists it, and
+    # restores its own bytes.
     cluster = start_cluster()
+    src = tmp_path / "src"
+    src.mkdir()
+    words = b"the victim's own words\n" * 500
+    (src / "doc.txt").write_bytes(words)
+    first = cluster.snapshot_id(cluster.sdbackup("backup", "src", cwd=tmp_path).stdout)
+    listed = cluster.sdbackup("snapshots", "--json", cwd=tmp_path).stdout
+    victim_id = next(s["id"] for s in json.loads(listed) if s["id"].startswith(first))
+
+    session = await Session(reactor, cluster.manager_endpoint).connect()  # no password
+    try:
+        public = await Repository(session).load_snapshot(victim_id)
+        assert public.paths == () and public.tags == ()  # all it shows: no paths, no tags...
+        with pytest.raises(ClientError, match="needs a password"):  # ...and no tree to copy
+            await Repository(session).load_tree(public.tree)
+        attacker, other = Attacker(session), b"X" * len(words)
+        st = os.lstat(src / "doc.txt")
+        content_id, = await attacker.store(Kind.DATA, [other])
+        doc = file_node(b"doc.txt", other, content_id, mtime_ns=st.st_mtime_ns,
+                        ctime_ns=st.st_ctime_ns, inode=st.st_ino, dev=st.st_dev)
+        folder, = await attacker.store(Kind.TREE, [objects.encode_tree(objects.make_tree([doc]))])
+        root, = await attacker.store(Kind.TREE, [objects.encode_tree(objects.make_tree([
+            Node(name=b"src", type="dir", mode=0o40755, subtree=folder)]))])
+        forged = await attacker.commit(objects.encode_snapshot(objects.Snapshot(
+            time_ns=time.time_ns(), host=socket.gethostname(), paths=(b"src",), tree=root)))
+    finally:
+        await session.close()
+
+    second = cluster.sdbackup("backup", "src", cwd=tmp_path)
+    assert f"parent {first}" in second.stdout, second.describe()
+    assert forged[:8] not in cluster.sdbackup("snapshots", cwd=tmp_path).stdout
+    target = tmp_path / "restored"
+    cluster.sdbackup("restore", "latest", "--target", target, cwd=tmp_path)
+    assert (target / "src" / "doc.txt").read_bytes() == words
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forged_parent_cannot_pass_other_bytes_off_as_the_victims(start_cluster, tmp_path):
+    # Attack 6 against a plaintext repository (``init --encryption none``), which trusts every
+    # client of the cluster: a snapshot of the same host and paths, with the victim's metadata
+    # copied, is taken as the parent of the victim's next backup: its files count as unchanged
+    # and keep the attacker's chunks. The whole-file hash the victim's own snapshot recorded
+    # goes with the metadata, and the restore checks every file against it.
+    cluster = start_cluster(repository="none")
     src = tmp_path / "src"
     src.mkdir()
     words = b"the victim's own words\n" * 500

@@ -1,6 +1,7 @@
 """Encrypted repositories against a real cluster: what is at rest, restores, passwords, keys,
 two repositories side by side, and a manager whose catalog was lost."""
 
+import json
 import os
 import re
 from pathlib import Path
@@ -63,7 +64,7 @@ def _key_ids(listing: str) -> list[tuple[str, str]]:
 
 
 def test_nothing_readable_at_rest_and_an_exact_restore(start_cluster, run_sdbackup, tmp_path):
-    cluster = start_cluster()
+    cluster = start_cluster(repository=None)
     files = _make_source(tmp_path)
     _run(run_sdbackup, cluster, "init", cwd=tmp_path)
     backup = _run(run_sdbackup, cluster, "backup", "src", cwd=tmp_path)
@@ -91,7 +92,7 @@ def test_nothing_readable_at_rest_and_an_exact_restore(start_cluster, run_sdback
 
 
 def test_a_wrong_password_fails_and_writes_nothing(start_cluster, run_sdbackup, tmp_path):
-    cluster = start_cluster()
+    cluster = start_cluster(repository=None)
     _make_source(tmp_path)
     _run(run_sdbackup, cluster, "init", cwd=tmp_path)
     snapshot = cluster.snapshot_id(_run(run_sdbackup, cluster, "backup", "src", cwd=tmp_path).stdout)
@@ -114,7 +115,7 @@ def test_a_wrong_password_fails_and_writes_nothing(start_cluster, run_sdbackup, 
 
 
 def test_keys_added_listed_removed_and_a_password_changed(start_cluster, run_sdbackup, tmp_path):
-    cluster = start_cluster()
+    cluster = start_cluster(repository=None)
     _make_source(tmp_path)
     _run(run_sdbackup, cluster, "init", cwd=tmp_path)
     snapshot = cluster.snapshot_id(_run(run_sdbackup, cluster, "backup", "src", cwd=tmp_path).stdout)
@@ -152,8 +153,28 @@ def test_keys_added_listed_removed_and_a_password_changed(start_cluster, run_sdb
     assert len(_key_ids(listing)) == 1, listing
 
 
+def test_init_and_key_speak_json(start_cluster, run_sdbackup, tmp_path):
+    cluster = start_cluster(repository=None)
+    made = json.loads(_run(run_sdbackup, cluster, "init", "--json", cwd=tmp_path).stdout)
+    assert made["message_type"] == "initialized" and made["repository"] == "default"
+    assert made["encryption"] == "aes-256-gcm" and len(made["id"]) == 64
+    added = json.loads(_run(run_sdbackup, cluster, "key", "add", "--json", cwd=tmp_path,
+                            SDBACKUP_NEW_PASSWORD="second").stdout)
+    assert added["message_type"] == "key_added"
+    keys = json.loads(_run(run_sdbackup, cluster, "key", "list", "--json", cwd=tmp_path).stdout)
+    assert sorted(k["id"] for k in keys) == sorted([made["id"], added["id"]])
+    assert [k["id"] for k in keys if k["current"]] == [made["id"]]
+    assert all(k["created"][:2] == "20" and k["hostName"] for k in keys), keys
+    removed = json.loads(_run(run_sdbackup, cluster, "key", "remove", added["id"][:8], "--json",
+                              cwd=tmp_path).stdout)
+    assert (removed["message_type"], removed["id"]) == ("key_removed", added["id"])
+    plain = json.loads(_run(run_sdbackup, cluster, "init", "--repo", "open", "--encryption", "none",
+                            "--json", cwd=tmp_path, password=None).stdout)
+    assert (plain["repository"], plain["encryption"]) == ("open", "none")
+
+
 def test_two_repositories_each_with_its_own_key(start_cluster, run_sdbackup, tmp_path):
-    cluster = start_cluster()
+    cluster = start_cluster(repository=None)
     files = _make_source(tmp_path)
     _run(run_sdbackup, cluster, "init", "--repo", "alpha", cwd=tmp_path, password="alpha pw")
     _run(run_sdbackup, cluster, "init", "--repo", "beta", cwd=tmp_path, password="beta pw")
@@ -180,19 +201,28 @@ def test_two_repositories_each_with_its_own_key(start_cluster, run_sdbackup, tmp
          cwd=tmp_path, password="beta pw")
     assert _restored(tmp_path / "b" / "src") == files
 
-    # The uninitialised default repository works in plaintext beside them, and lists only its
-    # own snapshots; a password given for it is refused (it would expect encryption).
+    # The default repository, never initialised, takes no backup: a client never falls back
+    # to plaintext by itself.
+    refused = _run(run_sdbackup, cluster, "backup", "src", cwd=tmp_path, password=None, check=False)
+    assert refused.returncode == 1 and "not initialised" in refused.stderr, refused.describe()
+    assert "--encryption none" in refused.stderr, refused.describe()
+    # Made plaintext on purpose, it works beside them and lists only its own snapshots; a
+    # password given for it is refused (the user expects encryption).
+    _run(run_sdbackup, cluster, "init", "--encryption", "none", cwd=tmp_path, password=None)
     plain = cluster.snapshot_id(_run(run_sdbackup, cluster, "backup", "src", cwd=tmp_path,
                                      password=None).stdout)
     listed = _run(run_sdbackup, cluster, "snapshots", cwd=tmp_path, password=None).stdout
     assert plain[:8] in listed and a[:8] not in listed and b[:8] not in listed, listed
     refused = _run(run_sdbackup, cluster, "snapshots", cwd=tmp_path, check=False)
-    assert refused.returncode == 1 and "not initialised" in refused.stderr, refused.describe()
+    assert refused.returncode == 1 and "plaintext" in refused.stderr, refused.describe()
+    # A plaintext repository has no keys to manage.
+    refused = _run(run_sdbackup, cluster, "key", "list", cwd=tmp_path, password=None, check=False)
+    assert refused.returncode == 1 and "plaintext" in refused.stderr, refused.describe()
 
 
 def test_a_lost_catalog_is_rebuilt_with_the_keys(start_cluster, fast_manager_options, run_sdbackup,
                                                  tmp_path):
-    cluster = start_cluster(manager_options=fast_manager_options)
+    cluster = start_cluster(manager_options=fast_manager_options, repository=None)
     files = _make_source(tmp_path)
     _run(run_sdbackup, cluster, "init", cwd=tmp_path)
     snapshot = cluster.snapshot_id(_run(run_sdbackup, cluster, "backup", "src", cwd=tmp_path).stdout)

@@ -124,13 +124,13 @@ def parse_size(text: str) -> float:
 
 
 def snapshot_chunks(cluster, cwd: Path, snapshot: str = "latest") -> int:
-    """What a snapshot stores, as ``sdbackup ls --chunks`` shows it: its files' chunks (all
-    distinct here: the bytes are random), a tree per folder and one for the root, and the
-    snapshot object itself."""
+    """What a repository of one snapshot stores, as ``sdbackup ls --chunks`` shows it: its
+    files' chunks (all distinct here: the bytes are random), a tree per folder and one for the
+    root, the snapshot object itself, and the repository's key object."""
     listing = cluster.sdbackup("ls", "--chunks", snapshot, cwd=cwd).stdout
     data = sum(int(count) for count in re.findall(r" (\d+) chunks?  ", listing))
     folders = sum(1 for line in listing.splitlines() if line.split("  ")[0].endswith("/"))
-    return data + folders + 2
+    return data + folders + 3
 
 
 def copies(servers) -> Counter:
@@ -264,7 +264,10 @@ def test_backup_with_a_server_killed_before_it_keeps_two_copies_on_the_two_live_
         start_cluster, tmp_path):
     cluster = start_cluster()
     source = make_source(tmp_path, [2.5, 1.5, 0.7])
-    victim, live = cluster.servers[2], cluster.servers[:2]
+    # The victim is the server without a copy of the repository's key object, so that every
+    # chunk the cluster holds ends on the two live ones.
+    victim = next(s for s in cluster.servers if not s.chunk_files())
+    live = [s for s in cluster.servers if s is not victim]
     cluster.kill(victim.process)
 
     # At once: the manager may still count the victim alive, the client must go around it.
@@ -544,7 +547,10 @@ def test_server_back_with_an_empty_data_folder_is_reconciled_and_refilled(start_
 def test_backup_with_one_live_server_warns_and_the_repair_heals_it_later(start_cluster, tmp_path):
     cluster = start_cluster()
     source = make_source(tmp_path, [2, 1])
-    alone, gone = cluster.servers[0], cluster.servers[1:]
+    # The repository's key object, all the cluster holds yet, is on two of the servers: the
+    # one left alive is one of them (with none, no command could open the repository).
+    alone = next(s for s in cluster.servers if s.chunk_files())
+    gone = [s for s in cluster.servers if s is not alone]
     for server in gone:
         cluster.kill(server.process)
     wait_for_status(cluster, tmp_path, alive=[alone], dead=gone, under=None, timeout=10)
@@ -568,8 +574,9 @@ def test_backup_with_one_live_server_warns_and_the_repair_heals_it_later(start_c
 
 def test_a_chunk_with_no_good_copy_left_makes_check_exit_1_and_only_its_file_fails(
         start_cluster, tmp_path):
+    # (A plaintext repository: the test finds the chunk to damage by its bytes.)
     cluster = start_cluster(server_options=["--heartbeat", 0.3, "--scrub-interval", 3600,
-                                            "--scrub-rate", 500])
+                                            "--scrub-rate", 500], repository="none")
     source = make_source(tmp_path, [1.5])
     damaged = make_source(tmp_path, [0.15], name="damaged")  # under the smallest chunk: one chunk
     cluster.backup("src", "damaged", cwd=tmp_path)

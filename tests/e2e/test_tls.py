@@ -93,6 +93,21 @@ def test_a_plaintext_client_is_refused(tls_cluster, tmp_path):
     assert tls_cluster.manager.mark() > mark
 
 
+def test_some_of_the_tls_files_is_a_usage_error(tls_cluster, tmp_path):
+    """The CA given, the client's certificate and key forgotten: a usage error (exit 2) that
+    says what is missing, before anything is connected to."""
+    env = {k: v for k, v in tls_cluster.client_env().items()
+           if k not in ("SDBACKUP_TLS_CERT", "SDBACKUP_TLS_KEY")}
+    mark = tls_cluster.manager.mark()
+
+    result = subprocess.run(tls_cluster.command("snapshots"), cwd=tmp_path, env=env, timeout=60,
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+    assert result.returncode == 2, result
+    assert "give all of --tls-ca, --tls-cert and --tls-key" in result.stderr, result
+    assert tls_cluster.manager.mark() == mark  # (nothing reached the manager to be logged)
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_client_certificate_of_another_ca_is_refused(tls_cluster, tmp_path):
     intruder = foreign_identity(tmp_path, tls_cluster.tls)

@@ -304,7 +304,7 @@ async def test_an_over_long_snapshot_indexed_before_the_limits_does_not_break_li
     def insert_old_row():
         with manager.catalog._transaction():
             manager.catalog.db.execute(
-                "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, 0)",
+                "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, 0, 'default')",
                 ("e" * 64, 1.0, "h" * MiB, json.dumps(["/"]), "[]", good.tree_id, ""))
 
     await manager.db(insert_old_row)

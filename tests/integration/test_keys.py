@@ -83,3 +83,43 @@ async def test_a_sealed_snapshot_is_indexed_without_paths_or_tags(cluster, wire_
     summary = (await wire_client.ask(CommitSnapshot(snapshot_id=snapshot_id))).snapshot
     assert (summary.host, summary.tree, summary.dirs) == ("laptop", tree_id, 1)
     assert (summary.paths, summary.tags, summary.parent) == ([], [], "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_removed_while_a_server_was_down_stays_removed_after_a_restart(cluster, wire_client):
+    """The down server still holds the removed key when it comes back; the manager, restarted
+    meanwhile, remembers the removal (in its catalog), does not list the key again, and has
+    the server delete it."""
+    master = os.urandom(32)
+    kept = await _add(wire_client, "alpha", b"one", master)
+    removed = await _add(wire_client, "alpha", b"two", master)
+    holders = [i for i, s in enumerate(cluster.servers) if s.store.has(removed)]
+    down = cluster.servers[holders[0]]
+    await cluster.stop_server(down)
+    await wire_client.ask(RemoveKey(key_id=removed))
+    await cluster.restart_manager()
+    await cluster.until_ready()
+    back = await cluster.add_server(holders[0], f"tcp:{down.server.address.rsplit(':', 1)[1]}")
+    await cluster.until(lambda: not back.store.has(removed), what="the removed key deleted")
+    again = await cluster.wire_client()
+    try:
+        assert await _keys(again, "alpha") == [kept]
+    finally:
+        await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_inits_at_once_never_leave_two_master_keys(cluster, wire_client):
+    """Both clients stored their key before either committed (as two ``init``s at the same
+    moment): the second commit is refused and its key removed, so the repository has one key,
+    the first client's, and the second client's password opens nothing."""
+    first_id, first_data = _key("alpha", b"one", os.urandom(32))
+    second_id, second_data = _key("alpha", b"two", os.urandom(32))
+    await wire_client.store(Kind.KEY, [(first_id, first_data), (second_id, second_data)])
+    await wire_client.ask(CommitKey(key_id=first_id, first=True))
+    with pytest.raises(RemoteError) as refused:
+        await wire_client.ask(CommitKey(key_id=second_id, first=True))
+    assert refused.value.code == "key-refused" and "initialised meanwhile" in refused.value.reason
+    assert await _keys(wire_client, "alpha") == [first_id]
+    for server in cluster.servers:
+        assert not server.store.has(second_id)

@@ -317,3 +317,52 @@ def test_nothing_about_files_is_kept(catalog, db_path):
         assert other.execute("SELECT COUNT(*) FROM snapshots").fetchone() == (5,)
     finally:
         other.close()
+
+
+def test_snapshots_are_listed_per_repository(catalog):
+    catalog.add_snapshot(summary("a", time=1.0))
+    catalog.add_snapshot(summary("b", time=2.0, repo="alpha", paths=[], tags=[]))
+    catalog.add_snapshot(summary("c", time=3.0))
+    catalog.add_snapshot(summary("d", time=4.0, repo="alpha", paths=[], tags=[]))
+    ids = lambda page: [s.snapshot_id for s in page]  # noqa: E731
+    assert ids(catalog.snapshot_page(None, 10, "default")) == [cid("snapshot a"), cid("snapshot c")]
+    alpha = catalog.snapshot_page(None, 1, "alpha")
+    assert ids(alpha) == [cid("snapshot b")] and alpha[0].repo == "alpha"
+    assert ids(catalog.snapshot_page((2.0, cid("snapshot b")), 10, "alpha")) == [cid("snapshot d")]
+    assert len(catalog.snapshot_page(None, 10)) == 4  # every repository's
+    assert catalog.snapshot_page(None, 10, "beta") == []
+
+
+def test_a_removed_key_is_remembered_across_a_restart(db_path):
+    catalog = Catalog(db_path)
+    catalog.add_locations(A, held("key"))
+    catalog.forget_key(cid("key"), now=5.0)
+    catalog.close()
+    catalog = Catalog(db_path)
+    try:
+        assert catalog.forgotten_among([cid("key"), cid("other")]) == [cid("key")]
+        assert catalog.holders([cid("key")]) == {}
+    finally:
+        catalog.close()
+
+
+def test_a_version_6_catalog_is_migrated_to_snapshots_with_their_repository(db_path):
+    Catalog(db_path).close()
+    old = sqlite3.connect(db_path)
+    old.execute("ALTER TABLE snapshots DROP COLUMN repo")
+    old.execute("INSERT INTO snapshots VALUES (?, 1.0, 'h', '[\"/x\"]', '[]', ?, '', 1, 1, 1)",
+                (cid("plain"), cid("tree")))
+    old.execute("INSERT INTO snapshots VALUES (?, 2.0, 'h', '[]', '[]', ?, '', 1, 1, 1)",
+                (cid("sealed"), cid("tree")))
+    old.execute("PRAGMA user_version = 6")
+    old.commit()
+    old.close()
+    catalog = Catalog(db_path)
+    try:
+        assert catalog.moved_aside is None
+        assert catalog.db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        # The plaintext one is default's; the sealed one is read again from its servers.
+        assert [(s.snapshot_id, s.repo) for s in catalog.snapshots()] == [(cid("plain"), "default")]
+        assert catalog.unknown_snapshots([cid("sealed")]) == [cid("sealed")]
+    finally:
+        catalog.close()

@@ -101,6 +101,7 @@ def test_a_version_5_catalog_is_migrated_keeping_its_servers(tmp_path):
     old = sqlite3.connect(path)
     for column in ("disk_id", "draining", "retired"):
         old.execute(f"ALTER TABLE servers DROP COLUMN {column}")
+    old.execute("ALTER TABLE snapshots DROP COLUMN repo")
     old.execute("INSERT INTO servers VALUES ('tcp:a:1', 1.0, 2.0, 100, 3)")
     old.execute("PRAGMA user_version = 5")
     old.commit()

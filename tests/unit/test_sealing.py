@@ -163,3 +163,29 @@ def test_a_tag_change_shows_which_snapshot_it_replaces():
     assert (public.original, public.generation, public.tags) == (bytes([2]) * 32, 1, ())
     assert b"new-secret-tag" not in sealed
     assert objects.decode_snapshot(sealer.open(Kind.SNAPSHOT, sealed)).tags == ("new-secret-tag",)
+
+
+def test_a_plaintext_mark_holds_no_key_and_says_so():
+    mark = sealing.plaintext_mark("open", host="box", user="me")
+    decoded = sealing.decode_key(sealing.encode_key(mark))
+    assert decoded == mark and decoded.encryption == sealing.NONE and not decoded.wrapped
+    # A mark that carries key material, or an encryption nobody knows, is no key object.
+    with pytest.raises(objects.ObjectFormatError, match="holds no key"):
+        sealing.decode_key(sealing.encode_key(attrs.evolve(mark, wrapped=b"x" * 48)))
+    with pytest.raises(objects.ObjectFormatError, match="unknown encryption"):
+        sealing.decode_key(sealing.encode_key(attrs.evolve(mark, encryption="rot13")))
+
+
+def test_an_encrypted_key_object_encodes_as_before_the_plaintext_mark_existed():
+    key = sealing.wrap(MASTER, "default", b"pw", n=CHEAP)
+    assert b"encryption" not in sealing.encode_key(key)  # (its id is what it was)
+    assert sealing.decode_key(sealing.encode_key(key)).encryption == sealing.ENCRYPTED
+
+
+def test_a_named_plaintext_repository_names_itself_in_its_snapshots():
+    data = objects.encode_snapshot(_snapshot())
+    assert sealing.PlainSealer().seal(Kind.SNAPSHOT, data) == data  # default: as before
+    named = objects.decode_snapshot(sealing.PlainSealer("open").seal(Kind.SNAPSHOT, data))
+    assert named == attrs.evolve(_snapshot(), repo="open")
+    assert sealing.PlainSealer("open").owns(named) and not sealing.PLAIN.owns(named)
+    assert sealing.PLAIN.owns(_snapshot()) and not sealing.PlainSealer("open").owns(_snapshot())
