@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from test_cli import write
 
+from sdbackup import pki
 from sdbackup.objects import Kind
 from sdbackup.services import chunkstore
 
@@ -143,18 +144,17 @@ def test_a_client_manager_beyond_loopback_without_tls_is_refused_with_exit_1(clu
     ], result.describe()
 
 
-def tree_files_naming(cluster, name: bytes) -> list[Path]:
-    """Every copy, on every server, of the tree objects that hold an entry called ``name``."""
-    found = []
+def tree_files(cluster) -> dict[Path, bytes]:
+    """Every copy, on every server, of every tree object: path -> the file's bytes."""
+    found = {}
     for server in cluster.servers:
         for folder, _, names in os.walk(server.chunk_dir):
             for chunk in names:
                 path = Path(folder) / chunk
                 data = path.read_bytes()
                 if (data.startswith(chunkstore.MAGIC)
-                        and data[len(chunkstore.MAGIC)] == chunkstore.KIND_CODES[Kind.TREE]
-                        and name in data[chunkstore.HEADER_SIZE:]):
-                    found.append(path)
+                        and data[len(chunkstore.MAGIC)] == chunkstore.KIND_CODES[Kind.TREE]):
+                    found[path] = data
     return found
 
 
@@ -163,10 +163,17 @@ def test_ls_of_a_snapshot_with_a_folder_whose_tree_is_gone_lists_the_rest_and_ex
     """README: "3 ... a restore or ls with an entry or folder that failed"; architecture.rst:
     "A folder whose tree cannot be read is an error line, and ls exits with status 3"."""
     write(tmp_path / "src/kept.txt", b"kept\n")
-    write(tmp_path / "src/lost folder/only-in-the-lost-folder.txt", b"lost\n")
+    # A hundred long names that do not compress: the lost folder's tree is the one large tree
+    # of the backup, whether the repository seals its objects or not.
+    for _ in range(100):
+        write(tmp_path / "src/lost folder" / os.urandom(40).hex(), b"lost\n")
+    before = tree_files(cluster)
     sid = cluster.backup("src", cwd=tmp_path)
-    copies = tree_files_naming(cluster, b"only-in-the-lost-folder.txt")
-    assert len(copies) == 2, copies  # replication factor 2
+    new = {path: data for path, data in tree_files(cluster).items() if path not in before}
+    largest = max(len(data) for data in new.values())
+    copies = [path for path, data in new.items() if len(data) == largest]
+    assert len(copies) == 2 and len({new[path] for path in copies}) == 1, copies  # 2 replicas
+    assert all(len(data) * 10 < largest for data in new.values() if len(data) < largest)
     for path in copies:
         path.unlink()
 
@@ -175,5 +182,68 @@ def test_ls_of_a_snapshot_with_a_folder_whose_tree_is_gone_lists_the_rest_and_ex
     assert result.returncode == 3, result.describe()
     assert result.stdout.splitlines()[:3] == ["src/", "src/kept.txt", "src/lost folder/"], (
         result.describe())
-    assert "only-in-the-lost-folder.txt" not in result.stdout
+    assert len(result.stdout.splitlines()) == 3, result.describe()  # none of the lost files
     assert "src/lost folder" in result.stderr, result.describe()
+
+
+# --- an entry the backup cannot read -------------------------------------------------------
+
+def without_bypassing_file_modes(command: list[str]) -> list[str]:
+    """``command`` run so that file modes bind it: root reads any file whatever its mode unless
+    it lacks CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (another user is bound anyway)."""
+    if os.geteuid() != 0:
+        return command
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+
+
+def test_a_backup_skips_a_file_it_cannot_read_names_it_exits_3_and_keeps_the_rest(cluster,
+                                                                                    tmp_path):
+    """README (backup): "entries it cannot read are skipped with a warning"; (Exit status) "3
+    ... a backup that warned (an entry it could not read ...)"; the snapshot is stored. (A path
+    of its own: another test's snapshot of the module's cluster is no parent.)"""
+    write(tmp_path / "mixed/kept.txt", b"readable\n")
+    write(tmp_path / "mixed/sub/also kept.txt", b"readable too\n")
+    write(tmp_path / "mixed/secret.txt", b"nobody may read this\n", mode=0o000)
+    done = subprocess.run(without_bypassing_file_modes(cluster.command("backup", "mixed")),
+                          cwd=tmp_path, env=cluster.client_env(), stdin=subprocess.DEVNULL,
+                          capture_output=True, encoding="utf-8", timeout=120)
+    shown = f"exit status {done.returncode}\n--- stdout\n{done.stdout}--- stderr\n{done.stderr}"
+    assert done.returncode == 3, shown
+    assert done.stderr.splitlines() == ["warning: cannot read mixed/secret.txt: Permission denied"], shown
+    sid = cluster.snapshot_id(done.stdout)
+
+    assert cluster.sdbackup("ls", sid, cwd=tmp_path).stdout.splitlines() == [
+        "mixed/", "mixed/kept.txt", "mixed/sub/", "mixed/sub/also kept.txt"]
+    cluster.sdbackup("restore", sid, "--target", tmp_path / "out", cwd=tmp_path)
+    assert (tmp_path / "out/mixed/kept.txt").read_bytes() == b"readable\n"
+    assert (tmp_path / "out/mixed/sub/also kept.txt").read_bytes() == b"readable too\n"
+    assert not (tmp_path / "out/mixed/secret.txt").exists()
+
+
+# --- TLS: the address dialled against the certificate ------------------------------------------
+
+def test_a_client_refuses_a_manager_whose_certificate_is_for_another_address(start_cluster,
+                                                                            tmp_path):
+    """README (With TLS): "The end that connects checks the address it dials against the
+    other's subjectAltNames" ... "the client exits 1 with one line". The manager's certificate,
+    of the cluster's CA, names 127.0.0.1 alone: dialled as 127.0.0.1 it is taken, dialled as
+    localhost (the same socket) it is refused."""
+    cluster = start_cluster(servers=1, tls=True)
+    ca = pki.load_ca(str(cluster.tls))
+    pki.save_certificate(str(cluster.tls), "manager",
+                         pki.issue(ca, "manager", "manager", hosts=["127.0.0.1"]))
+    marks = cluster.restart_manager()
+    cluster.wait_registered_since(marks)  # the server dials 127.0.0.1: it is let in
+
+    as_named = cluster.sdbackup("status", cwd=tmp_path, manager=f"tcp:127.0.0.1:{cluster.manager_port}")
+    assert "\nmanager ready; 1 of 1 servers alive;" in as_named.stdout, as_named.describe()
+
+    result = cluster.sdbackup("status", cwd=tmp_path, check=False,
+                              manager=f"tcp:localhost:{cluster.manager_port}")
+    assert result.returncode == 1, result.describe()
+    assert result.stdout == "", result.describe()
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"sdbackup: cannot reach the manager at tcp:localhost:{cluster.manager_port}: "
+                           "TLS handshake failed: the peer's certificate is not valid for its "
+                           "address"), result.describe()
+    assert "localhost" in line.partition("not valid for its address")[2], result.describe()

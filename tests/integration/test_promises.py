@@ -1,13 +1,23 @@
 """Promises of README.rst that no other test held to, against the services in this process
 (the list of promises and their tests: issue 11)."""
 
+import os
+
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import globalLogPublisher
 from twisted.python import usage
 
 from sdbackup import manager_tap, server_tap
-from sdbackup.protocols.messages import Locate
+from sdbackup.client.backup import Backup
+from sdbackup.client.session import STARTING_RETRY, STARTING_WAIT, ClientError, Session
+from sdbackup.protocols.messages import ListSnapshots, Locate, StatusRequest
+from sdbackup.protocols.peer import MessageProtocol, RemoteError
+from sdbackup.services.manager import ManagerService
+from sdbackup.tlsconfig import Transport
 
 from .backups import make_backup
 
@@ -159,3 +169,143 @@ async def test_a_server_that_comes_back_counts_once_and_its_extra_copies_are_kep
         assert (total, under, missing) == (len(held), 0, 0)
     finally:
         await client.close()
+
+
+# --- a client and a manager that is still starting --------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_command_waits_for_a_starting_manager_then_gives_up_with_its_reason(tmp_path):
+    """README: "While the manager is starting, every command but status waits for it, for up to
+    120 seconds, after printing why on standard error"; then "1 ... the manager's reason when it
+    is still starting after 120 seconds". A manager no server reached stays starting; the
+    client's waits run on a clock the test moves (the link to the manager is real)."""
+    manager = ManagerService("tcp:0:interface=127.0.0.1", str(tmp_path / "m"), reactor=reactor)
+    manager.startService()
+    try:
+        port = (await manager.when_listening()).getHost().port
+        told = []
+        session = await Session(reactor, f"tcp:127.0.0.1:{port}", notice=told.append).connect()
+        # Its waits (0.5 s between tries, the 120 s bound, the request's time-out) on a clock
+        # the test moves; its connection stays on the reactor.
+        clock = task.Clock()
+        session.reactor = clock
+        try:
+            asking = defer.ensureDeferred(session.ask(ListSnapshots()))
+            waited_at = []
+            while not asking.called:
+                assert clock.seconds() <= 2 * STARTING_WAIT, "it waits on and on"
+                # Answered "starting": the client sleeps STARTING_RETRY on the clock (until then
+                # only the request's time-out is due, far later).
+                retry = clock.seconds() + STARTING_RETRY
+                if any(call.getTime() <= retry for call in clock.getDelayedCalls()):
+                    waited_at.append(clock.seconds())
+                    clock.advance(STARTING_RETRY)
+                else:
+                    await task.deferLater(reactor, 0.005)
+            with pytest.raises(RemoteError) as refused:
+                await asking
+        finally:
+            await session.close()
+    finally:
+        await manager.stopService()
+    assert refused.value.code == "starting"
+    assert refused.value.reason.startswith("the manager is starting: "), refused.value.reason
+    assert told == [f"{refused.value.reason}; waiting"]
+    # Asked again every half second for 120 s, and not beyond.
+    assert waited_at == [i * STARTING_RETRY for i in range(len(waited_at))]
+    assert 120.0 < clock.seconds() <= 120.0 + STARTING_RETRY
+
+
+# --- a backup whose chunks no server takes ---------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_backup_gives_up_on_a_chunk_after_4_store_attempts(make_cluster, tmp_path,
+                                                                   monkeypatch):
+    """README (When things fail, Backups): a failing primary "is excluded for the rest of the
+    backup, and the pack's chunks are placed again without it, up to 4 attempts". Every server
+    refuses every store (a full disk); there are five, so the bound, not the servers, ends it."""
+    cluster = await make_cluster(servers=5, replicas=1)
+    for server in cluster.servers:
+        server.store.reserve = 2**62  # the disk refuses every write
+    address_of = {s.server: s.server.address for s in cluster.servers}
+    refusals = []
+
+    def observe(event):  # each server logs each store it refuses
+        if event.get("log_format") == "refused a store: {why}" and event.get("log_source") in address_of:
+            refusals.append(address_of[event["log_source"]])
+
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("src")
+    with open("src/a.txt", "wb") as f:
+        f.write(b"no server takes this\n")
+    globalLogPublisher.addObserver(observe)
+    try:
+        session = await cluster.session()
+        try:
+            with pytest.raises(ClientError) as failed:
+                await Backup(session, ["src"]).run()
+        finally:
+            await session.close()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert str(failed.value).startswith("could not store chunks after 4 attempts: "), failed.value
+    assert len(refusals) == 4 and len(set(refusals)) == 4, refusals  # four servers, one each
+    assert all(server.store.count() == 0 for server in cluster.servers)
+    client = await cluster.wire_client()
+    try:
+        assert (await client.ask(ListSnapshots())).snapshots == []  # no snapshot object stored
+    finally:
+        await client.close()
+
+
+# --- the total connection limit -----------------------------------------------------------------
+
+class Silent(Protocol):
+    """A connection that says nothing; ``lost`` fires when it closes."""
+
+    def connectionMade(self):
+        self.lost = defer.Deferred()
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_over_the_total_limit_are_refused_and_those_within_it_served(tmp_path):
+    """README (Hostile connections): "A process accepts at most --max-connections connections"
+    (and --max-connections-per-host from one address, in tests/unit/test_transport.py). Each
+    connection here comes from its own loopback address, so only the total can refuse one."""
+    manager = ManagerService("tcp:0:interface=127.0.0.1", str(tmp_path / "m"), reactor=reactor,
+                             transport=Transport(max_connections=3, max_connections_per_host=3))
+    manager.startService()
+    try:
+        port = (await manager.when_listening()).getHost().port
+
+        def endpoint(host: str):
+            return TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(host, 0))
+
+        kept = []
+        for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            proto = await connectProtocol(endpoint(host), MessageProtocol(None, "client"))
+            kept.append(await proto.ready)
+        refused = await connectProtocol(endpoint("127.0.0.5"), Silent())
+        await until(lambda: refused.lost.called, "the fourth connection's refusal")  # no Hello
+        for proto in kept:  # the three within the limit are served as before
+            status = await proto.request(StatusRequest(), 10, reactor)
+            assert status.state == "starting"
+        kept.pop().transport.loseConnection()
+        await until(lambda: len(manager.manager.connections) == 2, "the third one's end")
+        again = await connectProtocol(endpoint("127.0.0.5"), MessageProtocol(None, "client"))
+        await again.ready  # room again for one
+        assert (await again.request(StatusRequest(), 10, reactor)).state == "starting"
+        for proto in [*kept, again]:
+            proto.transport.loseConnection()
+    finally:
+        await manager.stopService()
+
+
+async def until(condition, what: str, timeout: float = 10.0):
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        assert reactor.seconds() < deadline, f"{what} did not happen within {timeout} s"
+        await task.deferLater(reactor, 0.05)
