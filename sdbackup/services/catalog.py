@@ -514,13 +514,16 @@ class Catalog:
 
     # --- prune (``sdbackup/services/prune.py``) ------------------------------------------
 
-    def held_touching(self, chunk_ids: Iterable[str], now: float) -> dict[str, list[str]]:
+    def held_touching(self, chunk_ids: Iterable[str], now: float, slack: float = 0.0
+                      ) -> dict[str, list[str]]:
         """``holders``; and every chunk held is touched ``now`` in the same transaction: a
-        backup counts on it from this answer on, so a prune sweeping meanwhile spares it."""
+        backup counts on it from this answer on, so a prune sweeping meanwhile spares it.
+        One touched within ``slack`` seconds is left as it is: the write is most of the cost
+        of a lookup, and an unchanged backup looks up every chunk it has."""
         with self._transaction():
             found = self.holders(chunk_ids)
-            self.db.executemany("UPDATE chunks SET touched = ?1 WHERE chunk_id = ?2 AND touched < ?1",
-                                ((now, c) for c in found))
+            self.db.executemany("UPDATE chunks SET touched = ?1 WHERE chunk_id = ?2 AND touched < ?3",
+                                ((now, c, now - slack) for c in found))
         return found
 
     def prune_roots(self, cutoff: float) -> tuple[list[str], list[str]]:

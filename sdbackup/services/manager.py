@@ -70,6 +70,8 @@ RUN_CHUNKS = 128
 SYNC_TIMEOUT = 30.0
 #: Seconds between the end of a ``check --read-data`` and the start of the next, by default.
 READ_DATA_INTERVAL = 600.0
+#: Seconds a chunk's touch may be old before a lookup writes it again, at most.
+MAX_TOUCH_SLACK = 600.0
 
 
 class KeyRefused(Exception):
@@ -179,6 +181,12 @@ class Manager:
         self.server_admin = ServerAdmin(self)
         #: Signs placement tickets; its secrets go to each server as it registers.
         self.tickets = Keyring(ticket_lifetime, ticket_key_interval)
+
+    def _touch_slack(self) -> float:
+        """How old a chunk's touch may be before a lookup writes it again: an eighth of the
+        prune grace, at most 10 minutes (a backup is then sure to commit if it runs no
+        longer than the grace less this; the commit's own check guards the rest)."""
+        return min(self.pruner.grace / 8, MAX_TOUCH_SLACK)
 
     def _now(self) -> float:
         return self.clock.seconds()
@@ -402,7 +410,7 @@ class Manager:
     async def _held(self, chunk_ids: list[str]) -> list[str]:
         """The chunks among ``chunk_ids`` with a copy on a live server, in the same order;
         touched, since the client counts on them now (a prune spares them)."""
-        holders = await self.db(self.catalog.held_touching, chunk_ids, self._now())
+        holders = await self.db(self.catalog.held_touching, chunk_ids, self._now(), self._touch_slack())
         return [c for c in chunk_ids if any(h in self.live for h in holders.get(c, ()))]
 
     @when_ready
@@ -574,7 +582,8 @@ class Manager:
     @when_ready
     async def handle_Locate(self, msg, connection):
         # (Touched: a backup reads its parent's trees, and counts on those unchanged.)
-        holders = await self.db(self.catalog.held_touching, msg.chunk_ids, self._now())
+        holders = await self.db(self.catalog.held_touching, msg.chunk_ids, self._now(),
+                                self._touch_slack())
         return Locations(request_id=msg.request_id, holders=self._live_holders(holders))
 
     def _live_holders(self, holders: dict[str, list[str]]) -> dict[str, list[str]]:

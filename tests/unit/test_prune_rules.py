@@ -290,3 +290,18 @@ def test_storing_a_held_chunk_again_makes_it_fresh_for_a_prune(tmp_path):
         assert store.get(chunk_id)[2] == data
     finally:
         store.close()
+
+
+def test_a_lookup_rewrites_a_touch_only_once_it_is_older_than_the_slack(catalog):
+    catalog.add_locations(A, [(cid("x"), 10)], touched=100.0)
+
+    def touched() -> float:
+        return catalog.db.execute("SELECT touched FROM chunks WHERE chunk_id = ?",
+                                  (cid("x"),)).fetchone()[0]
+
+    catalog.held_touching([cid("x")], now=150.0, slack=60.0)
+    assert touched() == 100.0  # 50 s old: within the slack, not written
+    catalog.held_touching([cid("x")], now=161.0, slack=60.0)
+    assert touched() == 161.0  # 61 s old: written
+    catalog.held_touching([cid("x")], now=162.0)
+    assert touched() == 162.0  # no slack: every lookup touches
