@@ -53,7 +53,7 @@ class ParentTrees:
     Both go depth-first in name order. Every tree to read has a *position*,
     the indexes of the names that lead to it, and positions compare like the
     walk's order; the next trees read are those that come first. A round
-    locates ``ROUND_TREES`` ids at once and fetches them together,
+    locates ``ROUND_TREES`` ids at once and fetches them together (one FetchChunks per holder),
     ``LOAD_ROUNDS`` rounds at a time, while fewer than ``TREES_AHEAD`` trees
     (and ``NODES_AHEAD`` Nodes, about 1 KiB each) wait to be entered. When
     the window is full and a tree that comes sooner is waiting, the tree read
@@ -211,27 +211,29 @@ class ParentTrees:
             except Exception as e:
                 self.report.note(f"cannot locate the parent snapshot's trees: {e}")
                 holders = {}
-            await defer.DeferredList([
-                defer.ensureDeferred(self._load_one(t, holders.get(t.hex(), []), undelivered))
-                for t in ids])
+            fetched = await self.repository.fetch_many(
+                Kind.TREE, {t.hex(): holders.get(t.hex(), []) for t in ids})
+            for tree_id in ids:
+                self._deliver(tree_id, await self._decode(tree_id, fetched[tree_id.hex()]),
+                              undelivered)
         finally:
             for tree_id in list(undelivered):
                 self._deliver(tree_id, None, undelivered)
             self._rounds -= 1
             self._pump()
 
-    async def _load_one(self, tree_id: bytes, holders: list[str], undelivered: set):
+    async def _decode(self, tree_id: bytes, data) -> objects.Tree | None:
+        """The tree in fetched ``data``; None, noted, when it could not be had or read."""
         try:
-            data = await self.repository.fetch(Kind.TREE, tree_id.hex(), holders)
+            if isinstance(data, Exception):
+                raise data
             if len(data) <= DECODE_INLINE:
-                tree = objects.decode_tree(data, trusted=True)
-            else:
-                tree = await deferToThread(objects.decode_tree, data, True)
+                return objects.decode_tree(data, trusted=True)
+            return await deferToThread(objects.decode_tree, data, True)
         except Exception as e:
             self.report.note(f"the parent snapshot's tree {tree_id.hex()[:16]} cannot be read "
                              f"({e}): its folder is read again")
-            tree = None
-        self._deliver(tree_id, tree, undelivered)
+            return None
 
     def _deliver(self, tree_id: bytes, tree, undelivered: set):
         undelivered.discard(tree_id)

@@ -101,6 +101,15 @@ class MemoryStore:
         assert found == kind
         return data
 
+    async def fetch_many(self, kind, wanted):
+        found = {}
+        for chunk_id, holders in wanted.items():
+            try:
+                found[chunk_id] = await self.fetch(kind, chunk_id, holders)
+            except ClientError as e:
+                found[chunk_id] = e
+        return found
+
     async def fetch_object(self, kind, chunk_id):
         return await self.fetch(kind, chunk_id, (await self.locate([chunk_id])).get(chunk_id, []))
 
