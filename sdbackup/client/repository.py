@@ -289,6 +289,8 @@ class Repository:
                 failed.update((chunk_id, "answered nothing") for chunk_id in unanswered + left)
                 break
             left = unanswered + left
+            # Opened, the sealed reply (up to 8 MiB) is not needed while the next is awaited.
+            del reply, pieces, checks
         return good, failed
 
     def _open_all(self, kind: str, pieces: list, checks: list) -> list:

@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 from sdbackup import objects
 from sdbackup.client import fswriter
 from sdbackup.client.fswriter import FileSystemWriter, Folder, RestoreError
+from sdbackup.client.memory import tune_malloc
 from sdbackup.client.overwrite import DEFAULT_MODE, Action, decide
 from sdbackup.client.progress import Progress
 from sdbackup.client.repository import ChunkUnavailable, Repository
@@ -171,6 +172,7 @@ class Restore:
         #: (or, in a dry run, that would be): what ``--verbose`` lists.
         self.listed = listed
         self.repository = Repository(session)
+        self._trim = lambda: None  # (``run`` tunes the allocator)
         self.snapshot = snapshot
         self.target = target
         #: ``--include`` and ``--exclude`` (a PatternError for one that cannot be read).
@@ -193,6 +195,7 @@ class Restore:
         self._done = defer.Deferred()
 
     async def run(self) -> RestoreResult:
+        self._trim = tune_malloc() or (lambda: None)
         summary = await self.repository.resolve(self.snapshot)
         snapshot = await self.repository.load_snapshot(summary.snapshot_id)
         self.result.snapshot_id = summary.snapshot_id
@@ -474,6 +477,7 @@ class Restore:
             outcomes = [e if outcome is None else outcome for outcome in outcomes]
         for item, outcome in zip(batch, outcomes, strict=True):
             self._batched_done(item, outcome)
+        self._trim()  # (its chunks were opened in threads: freed holes of their arenas)
 
     def _pieces(self, node: Node, fetched: dict) -> list[bytes]:
         """A small file's chunks, from a batch's fetched chunks (ChunkUnavailable if one failed)."""
@@ -598,6 +602,7 @@ class Restore:
                     await self._write_next(pending, out)
             while pending:
                 await self._write_next(pending, out)
+            self._trim()
             return await deferToThread(out.finish)
         except BaseException:
             for _, d, holds in pending:

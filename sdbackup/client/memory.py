@@ -1,0 +1,50 @@
+"""The client's memory: keep glibc's heap near what the process uses.
+
+Backup and restore make chunk buffers in threads (reading, sealing, opening) and free
+them on the reactor, in another order than they were made; glibc keeps the freed holes,
+and each thread its own arena. ``tune_malloc`` limits the arenas and maps large blocks of
+their own, and gives back a function that hands freed memory back to the system.
+"""
+
+import ctypes
+
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
+#: Blocks from this size on are mapped of their own and handed back when freed.
+MMAP_THRESHOLD = 1024 * 1024
+#: Freed heap memory kept by the allocator past which a confirmed batch hands it back.
+TRIM_FREE = 32 * 1024 * 1024
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def tune_malloc():
+    """Keep the process's memory near what it uses; a function that hands freed memory back
+    (None where the allocator is not glibc's).
+
+    Chunk buffers are read in threads and freed on the reactor in another order than they
+    were made, so glibc's heap keeps freed holes: measured on a copy of /usr/share (50,000
+    files), a peak of 122 MiB of which 38 MiB free heap and 28 MiB in use. Two arenas,
+    blocks of ``MMAP_THRESHOLD`` and more mapped of their own (glibc's default raises that
+    threshold after each large free), and a ``malloc_trim`` after a confirmed batch when more
+    than ``TRIM_FREE`` is free bring it to about 104 MiB. A lower threshold (256 KiB) and a
+    trim after every batch reach about 95 MiB, but a large file's buffers are then mapped
+    and faulted in again for every read: the 1 GiB backup took 20 to 30% longer.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallinfo2, malloc_trim = libc.mallinfo2, libc.malloc_trim
+        mallinfo2.restype = _MallInfo2
+        libc.mallopt(_M_ARENA_MAX, 2)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        return None  # not glibc (or an old one): nothing to tune
+
+    def trim():
+        if mallinfo2().fordblks > TRIM_FREE:
+            malloc_trim(0)
+
+    return trim
