@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean chromium mutate
+.PHONY: demo test lint bench clean packages mutate
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,17 +24,20 @@ demo: $(BIN)/python
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .
 
-test: $(VENV)/.test-installed lint chromium
+test: $(VENV)/.test-installed lint packages
 	$(BIN)/python -m pytest
 
-# The dashboard's browser test runs Debian's chromium headless: apt-get installs it when
-# missing (as root, or through sudo). Without it that test fails; it never skips.
-chromium:
-	@command -v chromium >/dev/null || { \
-	  echo "installing chromium from Debian's packages (apt-get)"; \
+# Debian packages some tests run, installed with apt-get when missing (as root, or through
+# sudo): chromium (the dashboard's browser test) and strace (tests/e2e/test_durability.py
+# watches the daemons' system calls). Without them those tests fail; they never skip.
+TEST_PACKAGES := chromium strace
+packages:
+	@missing=$$(for p in $(TEST_PACKAGES); do command -v $$p >/dev/null || echo $$p; done); \
+	[ -z "$$missing" ] || { \
+	  echo "installing" $$missing "from Debian's packages (apt-get)"; \
 	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; }
 
 # Not part of `make test`: several minutes, a real cluster, restic and borg (apt-get installs
 # them when missing). Options go through BENCH_ARGS, e.g. make bench BENCH_ARGS="--size-mib 256";
