@@ -84,7 +84,10 @@ def run_area(name: str, module: str, tests: str, timeout: float, work: Path,
             ".git", ".venv", "bench_work", "__pycache__", "*.sqlite", "data_*", "manager_data"))
     else:
         subprocess.run(["git", "clone", "-q", str(ROOT), str(copy)], check=True)
-    env = {**os.environ, "PYTHONPATH": str(copy)}  # the copy's code, not the installed one
+    # The copy's code, not the installed one; and PATH made absolute, since the tools run in
+    # the copy (PATH=.venv/bin would find no cosmic-ray, nor the venv's python, there).
+    path = os.pathsep.join(os.path.abspath(p) for p in os.environ.get("PATH", "").split(os.pathsep) if p)
+    env = {**os.environ, "PYTHONPATH": str(copy), "PATH": path}
     cfg = copy / "mutate.toml"
     cfg.write_text(config(module, tests, timeout))
     session = copy / "session.sqlite"

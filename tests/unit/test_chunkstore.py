@@ -1,6 +1,12 @@
 """ChunkStore: verified, durable, content-addressed chunk files on a real disk."""
 
+import errno
 import os
+import re
+import resource
+import shutil
+import time
+from pathlib import Path
 
 import pytest
 
@@ -14,8 +20,11 @@ from sdbackup.services.chunkstore import (
     ChunkCorrupt,
     ChunkMissing,
     ChunkStore,
+    ChunkStoreError,
+    DiskFull,
     FolderInUse,
     InvalidChunkId,
+    KindConflict,
 )
 
 HEADER = HEADER_SIZE
@@ -409,3 +418,481 @@ def test_a_second_store_on_the_same_folder_is_refused_until_the_first_closes(sto
         ChunkStore(str(data_dir))
     store.close()
     ChunkStore(str(data_dir)).close()
+
+
+# --- the file format, kept across releases ----------------------------------------------
+
+
+#: The kind byte of each kind in files written by every release since SDBCHNK2: a folder
+#: written by one release is read by the next, so these never change.
+ON_DISK_KIND_CODES = {"data": 0x00, "tree": 0x03, "list": 0x05, "snapshot": 0x06, "key": 0x09}
+
+
+def a_key_object() -> bytes:
+    return objects.seal("key", [], [], b"a master key wrapped under a password")
+
+
+def one_of_each_kind() -> dict[str, tuple[str, str, bytes]]:
+    return {"data": chunk(b"file bytes"), "tree": an_object("tree", a_tree(b"a")),
+            "list": an_object("list", objects.encode_chunk_list([b"\x05" * 32])),
+            "snapshot": an_object("snapshot", a_snapshot()), "key": an_object("key", a_key_object())}
+
+
+def test_a_folder_written_by_an_earlier_release_reads_back_with_its_kinds(data_dir):
+    made = one_of_each_kind()
+    for kind, (chunk_id, checksum, payload) in made.items():
+        root = kind in ("snapshot", "key")
+        path = data_dir / "snapshots" / chunk_id if root else data_dir / "chunks" / chunk_id[:2] / chunk_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"SDBCHNK2" + bytes([ON_DISK_KIND_CODES[kind]]) + bytes.fromhex(checksum) + payload)
+    store = ChunkStore(str(data_dir))
+    assert store.count() == 5
+    for kind, (chunk_id, checksum, payload) in made.items():
+        assert store.get(chunk_id) == (kind, checksum, payload)
+        # Storing it again finds it held as that kind: no conflict, nothing written.
+        assert store.put(kind, chunk_id, checksum, payload) is False
+    assert sorted(store.snapshot_ids()) == sorted([made["snapshot"][0], made["key"][0]])
+    assert files_under(data_dir / "quarantine") == []
+
+
+def test_the_store_writes_the_kind_codes_of_the_format(store, data_dir):
+    for kind, (chunk_id, checksum, payload) in one_of_each_kind().items():
+        assert store.put(kind, chunk_id, checksum, payload) is True
+        data = Path(store.path_for(chunk_id)).read_bytes()
+        assert data == b"SDBCHNK2" + bytes([ON_DISK_KIND_CODES[kind]]) + bytes.fromhex(checksum) + payload
+    # Roots (snapshots and keys) are listed without opening any chunk.
+    assert len(files_under(data_dir / "snapshots")) == 2
+
+
+def test_one_flipped_bit_of_the_kind_byte_never_reads_as_another_kind(tmp_path):
+    for kind, (chunk_id, checksum, payload) in one_of_each_kind().items():
+        for bit in range(8):
+            store = ChunkStore(str(tmp_path / f"{kind}-{bit}"))
+            store.put(kind, chunk_id, checksum, payload)
+            path = Path(store.path_for(chunk_id))
+            data = bytearray(path.read_bytes())
+            data[len(MAGIC)] ^= 1 << bit
+            path.write_bytes(data)
+            with pytest.raises(ChunkCorrupt, match="damaged header"):
+                store.get(chunk_id)
+            store.close()
+
+
+def test_chunk_files_are_readable_by_the_server_alone(store):
+    chunk_id, checksum, payload = chunk(b"private bytes")
+    store.put(DATA, chunk_id, checksum, payload)
+    assert os.stat(store.path_for(chunk_id)).st_mode & 0o777 == 0o600
+
+
+# --- errors say what went wrong -----------------------------------------------------------
+
+
+def test_refusals_name_the_chunk_and_the_reason(store):
+    chunk_id, checksum, payload = chunk(b"what the client meant")
+    wrong = hashing.checksum(b"what arrived")
+    with pytest.raises(ChecksumMismatch) as raised:
+        store.put(DATA, chunk_id, wrong, payload)
+    assert str(raised.value) == (f"chunk {chunk_id[:16]}: received bytes hash to {checksum[:16]}, "
+                                 f"expected {wrong[:16]}")
+    with pytest.raises(ChecksumMismatch) as raised:
+        store.put(DATA, chunk_id, "nothex", payload)
+    assert str(raised.value) == "not a checksum: 'nothex'"
+    with pytest.raises(InvalidChunkId) as raised:
+        store.put(DATA, "abc", checksum, payload)
+    assert str(raised.value) == "not a chunk id: 'abc'"
+    other = chunk(b"other bytes")
+    with pytest.raises(InvalidChunkId) as raised:
+        store.put(DATA, chunk_id, other[1], other[2])
+    assert str(raised.value) == f"data {chunk_id[:16]}: the id is not the hash of the bytes"
+    bad_tree = an_object("tree", b"not a tree")
+    with pytest.raises(BadObject) as raised:
+        store.put("tree", *bad_tree)
+    assert str(raised.value).startswith(f"tree object {bad_tree[0][:16]} is not valid: ")
+    with pytest.raises(BadObject) as raised:
+        store.put("secret", *chunk(b"x"))
+    assert str(raised.value) == "unknown chunk kind 'secret'"
+    missing = hashing.chunk_id(b"never stored")
+    with pytest.raises(ChunkMissing) as raised:
+        store.get(missing)
+    assert str(raised.value) == f"chunk {missing[:16]} is not held here"
+    assert raised.value.code == "chunk-missing"
+
+
+def test_any_other_checksum_or_id_is_refused(store, data_dir):
+    # Whichever side of the right value the wrong one sorts on.
+    chunk_id, checksum, payload = chunk(b"the bytes sent")
+    tree = an_object("tree", a_tree(b"sent"))
+    for wrong in ("0" * 64, "f" * 64):
+        with pytest.raises(ChecksumMismatch):
+            store.put(DATA, chunk_id, wrong, payload)
+        with pytest.raises(InvalidChunkId, match="the id is not the hash of the bytes"):
+            store.put(DATA, wrong, checksum, payload)
+        with pytest.raises(InvalidChunkId, match="the id is not the hash of the bytes"):
+            store.put("tree", wrong, *tree[1:])
+    assert files_under(data_dir) == []
+
+
+def test_kinds_read_off_the_wire_are_the_same_kinds(store):
+    # A kind decoded from a message is a new string, not the constant of the same name.
+    def decoded(kind: str) -> str:
+        return "".join(list(kind))
+
+    data, tree = chunk(b"sent over the wire"), an_object("tree", a_tree(b"wire"))
+    assert decoded(DATA) is not DATA
+    assert store.put(decoded(DATA), *data) is True
+    assert store.put(decoded("tree"), *tree) is True
+    assert store.put(decoded(DATA), *data) is False
+    assert store.put(decoded("tree"), *tree) is False
+    assert store.get(data[0]) == (DATA, *data[1:])
+    assert store.get(tree[0]) == ("tree", *tree[1:])
+
+
+def test_every_damaged_payload_is_caught(store):
+    for i in range(6):
+        chunk_id, checksum, payload = chunk(f"chunk {i} ".encode() * 50)
+        store.put(DATA, chunk_id, checksum, payload)
+        path = Path(store.path_for(chunk_id))
+        data = bytearray(path.read_bytes())
+        data[HEADER + 3] ^= 0x01
+        path.write_bytes(data)
+        with pytest.raises(ChunkCorrupt, match="does not match its checksum"):
+            store.get(chunk_id)
+    assert store.count() == 0
+
+
+def test_a_data_chunk_found_among_the_snapshots_is_corrupt(store, data_dir):
+    data = chunk(b"not a root")
+    store.put(DATA, *data)
+    moved = data_dir / "snapshots" / data[0]
+    Path(store.path_for(data[0])).rename(moved)
+    with pytest.raises(ChunkCorrupt, match="damaged header"):
+        store.get(data[0])
+    assert not moved.exists()
+
+
+def test_a_damaged_copy_is_named_in_the_error(store):
+    chunk_id, checksum, payload = chunk(b"soon damaged" * 10)
+    store.put(DATA, chunk_id, checksum, payload)
+    path = Path(store.path_for(chunk_id))
+    path.write_bytes(_damage_payload(path.read_bytes()))
+    with pytest.raises(ChunkCorrupt) as raised:
+        store.get(chunk_id)
+    assert str(raised.value) == f"chunk {chunk_id[:16]} does not match its checksum"
+    store.put(DATA, chunk_id, checksum, payload)
+    path.write_bytes(b"garbage")
+    with pytest.raises(ChunkCorrupt) as raised:
+        store.get(chunk_id)
+    assert str(raised.value) == f"chunk {chunk_id[:16]} has a damaged header"
+
+
+def test_an_id_held_as_another_kind_refuses_the_whole_store(store, data_dir):
+    chunk_id, checksum, payload = chunk(b"held as data")
+    store.put(DATA, chunk_id, checksum, payload)
+    path = Path(store.path_for(chunk_id))
+    data = bytearray(path.read_bytes())
+    data[len(MAGIC)] = ON_DISK_KIND_CODES["tree"]  # (as a keyed id could one day make it)
+    path.write_bytes(data)
+    fresh = chunk(b"a bystander in the same pack")
+    with pytest.raises(KindConflict) as raised:
+        store.put_many(DATA, [fresh, (chunk_id, checksum, payload)])
+    assert raised.value.code == "kind-conflict"
+    assert str(raised.value) == f"chunk {chunk_id[:16]} is held here as tree, not data"
+    assert not store.has(fresh[0])
+    assert path.read_bytes() == data
+    assert os.listdir(data_dir / "incoming") == []
+    tree = an_object("tree", a_tree(b"held as a tree"))
+    store.put("tree", *tree)
+    path = Path(store.path_for(tree[0]))
+    path.write_bytes(path.read_bytes()[: len(MAGIC)] + bytes([ON_DISK_KIND_CODES["data"]])
+                     + path.read_bytes()[len(MAGIC) + 1 :])
+    with pytest.raises(KindConflict, match="is held here as data, not tree"):
+        store.put("tree", *tree)
+
+
+def test_a_held_copy_with_a_damaged_header_is_no_conflict(store):
+    chunk_id, checksum, payload = chunk(b"damaged, then stored again")
+    store.put(DATA, chunk_id, checksum, payload)
+    path = Path(store.path_for(chunk_id))
+    for damaged in (b"", b"SDBCHNK2", b"XDBCHNK2" + bytes([ON_DISK_KIND_CODES["tree"]]) + b"\x00" * 40):
+        path.write_bytes(damaged)
+        # Held (the next read quarantines it, then it is stored again), not refused.
+        assert store.put(DATA, chunk_id, checksum, payload) is False
+    with pytest.raises(ChunkCorrupt):
+        store.get(chunk_id)
+    assert store.put(DATA, chunk_id, checksum, payload) is True
+    assert store.get(chunk_id) == (DATA, checksum, payload)
+
+
+# --- storing: packs, failures, the reserve ---------------------------------------------
+
+
+def test_a_chunk_twice_in_one_pack_is_stored_once(store, data_dir):
+    twice, other = chunk(b"sent twice"), chunk(b"sent once")
+    assert store.put_many(DATA, [twice, twice, other]) == [(twice[0], len(twice[2])),
+                                                           (other[0], len(other[2]))]
+    assert store.count() == 2
+    assert store.get(other[0]) == (DATA, *other[1:])
+    assert os.listdir(data_dir / "incoming") == []
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 5, 20])
+def test_a_pack_of_any_size_is_stored_whole(store, size):
+    pack = [chunk(f"pack of {size}, chunk {i}".encode()) for i in range(size)]
+    assert store.put_many(DATA, pack) == [(c[0], len(c[2])) for c in pack]
+    assert store.count() == size
+    assert all(store.get(c[0]) == (DATA, c[1], c[2]) for c in pack)
+    assert store.put_many(DATA, pack) == []
+
+
+def test_a_write_that_fails_midway_leaves_nothing_and_the_store_keeps_serving(store, data_dir):
+    # A file size limit makes the third write fail as a full disk would (EFBIG, not ENOSPC).
+    pack = [chunk(b"small one"), chunk(b"small two"), chunk(b"\x07" * (2 * 1024**2))]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024**2, hard))
+    try:
+        with pytest.raises(OSError) as raised:
+            store.put_many(DATA, pack)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert raised.value.errno == errno.EFBIG
+    assert os.listdir(data_dir / "incoming") == []
+    assert files_under(data_dir) == []
+    assert store.count() == 0
+    assert store.put_many(DATA, pack) == [(c[0], len(c[2])) for c in pack]
+    assert store.get(pack[2][0]) == (DATA, *pack[2][1:])
+
+
+def test_a_pack_whose_second_shard_cannot_be_made_keeps_the_first_and_leaves_no_temporary_file(
+        store, data_dir):
+    first, second = chunk(b"first"), chunk(b"second")
+    assert first[0][:2] != second[0][:2]
+    (data_dir / "chunks" / second[0][:2]).write_bytes(b"a file where the shard folder goes")
+    with pytest.raises(OSError):
+        store.put_many(DATA, [first, second])
+    assert os.listdir(data_dir / "incoming") == []
+    assert store.get(first[0]) == (DATA, *first[1:])
+    assert not store.has(second[0])
+    assert store.count() == 1
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1048576:.1f} MiB"
+
+
+def test_a_store_that_leaves_the_reserve_free_is_accepted(store):
+    store.reserve = store.free_bytes() // 2
+    assert store.put(DATA, *chunk(b"room enough")) is True
+
+
+def test_a_store_larger_than_the_room_above_the_reserve_is_refused(store, data_dir):
+    big = chunk(b"\x01" * (16 * 1024**2))
+    store.reserve = store.free_bytes() - 8 * 1024**2  # room for half of it
+    with pytest.raises(DiskFull) as raised:
+        store.put(DATA, *big)
+    assert raised.value.code == "disk-full"
+    assert re.fullmatch(rf"the disk is full: [0-9.]+ MiB free, {re.escape(_mib(store.reserve))} kept in "
+                        rf"reserve \(--reserve\), 16\.0 MiB to store", str(raised.value))
+    assert files_under(data_dir) == []
+
+
+def test_a_full_disk_refuses_new_chunks_but_not_those_held(store, data_dir):
+    held = chunk(b"stored while there was room")
+    store.put(DATA, *held)
+    store.reserve = store.free_bytes() + 1024**4
+    with pytest.raises(DiskFull) as raised:
+        store.put(DATA, *chunk(b"no room for this"))
+    assert f"{_mib(store.reserve)} kept in reserve (--reserve), 0.0 MiB to store" in str(raised.value)
+    assert store.put(DATA, *held) is False  # nothing to write
+    assert store.put_many(DATA, []) == []
+    assert store.count() == 1
+    assert os.listdir(data_dir / "incoming") == []
+
+
+def test_disk_space_is_the_file_systems(store):
+    free, total = store.disk_space()
+    usage = shutil.disk_usage(store.root)
+    assert total == usage.total
+    assert abs(free - usage.free) < 256 * 1024**2  # (others write to this disk meanwhile)
+    assert abs(store.free_bytes() - usage.free) < 256 * 1024**2
+
+
+# --- reading many ----------------------------------------------------------------------------
+
+
+def test_get_many_reads_in_order_as_many_as_fit(store):
+    pack = [chunk(bytes([i]) * 100) for i in range(3)]
+    store.put_many(DATA, pack)
+    ids = [c[0] for c in pack]
+    whole = [(c[0], (DATA, c[1], c[2])) for c in pack]
+    assert store.get_many(ids, 300) == whole
+    assert store.get_many(ids, 200) == whole[:2]  # exactly full
+    assert store.get_many(ids, 199) == whole[:1]
+    assert store.get_many(ids, 10) == whole[:1]  # at least one, however large
+    assert store.get_many([], 10) == []
+
+
+def test_get_many_stops_at_the_first_chunk_that_does_not_fit(store):
+    # A batch is a prefix of what was asked: a smaller chunk further on waits its turn.
+    pack = [chunk(b"a" * 100), chunk(b"b" * 300), chunk(b"c" * 50)]
+    store.put_many(DATA, pack)
+    assert store.get_many([c[0] for c in pack], 200) == [(pack[0][0], (DATA, pack[0][1], pack[0][2]))]
+
+
+def test_get_many_reports_missing_and_damaged_chunks_and_reads_on(store, data_dir):
+    good, damaged, after = chunk(b"g" * 100), chunk(b"d" * 100), chunk(b"a" * 100)
+    snapshot = an_object("snapshot", a_snapshot())
+    store.put_many(DATA, [good, damaged, after])
+    store.put("snapshot", *snapshot)
+    damaged_path = Path(store.path_for(damaged[0]))
+    damaged_path.write_bytes(_damage_payload(damaged_path.read_bytes()))
+    missing = hashing.chunk_id(b"never stored")
+    found = store.get_many([missing, snapshot[0], damaged[0], good[0], after[0]], 10**6)
+    assert [chunk_id for chunk_id, _ in found] == [missing, snapshot[0], damaged[0], good[0], after[0]]
+    assert isinstance(found[0][1], ChunkMissing)
+    assert str(found[0][1]) == f"chunk {missing[:16]} is not held here"
+    assert found[1][1] == ("snapshot", snapshot[1], snapshot[2])
+    assert isinstance(found[2][1], ChunkCorrupt)
+    assert found[3][1] == (DATA, good[1], good[2])
+    assert found[4][1] == (DATA, after[1], after[2])
+    assert not damaged_path.exists()
+    assert len(files_under(data_dir / "quarantine")) == 1
+    assert store.count() == 3
+    # Damaged and missing chunks take no room in the batch.
+    assert [c for c, _ in store.get_many([missing, good[0], after[0]], 200)] == [missing, good[0], after[0]]
+
+
+def test_get_many_counts_a_file_shorter_than_a_header_as_no_bytes(store):
+    full, beyond, stub = chunk(b"f" * 100), chunk(b"b" * 101), chunk(b"soon a stub")
+    store.put_many(DATA, [full, beyond, stub])
+    stub_path = Path(store.path_for(stub[0]))
+    stub_path.write_bytes(b"SDBCHNK2")
+    # After a batch exactly full the stub still fits (and is found damaged) ...
+    found = store.get_many([full[0], stub[0]], 100)
+    assert [c for c, _ in found] == [full[0], stub[0]] and isinstance(found[1][1], ChunkCorrupt)
+    # ... but not after a batch already past its size.
+    store.put(DATA, *stub)
+    stub_path.write_bytes(b"SDBCHNK2")
+    assert [c for c, _ in store.get_many([beyond[0], stub[0]], 100)] == [beyond[0]]
+
+
+# --- forgetting ------------------------------------------------------------------------------
+
+
+def _age(store, chunk_id: str, seconds: float):
+    then = time.time() - seconds
+    os.utime(store.path_for(chunk_id), (then, then))
+
+
+def test_delete_snapshots_deletes_only_roots_held(store, data_dir):
+    data = chunk(b"referenced data")
+    snapshot, key = an_object("snapshot", a_snapshot()), an_object("key", a_key_object())
+    store.put(DATA, *data)
+    store.put("snapshot", *snapshot)
+    store.put("key", *key)
+    unheld = an_object("snapshot", a_snapshot("elsewhere"))[0]
+    assert store.delete_snapshots([unheld, data[0], snapshot[0], key[0]]) == [snapshot[0], key[0]]
+    assert store.snapshot_ids() == []
+    assert store.get(data[0]) == (DATA, data[1], data[2])
+    assert store.count() == 1
+    assert store.delete_snapshots([snapshot[0]]) == []
+
+
+def test_delete_chunks_spares_fresh_chunks_and_roots(store):
+    old, fresh, tree = chunk(b"old" * 1000), chunk(b"fresh"), an_object("tree", a_tree(b"old tree"))
+    snapshot, key = an_object("snapshot", a_snapshot()), an_object("key", a_key_object())
+    store.put_many(DATA, [old, fresh])
+    store.put("tree", *tree)
+    store.put("snapshot", *snapshot)
+    store.put("key", *key)
+    for chunk_id in (old[0], tree[0], snapshot[0], key[0]):
+        _age(store, chunk_id, 3600)
+    unheld = hashing.chunk_id(b"never held")
+    deleted, kept = store.delete_chunks([fresh[0], snapshot[0], unheld, old[0], key[0], tree[0]], 60)
+    assert deleted == [(old[0], HEADER + len(old[2])), (tree[0], HEADER + len(tree[2]))]
+    assert kept == [fresh[0], snapshot[0], key[0]]
+    assert not store.has(old[0]) and not store.has(tree[0])
+    assert store.count() == 3
+    assert sorted(store.snapshot_ids()) == sorted([snapshot[0], key[0]])
+    # With no grace, the fresh chunk goes too.
+    assert store.delete_chunks([fresh[0]], 0) == ([(fresh[0], HEADER + len(fresh[2]))], [])
+    assert store.count() == 2
+
+
+@pytest.mark.parametrize("kind", [DATA, "tree"])
+def test_storing_a_held_chunk_again_renews_it_against_a_prune(store, kind):
+    chunk_id, checksum, payload = (chunk(b"stored a day ago, and again now") if kind == DATA
+                                   else an_object("tree", a_tree(b"stored a day ago")))
+    store.put(kind, chunk_id, checksum, payload)
+    _age(store, chunk_id, 86400)
+    assert store.put(kind, chunk_id, checksum, payload) is False
+    assert time.time() - os.stat(store.path_for(chunk_id)).st_mtime < 60
+    assert store.delete_chunks([chunk_id], 3600) == ([], [chunk_id])
+    assert store.get(chunk_id) == (kind, checksum, payload)
+
+
+# --- listing ---------------------------------------------------------------------------------
+
+
+def test_links_and_folders_the_store_did_not_make_are_not_chunks(store, data_dir, tmp_path):
+    real = chunk(b"real")
+    store.put(DATA, *real)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / hashing.chunk_id(b"x")).write_bytes(b"x")
+    (data_dir / "chunks" / real[0][:2] / hashing.chunk_id(b"linked")).symlink_to(
+        outside / hashing.chunk_id(b"x"))
+    (data_dir / "snapshots" / hashing.chunk_id(b"linked root")).symlink_to(outside / hashing.chunk_id(b"x"))
+    (data_dir / "chunks" / "ff").symlink_to(outside, target_is_directory=True)
+    (data_dir / "chunks" / real[0][:2] / hashing.chunk_id(b"a folder")).mkdir()
+    assert list(store.chunk_ids()) == [real[0]]
+    assert store.listing() == ([(real[0], len(real[2]))], [])
+    assert store.snapshot_ids() == []
+    store.close()
+    assert ChunkStore(str(data_dir)).count() == 1
+
+
+def test_a_store_whose_snapshots_folder_was_removed_keeps_listing_and_storing(store, data_dir):
+    data = chunk(b"still here")
+    store.put(DATA, *data)
+    shutil.rmtree(data_dir / "snapshots")
+    assert store.listing() == ([(data[0], len(data[2]))], [])
+    assert store.snapshot_ids() == []
+    snapshot = an_object("snapshot", a_snapshot())
+    assert store.put("snapshot", *snapshot) is True
+    assert store.snapshot_ids() == [snapshot[0]]
+
+
+# --- the data folder ------------------------------------------------------------------------
+
+
+def test_a_stale_lock_file_names_the_new_holder_only(data_dir):
+    data_dir.mkdir()
+    (data_dir / "lock").write_text("4194303\n")  # left by a server that crashed
+    store = ChunkStore(str(data_dir))
+    assert (data_dir / "lock").read_text() == f"{os.getpid()}\n"
+    with pytest.raises(FolderInUse) as raised:
+        ChunkStore(str(data_dir))
+    assert str(raised.value) == (f"the data folder {data_dir} is in use by another sdbackup-server "
+                                 f"(pid {os.getpid()})")
+    assert raised.value.code == "folder-in-use"
+    store.close()
+
+
+@pytest.mark.parametrize("content", ["z" * 32 + "\n", "A" * 32 + "\n", "a" * 31 + "\n", "a" * 33 + "\n",
+                                     "a" * 32 + "\nmore", "a" * 32 + "b"])
+def test_a_damaged_identity_is_refused_and_kept(data_dir, content):
+    data_dir.mkdir()
+    (data_dir / "identity").write_text(content)
+    with pytest.raises(ChunkStoreError) as raised:
+        ChunkStore(str(data_dir))
+    assert str(raised.value) == (f"{data_dir / 'identity'} is damaged (not 32 hex digits): move it "
+                                 f"aside to give the folder a new identity")
+    assert (data_dir / "identity").read_text() == content
+
+
+def test_an_identity_is_32_hex_digits_and_kept(data_dir):
+    store = ChunkStore(str(data_dir))
+    assert re.fullmatch("[0-9a-f]{32}", store.identity)
+    store.close()
+    (data_dir / "identity").write_text("0123456789abcdef" * 2)  # (no newline: written by hand)
+    assert ChunkStore(str(data_dir)).identity == "0123456789abcdef" * 2

@@ -114,3 +114,55 @@ def test_the_manager_options_bound_tickets_and_keys():
                        "--ticket-key-interval must be at least --ticket-lifetime")):
         with pytest.raises(usage.UsageError, match=why):
             manager_tap.Options().parseOptions(argv)
+
+
+def test_an_expired_ticket_says_how_long_ago():
+    keyring = tickets.Keyring(lifetime=600, interval=3600)
+    ticket = keyring.issue([ONE], [A], NOW)
+    assert refusal(ticket, keyring, now=NOW + 645.4, forward_to=[]) == (
+        "ticket-expired", "the ticket expired 45 s ago")
+
+
+def test_by_default_tickets_last_ten_minutes_and_keys_sign_for_ten_hours():
+    # The defaults README.rst gives for --ticket-lifetime and --ticket-key-interval.
+    options = manager_tap.Options()
+    options.parseOptions([])
+    assert (options["ticket-lifetime"], options["ticket-key-interval"]) == (600.0, 36000.0)
+    keyring = tickets.Keyring()
+    ticket = keyring.issue([ONE], [A], NOW)
+    assert ticket.expires == NOW + 600
+    assert refusal(ticket, keyring, now=NOW + 600, forward_to=[]) is None
+    assert refusal(ticket, keyring, now=NOW + 600.5, forward_to=[])[0] == "ticket-expired"
+    first = keyring.current(NOW)
+    assert keyring.current(NOW + 35999.5) == first
+    assert keyring.current(NOW + 36000) != first
+
+
+def test_a_ticket_signed_just_before_a_rotation_is_accepted_until_it_expires():
+    # Times with fractions: a key first used half a second in, a ticket signed with it a
+    # moment before it stops signing; its expiry is rounded up to the next second.
+    keyring = tickets.Keyring(lifetime=600, interval=3600)
+    first = keyring.current(NOW + 0.5)
+    ticket = keyring.issue([ONE], [A], NOW + 3600.2)
+    assert ticket.key_id == first.key_id and ticket.expires == NOW + 4201
+    assert keyring.current(NOW + 3600.5) != first
+    for now in (NOW + 4200.8, NOW + 4201):
+        assert refusal(ticket, keyring, now=now, forward_to=[]) is None
+    assert first in keyring.valid(NOW + 4201)
+    refused = refusal(ticket, keyring, now=NOW + 4202, forward_to=[])
+    assert refused[0] == "ticket-expired" and "key this server does not hold" in refused[1]
+    assert keyring.valid(NOW + 4202) == [keyring.current(NOW + 4202)]
+
+
+def test_keys_rotate_one_after_another_keeping_those_still_needed():
+    keyring = tickets.Keyring(lifetime=600, interval=3600)
+    made = [keyring.current(NOW + hour * 3600) for hour in range(4)]
+    assert len({key.key_id for key in made}) == 4
+    # A quarter of an hour after the last rotation, only the newest key is needed.
+    assert keyring.valid(NOW + 3 * 3600 + 900) == [made[3]]
+    # Left unused for hours, the keyring makes one new key; the last one signed until now.
+    assert keyring.rotate(NOW + 10 * 3600)
+    newest = keyring.current(NOW + 10 * 3600)
+    assert newest not in made
+    assert keyring.valid(NOW + 10 * 3600) == [made[3], newest]
+    assert keyring.valid(NOW + 10 * 3600 + 602) == [newest]
