@@ -149,7 +149,8 @@ async def open_repository(session: Session, args) -> str | None:
     plain = [k for k in keys if k.key.encryption == sealing.NONE]
     if plain and len(plain) < len(keys):
         raise ClientError(f"repository {repo} has both encryption keys and a plaintext mark "
-                          f"(key {plain[0].key_id[:8]}): it cannot be both; see sdbackup key list")
+                          f"(key {plain[0].key_id[:8]}): it cannot be both; if you did not make the "
+                          f"mark, remove it with sdbackup key remove {plain[0].key_id[:8]}")
     password = given_password(args)
     if plain:
         if password is not None:
@@ -226,11 +227,14 @@ async def cmd_key(session: Session, args) -> int:
     keys = await list_keys(session, repo)
     if not keys:
         raise _not_initialised(repo)
-    if any(k.key.encryption == sealing.NONE for k in keys):
+    encrypted = [k for k in keys if k.key.encryption != sealing.NONE]
+    if not encrypted:
         raise ClientError(f"repository {repo} is plaintext (initialised with --encryption none): "
                           f"it has no keys to manage")
+    # A plaintext mark beside the keys (slipped in by another client) is listed, and a password
+    # that opens a key may remove it.
     password = given_password(args) or _prompt(f"password for repository {repo}: ")
-    current, master = await _unwrap_any(keys, password)
+    current, master = await _unwrap_any(encrypted, password)
     if args.key_command == "list" and getattr(args, "json", False):
         ordered = sorted(keys, key=lambda k: k.key.created_ns)
         print(jsonout.dumps([_key_json(k, current.key_id) for k in ordered]))
@@ -241,7 +245,8 @@ async def cmd_key(session: Session, args) -> int:
             key = opened.key
             created = datetime.datetime.fromtimestamp(key.created_ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
             mark = "*" if opened.key_id == current.key_id else " "
-            print(f"{mark} {opened.key_id[:8]}  {created}  {key.host[:20]:20}  {key.user}")
+            plain = "  (plaintext mark: remove it)" if key.encryption == sealing.NONE else ""
+            print(f"{mark} {opened.key_id[:8]}  {created}  {key.host[:20]:20}  {key.user}{plain}")
         return 0
     if args.key_command == "add":
         key_id = await _new_key(session, repo, master, new_password(args))

@@ -11,16 +11,17 @@ import time
 import attrs
 import pytest
 import pytest_twisted
+from conftest import run_sdbackup
 from test_metadata import Attacker, file_node
 from twisted.internet import reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 
-from sdbackup import hashing, objects
+from sdbackup import hashing, objects, sealing
 from sdbackup.client.repository import Repository
 from sdbackup.client.session import ClientError, Session
 from sdbackup.objects import Kind, Node
-from sdbackup.protocols.messages import ChunkNeed, PlacementRequest, StoreChunk
+from sdbackup.protocols.messages import ChunkNeed, CommitKey, PlacementRequest, StoreChunk
 from sdbackup.protocols.peer import RemoteError
 
 pytestmark = pytest.mark.timeout(120)
@@ -163,6 +164,49 @@ async def test_a_forged_parent_cannot_pass_other_bytes_off_as_the_victims(start_
     assert "src/doc.txt: restored bytes do not match the file's hash; not written" in restored.stderr
     assert not (target / "src" / "doc.txt").exists()
     assert "0 files" in restored.stdout and "1 entries failed" in restored.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_plaintext_mark_slipped_into_an_encrypted_repository_downgrades_nothing(
+        start_cluster, tmp_path):
+    # A client of the cluster without the password commits a plaintext mark into the default,
+    # encrypted repository, hoping the victim's next backup goes out unencrypted. The victim's
+    # client refuses the repository, says why, and sends nothing; its old snapshot still
+    # restores once the mark is removed.
+    cluster = start_cluster()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "doc.txt").write_bytes(b"secret words\n" * 100)
+    first = cluster.backup("src", cwd=tmp_path)
+
+    session = await Session(reactor, cluster.manager_endpoint).connect()
+    try:
+        mark_id, = await Attacker(session).store(Kind.KEY, [sealing.encode_key(
+            sealing.plaintext_mark("default"))])
+        await session.ask(CommitKey(key_id=mark_id.hex()))
+    finally:
+        await session.close()
+
+    (src / "new.txt").write_bytes(b"written after the mark\n")
+    stored_before = cluster.data_bytes()
+    refused = cluster.sdbackup("backup", "src", cwd=tmp_path, check=False)
+    assert refused.returncode == 1, refused.describe()
+    assert "has both encryption keys and a plaintext mark" in refused.stderr, refused.describe()
+    env = cluster.client_env()
+    del env["SDBACKUP_PASSWORD"]
+    plain = run_sdbackup("backup", "src", cwd=tmp_path, env=env, check=False)
+    assert plain.returncode == 1 and "plaintext mark" in plain.stderr, plain.describe()
+    assert cluster.data_bytes() == stored_before  # nothing was sent
+
+    # The owner's password lists the mark for what it is and removes it; all is as before.
+    listed = cluster.sdbackup("key", "list", cwd=tmp_path).stdout
+    assert f"{mark_id.hex()[:8]}" in listed and "plaintext mark" in listed, listed
+    cluster.sdbackup("key", "remove", mark_id.hex()[:8], cwd=tmp_path)
+    second = cluster.backup("src", cwd=tmp_path)
+    target = tmp_path / "restored"
+    cluster.sdbackup("restore", second, "--target", target, cwd=tmp_path)
+    assert (target / "src" / "doc.txt").read_bytes() == b"secret words\n" * 100
+    assert (target / "src" / "new.txt").exists() and first != second
 
 
 async def snapshot_ids(cluster) -> list[str]:
