@@ -35,6 +35,8 @@ AREAS = {
     "repository": ("sdbackup/client/repository.py",
                    "tests/integration/test_lying_peers.py tests/integration/test_restore.py"),
     "parenttrees": ("sdbackup/client/parenttrees.py", "tests/unit/test_archiver.py"),
+    # The tree builder: unchanged-file reuse (``unchanged``, ``same_metadata``, ``_reuse``).
+    "archiver": ("sdbackup/client/archiver.py", "tests/unit/test_archiver.py tests/unit/test_backup.py"),
     "repair": ("sdbackup/services/repair.py",
                "tests/integration/test_failures.py tests/integration/test_guarantees.py"),
 }
