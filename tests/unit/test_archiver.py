@@ -11,7 +11,7 @@ import os
 import pytest
 import pytest_twisted
 from test_walk import local_parts, make_deep, posix_acl
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 
 from sdbackup import hashing, objects
 from sdbackup.client import archiver as archiver_module
@@ -418,3 +418,90 @@ async def test_an_entry_of_another_kind_under_the_same_name_is_not_taken_from_th
     x, link = store.node(second, b"src", b"x"), store.node(second, b"src", b"link")
     assert (x.type, x.target, x.content) == ("symlink", b"y", ())
     assert link.target == b"elsewhere"
+
+
+class SlowTreeStore(MemoryStore):
+    """A MemoryStore whose tree fetches answer a reactor turn later, so read-ahead rounds
+    overlap as they do over the network; it records what the parent's reader holds at each
+    round it starts, and how many rounds are in flight."""
+
+    def __init__(self):
+        super().__init__()
+        self.parents: ParentTrees | None = None
+        self.rounds: list[int] = []  # ids asked in each round
+        self.in_flight = self.most_in_flight = 0
+        self.most_held = self.most_nodes = 0
+
+    async def fetch_many(self, kind, wanted):
+        self.rounds.append(len(wanted))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        parents = self.parents
+        self.most_held = max(self.most_held, len(parents._trees) + len(parents._loading))
+        self.most_nodes = max(self.most_nodes, parents._nodes)
+        try:
+            await task.deferLater(reactor, 0.001, lambda: None)
+            return await super().fetch_many(kind, wanted)
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.mark.parametrize("limits", [
+    {"TREES_AHEAD": 8, "NODES_AHEAD": 1000, "ROUND_TREES": 4, "LOAD_ROUNDS": 2},  # trees bind
+    {"TREES_AHEAD": 100, "NODES_AHEAD": 40, "ROUND_TREES": 4, "LOAD_ROUNDS": 3},  # Nodes bind
+], ids=["trees", "nodes"])
+@pytest_twisted.ensureDeferred
+async def test_the_parent_is_read_ahead_in_rounds_within_its_window_and_released_at_the_end(
+        tmp_path, monkeypatch, limits):
+    """What keeps an unchanged backup fast and its memory flat: the parent's trees come in
+    rounds of ``ROUND_TREES`` ids (not one round trip a folder), at most ``LOAD_ROUNDS`` at
+    once, the trees and Nodes waiting for the walk stay within ``TREES_AHEAD`` and
+    ``NODES_AHEAD``, and nothing is held once the walk is done."""
+    for name, value in limits.items():
+        monkeypatch.setattr(parenttrees_module, name, value)
+    for a in range(6):
+        for b in range(6):
+            for f in range(3):
+                write(tmp_path / f"src/a{a}/b{b}/f{f}", f"{a} {b} {f}".encode())
+    store = SlowTreeStore()
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    trees = sum(1 for kind, _ in store.sent if kind == Kind.TREE)
+    assert trees == 1 + 1 + 6 + 36  # the root, src, each a and each b
+
+    report = Report()
+    store.parents = parents = ParentTrees(store, report)
+    walker = Walker(plan(["src"], str(tmp_path)), report)
+    archiver = Archiver(walker, store, MemoryHeld(store), parents, report)
+    second = await archiver.run(first)
+
+    assert second == first and archiver.stats.unchanged == 108 and report.notes == []
+    assert max(store.rounds) <= limits["ROUND_TREES"]
+    # Read ahead, not asked for folder by folder (a round per tree): far fewer rounds than
+    # trees, and a tree let go when the window was full is read once more, not many times.
+    assert sum(store.rounds) <= trees * 1.15 and len(store.rounds) <= trees * 0.6, store.rounds
+    # The tree a folder enters before its read-ahead came is read at once, beyond the limits.
+    assert store.most_in_flight <= limits["LOAD_ROUNDS"] + 1
+    assert store.most_held <= limits["TREES_AHEAD"] + 1
+    assert store.most_nodes <= limits["NODES_AHEAD"] + 6  # one tree of 6 beyond the window
+    # Nothing is held, wanted or counted once the walk is done.
+    assert (parents._trees, parents._refs, parents._below, parents._loading) == ({}, {}, {}, {})
+    assert parents._nodes == 0 and parents._rounds == 0
+    assert store.problems == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_parent_tree_that_cannot_be_read_is_a_note_and_its_folder_is_read_again(
+        store, tmp_path):
+    for a in range(3):
+        for f in range(2):
+            write(tmp_path / f"src/a{a}/b/f{f}", f"{a} {f}".encode())
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    lost = store.node(first, b"src", b"a1").subtree
+    del store.blobs[lost]  # no server has it any more
+
+    second, archiver, report = await archive(store, ["src"], parent_root=first, cwd=tmp_path)
+
+    assert second == first  # the same folders, described again from the disk
+    assert archiver.stats.unchanged == 4 and archiver.stats.files == 6
+    assert len(report.notes) == 1 and lost.hex()[:16] in report.notes[0], report.notes
+    assert "its folder is read again" in report.notes[0] and report.warnings == []
