@@ -15,10 +15,10 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from sdbackup import hashing
-from sdbackup.client.repository import ChunkUnavailable
+from sdbackup.client.repository import ChunkUnavailable, Repository
 from sdbackup.client.restore import Restore
 from sdbackup.objects import Kind
-from sdbackup.protocols.messages import ChunksStored, Locations
+from sdbackup.protocols.messages import MAX_FETCH_IDS, ChunksStored, Locations
 
 from .test_cluster import backup, restore, write
 
@@ -270,3 +270,90 @@ async def test_a_holder_that_never_answers_is_left_after_the_time_out(cluster, s
     assert result.errors == []
     assert files_under(tmp_path / "out") == source
     assert reactor.seconds() - started >= 1.0  # it did wait for the time-out
+
+
+# --- the reader's own guarantees, with honest peers around the liars' -------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chunk_no_copy_of_which_is_good_is_named_in_the_error(cluster, source, tmp_path):
+    """The error names the chunk by its first 16 hex digits, as ``check`` and the logs do, and
+    says why each holder failed; one no server holds says so."""
+    await backup(cluster, "src")
+    for server in cluster.servers:
+        lie_on_reads(server, {Kind.DATA}, garbage)
+    chunk_id, _ = next(iter((await data_chunks(cluster)).items()))
+    session = await cluster.session()
+    try:
+        repository = Repository(session)
+        holders = (await repository.locate([chunk_id]))[chunk_id]
+        with pytest.raises(ChunkUnavailable) as one:
+            await repository.fetch(Kind.DATA, chunk_id, holders)
+        many = await repository.fetch_many(Kind.DATA, {chunk_id: holders, "ab" * 32: []})
+    finally:
+        await session.close()
+    for error in (str(one.value), str(many[chunk_id])):
+        assert error.startswith(f"no good copy of data {chunk_id[:16]}: ")
+        assert all(f"{holder}: its copy does not match the id" in error for holder in holders)
+    assert str(many["ab" * 32]) == f"no server holds data {'ab' * 8}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_reads_of_one_chunk_start_at_each_holder_in_turn(cluster, source, tmp_path):
+    await backup(cluster, "src")
+    chunk_id, data = next(iter((await data_chunks(cluster)).items()))
+    asked = {}
+    for server in cluster.servers:
+        def counting(msg, connection, handle=server.server.handle_FetchChunk, name=server.server.address):
+            asked[name] = asked.get(name, 0) + 1
+            return handle(msg, connection)
+        server.server.handle_FetchChunk = counting
+    session = await cluster.session()
+    try:
+        repository = Repository(session)
+        holders = (await repository.locate([chunk_id]))[chunk_id]
+        for _ in range(4):
+            assert await repository.fetch(Kind.DATA, chunk_id, holders) == data
+    finally:
+        await session.close()
+    assert asked == {holder: 2 for holder in holders}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_holder_missing_a_whole_page_of_ids_is_still_asked_for_the_next(
+        cluster, source, tmp_path):
+    """A FetchChunks reply that names every id of its page as missing is an answer: the ids
+    after that page are asked too, not failed unasked."""
+    await backup(cluster, "src")
+    chunks = await data_chunks(cluster)
+    server = cluster.servers[0]
+    held = {c: d for c, d in chunks.items() if server.store.has(c)}
+    assert held
+    absent = {f"{i:064x}": [server.server.address] for i in range(MAX_FETCH_IDS)}
+    session = await cluster.session()
+    try:
+        found = await Repository(session).fetch_many(
+            Kind.DATA, absent | {c: [server.server.address] for c in held})
+    finally:
+        await session.close()
+    assert {c: found[c] for c in held} == held
+    assert all(isinstance(found[c], ChunkUnavailable) for c in absent)
+    assert "does not hold it" in str(found[f"{0:064x}"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_find_follows_a_path_through_the_trees(cluster, source, tmp_path):
+    await backup(cluster, "src")
+    session = await cluster.session()
+    try:
+        repository = Repository(session)
+        snapshot = await repository.load_snapshot((await repository.snapshots())[-1].snapshot_id)
+        small = await repository.find(snapshot.tree, b"src/small")
+        a = await repository.find(snapshot.tree, b"src/small/a")
+        through_a_file = await repository.find(snapshot.tree, b"src/large/x")
+        missing = await repository.find(snapshot.tree, b"src/nothing/a")
+    finally:
+        await session.close()
+    assert small.type == "dir" and small.name == b"small"
+    assert a.type == "file" and a.name == b"a" and a.size == len(source["src/small/a"])
+    assert through_a_file is None and missing is None
