@@ -33,7 +33,8 @@ AREAS = {
     "tickets": ("sdbackup/tickets.py", "tests/unit/test_tickets.py"),
     "messages": ("sdbackup/protocols/messages.py", "tests/unit/test_messages.py tests/unit/test_fuzz.py"),
     "repository": ("sdbackup/client/repository.py",
-                   "tests/integration/test_lying_peers.py tests/integration/test_restore.py"),
+                   "tests/integration/test_lying_peers.py tests/integration/test_restore.py "
+                   "tests/integration/test_repository.py"),
     "parenttrees": ("sdbackup/client/parenttrees.py", "tests/unit/test_archiver.py"),
     # The tree builder: unchanged-file reuse (``unchanged``, ``same_metadata``, ``_reuse``).
     "archiver": ("sdbackup/client/archiver.py", "tests/unit/test_archiver.py tests/unit/test_backup.py"),

@@ -298,22 +298,30 @@ async def test_a_chunk_no_copy_of_which_is_good_is_named_in_the_error(cluster, s
     assert str(many["ab" * 32]) == f"no server holds data {'ab' * 8}"
 
 
+@pytest.mark.parametrize("read", ["FetchChunk", "FetchChunks"])
 @pytest_twisted.ensureDeferred
-async def test_reads_of_one_chunk_start_at_each_holder_in_turn(cluster, source, tmp_path):
+async def test_reads_of_one_chunk_start_at_each_holder_in_turn(cluster, source, tmp_path, read):
+    """So reads spread over the servers: a chunk read four times is read twice from each of
+    its two holders, one by one (``fetch``) or in pages (``fetch_many``)."""
     await backup(cluster, "src")
     chunk_id, data = next(iter((await data_chunks(cluster)).items()))
     asked = {}
     for server in cluster.servers:
-        def counting(msg, connection, handle=server.server.handle_FetchChunk, name=server.server.address):
+        handle = getattr(server.server, f"handle_{read}")
+
+        def counting(msg, connection, handle=handle, name=server.server.address):
             asked[name] = asked.get(name, 0) + 1
             return handle(msg, connection)
-        server.server.handle_FetchChunk = counting
+        setattr(server.server, f"handle_{read}", counting)
     session = await cluster.session()
     try:
         repository = Repository(session)
         holders = (await repository.locate([chunk_id]))[chunk_id]
         for _ in range(4):
-            assert await repository.fetch(Kind.DATA, chunk_id, holders) == data
+            if read == "FetchChunk":
+                assert await repository.fetch(Kind.DATA, chunk_id, holders) == data
+            else:
+                assert await repository.fetch_many(Kind.DATA, {chunk_id: holders}) == {chunk_id: data}
     finally:
         await session.close()
     assert asked == {holder: 2 for holder in holders}

@@ -1,0 +1,115 @@
+"""The client's reads of the repository (``client/repository.py``) against an in-process
+cluster: snapshots listed page by page, ``latest`` and id prefixes, files whose chunk ids sit
+in chunk lists, an encrypted repository opened on the way (and its sealed bytes on demand),
+and a holder that cannot be reached named with its reason."""
+
+import os
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory
+
+from sdbackup import objects, sealing
+from sdbackup.client.backup import Backup
+from sdbackup.client.repository import ChunkUnavailable, Repository
+from sdbackup.client.restore import Restore
+from sdbackup.client.session import ClientError
+from sdbackup.objects import Kind
+
+from .test_cluster import write
+from .test_lying_peers import data_chunks, files_under
+
+
+async def backup(cluster, path, sealer=None) -> str:
+    session = await cluster.session()
+    if sealer is not None:
+        session.sealer = sealer
+    try:
+        return (await Backup(session, [str(path)]).run()).snapshot_id
+    finally:
+        await session.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_snapshots_are_read_page_by_page_and_latest_is_the_newest(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    manager = cluster.manager.manager
+    honest = manager.handle_ListSnapshots
+
+    def small_pages(msg, connection):  # two a page, so five take three pages
+        return honest(attrs.evolve(msg, limit=2), connection)
+
+    manager.handle_ListSnapshots = small_pages
+    taken = []
+    for i in range(5):
+        write(tmp_path / "src" / "f", f"version {i}".encode())
+        taken.append(await backup(cluster, "src"))
+
+    session = await cluster.session()
+    try:
+        repository = Repository(session)
+        listed = [s.snapshot_id for s in await repository.snapshots()]
+        latest = await repository.resolve("latest")
+        second = await repository.resolve(taken[1][:10])
+        with pytest.raises(ClientError, match="no snapshot 'ffff'"):
+            await repository.resolve("ffff")
+    finally:
+        await session.close()
+    assert listed == taken
+    assert latest.snapshot_id == taken[-1] and second.snapshot_id == taken[1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_encrypted_repository_with_chunk_lists_restores_through_its_key(
+        cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(objects, "INLINE_CONTENT", 2)  # a file of 3 chunks or more has lists
+    source = {"src/big": os.urandom(3 * 1024 * 1024 + 17), "src/small": b"the marker " * 50}
+    for path, data in source.items():
+        write(tmp_path / path, data)
+    sealer = sealing.Sealer(sealing.DEFAULT_REPO, sealing.new_master_key())
+    await backup(cluster, "src", sealer)
+
+    session = await cluster.session()
+    session.sealer = sealer
+    try:
+        result = await Restore(session, "latest", str(tmp_path / "out"), ()).run()
+        repository = Repository(session)
+        snapshot = await repository.load_snapshot((await repository.resolve("latest")).snapshot_id)
+        big = await repository.find(snapshot.tree, b"src/big")
+        listed = [chunk_id async for chunk_id in repository.content(big)]
+        stored = await data_chunks(cluster)
+        sealed = await repository.fetch_many(Kind.DATA, await repository.locate(list(stored)),
+                                             opened=False)
+        opened = await repository.fetch_many(Kind.DATA, await repository.locate(list(stored)))
+    finally:
+        await session.close()
+
+    assert result.errors == [] and files_under(tmp_path / "out") == source
+    assert big.content_lists and len(listed) >= 3 and set(c.hex() for c in listed) <= set(stored)
+    assert sealed == stored  # as the servers hold them: sealed
+    assert all(b"the marker" not in data for data in stored.values())
+    assert b"".join(opened[c.hex()] for c in listed) == source["src/big"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_holder_that_cannot_be_reached_is_named_with_its_reason(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "src" / "f", b"some words")
+    await backup(cluster, "src")
+    listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
+    closed = f"tcp:127.0.0.1:{listening.getHost().port}"
+    await listening.stopListening()  # nothing listens there now
+    chunk_id = next(iter(await data_chunks(cluster)))
+    session = await cluster.session()
+    try:
+        found = await Repository(session).fetch_many(Kind.DATA, {chunk_id: [closed]})
+    finally:
+        await session.close()
+    error = found[chunk_id]
+    assert isinstance(error, ChunkUnavailable)
+    assert error.args[0].startswith(f"no good copy of data {chunk_id[:16]}: {closed}: ")
+    assert "refused" in error.args[0].lower(), error
