@@ -18,10 +18,11 @@ from sdbackup.client import archiver as archiver_module
 from sdbackup.client import parenttrees as parenttrees_module
 from sdbackup.client.archiver import Archiver
 from sdbackup.client.parenttrees import ParentTrees
+from sdbackup.client.progress import Progress
 from sdbackup.client.session import ClientError
 from sdbackup.client.uploader import Signal
 from sdbackup.client.walk import Entry, Report, Walker, plan
-from sdbackup.objects import Kind
+from sdbackup.objects import Kind, Node
 
 
 class MemoryStore:
@@ -505,3 +506,43 @@ async def test_a_parent_tree_that_cannot_be_read_is_a_note_and_its_folder_is_rea
     assert archiver.stats.unchanged == 4 and archiver.stats.files == 6
     assert len(report.notes) == 1 and lost.hex()[:16] in report.notes[0], report.notes
     assert "its folder is read again" in report.notes[0] and report.warnings == []
+
+
+def test_only_a_file_with_the_same_size_times_and_inode_is_unchanged(tmp_path):
+    """restic's rule: the parent's node stands for the file only when it is a file and size,
+    mtime, ctime and inode all agree; an entry of any other kind with the very same stat
+    fields (a forged or odd parent) is read again."""
+    write(tmp_path / "f", b"some bytes")
+    st = os.lstat(tmp_path / "f")
+    same = dict(size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
+    assert archiver_module.unchanged(Node(name=b"f", type="file", **same), st)
+    for kind in objects.NODE_TYPES:
+        if kind != "file":
+            assert not archiver_module.unchanged(Node(name=b"f", type=kind, **same), st), kind
+    for field in same:
+        moved = {**same, field: same[field] + 1}
+        assert not archiver_module.unchanged(Node(name=b"f", type="file", **moved), st), field
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_progress_counts_every_file_and_byte_once(store, tmp_path):
+    """What the progress line shows at the end of a backup: each entry but folders once (as
+    the summary counts them), and each byte of the files once, read (small files together,
+    a large one chunk by chunk) or taken from the parent."""
+    sizes = {"src/a": 10, "src/b": 70_000, "src/sub/c": 3 * 1024 * 1024 + 5, "src/sub/d": 0}
+    for path, size in sizes.items():
+        write(tmp_path / path, os.urandom(size))
+    os.symlink("a", tmp_path / "src/link")  # an entry, with no bytes
+
+    async def progress_of(parent_root):
+        report, progress = Report(), Progress(enabled=False)
+        walker = Walker(plan(["src"], str(tmp_path)), report)
+        parents = ParentTrees(store, report) if parent_root else None
+        root = await Archiver(walker, store, MemoryHeld(store), parents, report,
+                              progress=progress).run(parent_root)
+        return root, (progress.files, progress.bytes)
+
+    first, read = await progress_of(b"")
+    write(tmp_path / "src/a", os.urandom(10))  # one file changed, the rest from the parent
+    _, again = await progress_of(first)
+    assert read == again == (len(sizes) + 1, sum(sizes.values()))
