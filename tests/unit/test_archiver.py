@@ -504,8 +504,28 @@ async def test_a_parent_tree_that_cannot_be_read_is_a_note_and_its_folder_is_rea
 
     assert second == first  # the same folders, described again from the disk
     assert archiver.stats.unchanged == 4 and archiver.stats.files == 6
-    assert len(report.notes) == 1 and lost.hex()[:16] in report.notes[0], report.notes
-    assert "its folder is read again" in report.notes[0] and report.warnings == []
+    assert len(report.notes) == 1, report.notes
+    assert report.notes[0].startswith(f"the parent snapshot's tree {lost.hex()[:16]} cannot be read (")
+    assert report.notes[0].endswith("): its folder is read again") and report.warnings == []
+
+
+class UnlocatableStore(MemoryStore):
+    async def locate(self, ids):
+        raise ClientError("the manager is gone")
+
+
+@pytest_twisted.ensureDeferred
+async def test_parent_trees_that_cannot_be_located_are_a_note_and_everything_is_read_again(tmp_path):
+    store = UnlocatableStore()
+    write(tmp_path / "src/a/f", b"one")
+    write(tmp_path / "src/g", b"two")
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+
+    second, archiver, report = await archive(store, ["src"], parent_root=first, cwd=tmp_path)
+
+    assert second == first and archiver.stats.unchanged == 0 and archiver.stats.files == 2
+    assert report.notes[0] == "cannot locate the parent snapshot's trees: the manager is gone"
+    assert store.problems == []
 
 
 def test_only_a_file_with_the_same_size_times_and_inode_is_unchanged(tmp_path):
