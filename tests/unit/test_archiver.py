@@ -8,6 +8,7 @@ chunk list arrives before everything it references was confirmed.
 
 import os
 
+import attrs
 import pytest
 import pytest_twisted
 from test_walk import local_parts, make_deep, posix_acl
@@ -113,6 +114,13 @@ class MemoryStore:
 
     async def fetch_object(self, kind, chunk_id):
         return await self.fetch(kind, chunk_id, (await self.locate([chunk_id])).get(chunk_id, []))
+
+    def put_tree(self, nodes: list) -> bytes:
+        """Store a tree of ``nodes`` as a client would (a test's forged parent); its id."""
+        data = objects.encode_tree(objects.make_tree(nodes))
+        tree_id = bytes.fromhex(objects.object_id(Kind.TREE, data))
+        self.blobs[tree_id] = (Kind.TREE, data)
+        return tree_id
 
     # reading what was stored
     def tree(self, tree_id: bytes) -> objects.Tree:
@@ -306,9 +314,24 @@ async def test_a_long_file_keeps_its_chunk_ids_in_chunk_lists(store, tmp_path, m
     whole = hashing.file_hasher()
     whole.update(data)
     assert node.hash == whole.digest()
+    lists = [objects.decode_chunk_list(store.blobs[i][1]) for i in node.content_lists]
+    assert all(len(ids) == 2 for ids in lists[:-1]) and 1 <= len(lists[-1]) <= 2  # full lists
     second, archiver, report = await archive(store, ["src"], parent_root=first, cwd=tmp_path)
     assert second == first and archiver.stats.unchanged == 2
     assert report.warnings == [] and report.notes == []
+
+    # Every list and every chunk in them is checked before the file is taken as it was: a
+    # chunk gone, or a list gone, and the file is read again (the latter with a note).
+    del store.blobs[lists[-1][0]]
+    third, archiver, report = await archive(store, ["src"], parent_root=first, cwd=tmp_path)
+    assert third == first and archiver.stats.unchanged == 1 and report.notes == []
+    assert lists[-1][0] in store.blobs
+    del store.blobs[node.content_lists[0]]
+    fourth, archiver, report = await archive(store, ["src"], parent_root=first, cwd=tmp_path)
+    assert fourth == first and archiver.stats.unchanged == 1
+    assert len(report.notes) == 1 and report.notes[0].startswith(
+        "src/long: the parent snapshot's chunk list cannot be read ("), report.notes
+    assert report.notes[0].endswith("); reading the file again") and report.warnings == []
 
 
 @pytest_twisted.ensureDeferred
@@ -566,3 +589,56 @@ async def test_the_progress_counts_every_file_and_byte_once(store, tmp_path):
     write(tmp_path / "src/a", os.urandom(10))  # one file changed, the rest from the parent
     _, again = await progress_of(first)
     assert read == again == (len(sizes) + 1, sum(sizes.values()))
+
+
+def test_a_tree_as_large_as_a_chunk_may_be_fits(monkeypatch):
+    nodes = [Node(name=f"f{i}".encode(), type="file", size=i) for i in range(50)]
+    _, data, _ = archiver_module.seal_tree(nodes, b"x")
+    monkeypatch.setattr(archiver_module, "MAX_TREE_SIZE", len(data))
+    assert archiver_module.seal_tree(nodes, b"x")[1] == data
+    monkeypatch.setattr(archiver_module, "MAX_TREE_SIZE", len(data) - 1)
+    with pytest.raises(ClientError, match=f"the folder x has too many entries .* would be {len(data)} bytes"):
+        archiver_module.seal_tree(nodes, b"x")
+
+
+@pytest_twisted.ensureDeferred
+async def test_verbose_names_new_and_modified_files(store, tmp_path):
+    write(tmp_path / "src/a", b"one")
+    write(tmp_path / "src/sub/b", b"two")
+    os.symlink("a", tmp_path / "src/link")
+
+    async def listed_by(parent_root):
+        said = []
+        walker = Walker(plan(["src"], str(tmp_path)), Report())
+        parents = ParentTrees(store, Report()) if parent_root else None
+        root = await Archiver(walker, store, MemoryHeld(store), parents, Report(),
+                              listed=lambda what, path: said.append((what, path))).run(parent_root)
+        return root, sorted(said)
+
+    first, said = await listed_by(b"")
+    assert said == [("new", "src/a"), ("new", "src/sub/b")]  # files only
+    write(tmp_path / "src/sub/b", b"two, changed")
+    write(tmp_path / "src/c", b"three")
+    _, said = await listed_by(first)
+    assert said == [("modified", "src/sub/b"), ("new", "src/c")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_read_again_with_other_bytes_under_the_parents_size_and_times_is_a_warning(
+        store, tmp_path):
+    """The parent says the file is unchanged (size, times, inode agree) but its chunks are
+    gone; read again, its bytes hash otherwise than the parent recorded: worth a warning
+    (the parent is wrong, or the file was written behind its times' back)."""
+    write(tmp_path / "src/f", b"the bytes on disk")
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    src_id = store.node(first, b"src").subtree
+    f = store.tree(src_id).find(b"f")
+    forged_f = attrs.evolve(f, hash=bytes(32), content=(bytes.fromhex("ab" * 32),))  # held nowhere
+    forged_src = store.put_tree([forged_f])
+    forged_root = store.put_tree([attrs.evolve(store.tree(first).find(b"src"), subtree=forged_src)])
+
+    second, archiver, report = await archive(store, ["src"], parent_root=forged_root, cwd=tmp_path)
+
+    assert second == first and archiver.stats.unchanged == 0
+    assert report.warnings == ["src/f has new contents although its size and times are those of "
+                               "the parent snapshot"], report.warnings
