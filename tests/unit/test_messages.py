@@ -377,6 +377,7 @@ BAD_HEADERS = {
     "assignments a list": (Placement, {"assignments": [H1]}),
     "summary missing": (SnapshotCommitted, {"request_id": 1}),
     "summary wrong type": (SnapshotCommitted, {"snapshot": "0a1b2c3d"}),
+    "negative replicas": (ServerList, {"replicas": -1}),
     "server state alive not bool": (ClusterStatus, {"servers": [
         {"address": "a", "alive": 1, "free_bytes": 0, "chunks": 0, "last_seen": 0}]}),
 }
@@ -409,6 +410,8 @@ def test_store_chunks_pieces_follow_the_sizes():
     assert frame.endswith(b"abcde")
     with pytest.raises(DecodeError, match="add up"):
         decode(frame[:-1])
+    with pytest.raises(DecodeError, match="add up"):  # bytes after the last chunk: refused too
+        decode(frame + b"f")
 
 
 # --- bounds: every field a peer sends has a limit (sdbackup.limits) ---------------------
@@ -642,6 +645,8 @@ def test_chunks_data_pieces_follow_the_sizes():
     assert header_of(frame)["chunks"] == [[H1, 3, H1], [H2, 2, H2]]
     with pytest.raises(DecodeError, match="add up"):
         decode(frame[:-1])
+    with pytest.raises(DecodeError, match="add up"):  # bytes after the last chunk: refused too
+        decode(frame + b"f")
 
 
 @pytest.mark.parametrize(("cls", "fields"), [
