@@ -233,7 +233,10 @@ class Repository:
                 by_server.setdefault(servers[0], []).append(chunk_id)
             asked = [defer.ensureDeferred(self._fetch_from(kind, server, ids, opened))
                      for server, ids in by_server.items()]
-            outcomes = await defer.gatherResults(asked, consumeErrors=True)
+            try:
+                outcomes = await defer.gatherResults(asked, consumeErrors=True)
+            except defer.FirstError as e:  # a piece that does not open: the read fails as such
+                e.subFailure.raiseException()
             for (server, ids), (good, failed) in zip(by_server.items(), outcomes, strict=True):
                 for chunk_id, payload in good.items():
                     found[chunk_id] = payload

@@ -289,7 +289,7 @@ async def test_a_chunk_no_copy_of_which_is_good_is_named_in_the_error(cluster, s
         holders = (await repository.locate([chunk_id]))[chunk_id]
         with pytest.raises(ChunkUnavailable) as one:
             await repository.fetch(Kind.DATA, chunk_id, holders)
-        many = await repository.fetch_many(Kind.DATA, {chunk_id: holders, "ab" * 32: []})
+        many = await repository.fetch_many(Kind.DATA, {"ab" * 32: [], chunk_id: holders})
     finally:
         await session.close()
     for error in (str(one.value), str(many[chunk_id])):

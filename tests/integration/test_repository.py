@@ -18,9 +18,10 @@ from sdbackup.client.repository import ChunkUnavailable, Repository
 from sdbackup.client.restore import Restore
 from sdbackup.client.session import ClientError
 from sdbackup.objects import Kind
+from sdbackup.protocols.messages import ChunksData
 
 from .test_cluster import write
-from .test_lying_peers import data_chunks, files_under
+from .test_lying_peers import data_chunks, files_under, garbage, lie_on_reads
 
 
 async def backup(cluster, path, sealer=None) -> str:
@@ -39,12 +40,12 @@ async def test_snapshots_are_read_page_by_page_and_latest_is_the_newest(cluster,
     manager = cluster.manager.manager
     honest = manager.handle_ListSnapshots
 
-    def small_pages(msg, connection):  # two a page, so five take three pages
-        return honest(attrs.evolve(msg, limit=2), connection)
+    def small_pages(msg, connection):  # three a page, so 17 take six pages
+        return honest(attrs.evolve(msg, limit=3), connection)
 
     manager.handle_ListSnapshots = small_pages
     taken = []
-    for i in range(5):
+    for i in range(17):  # two ids share their first hex digit at least
         write(tmp_path / "src" / "f", f"version {i}".encode())
         taken.append(await backup(cluster, "src"))
 
@@ -54,8 +55,12 @@ async def test_snapshots_are_read_page_by_page_and_latest_is_the_newest(cluster,
         listed = [s.snapshot_id for s in await repository.snapshots()]
         latest = await repository.resolve("latest")
         second = await repository.resolve(taken[1][:10])
-        with pytest.raises(ClientError, match="no snapshot 'ffff'"):
-            await repository.resolve("ffff")
+        for ref in ("ffff", "zzzz", "LATEST"):
+            with pytest.raises(ClientError, match=f"no snapshot '{ref}'"):
+                await repository.resolve(ref)
+        shared = next(i[0] for i in taken if sum(t.startswith(i[0]) for t in taken) > 1)
+        with pytest.raises(ClientError, match=f"'{shared}' names several snapshots"):
+            await repository.resolve(shared)
     finally:
         await session.close()
     assert listed == taken
@@ -106,10 +111,63 @@ async def test_a_holder_that_cannot_be_reached_is_named_with_its_reason(cluster,
     chunk_id = next(iter(await data_chunks(cluster)))
     session = await cluster.session()
     try:
-        found = await Repository(session).fetch_many(Kind.DATA, {chunk_id: [closed]})
+        repository = Repository(session)
+        found = await repository.fetch_many(Kind.DATA, {chunk_id: [closed]})
+        with pytest.raises(ChunkUnavailable) as one:
+            await repository.fetch(Kind.DATA, chunk_id, [closed])
+        with pytest.raises(ChunkUnavailable) as nowhere:
+            await repository.fetch(Kind.DATA, chunk_id, [])
     finally:
         await session.close()
-    error = found[chunk_id]
-    assert isinstance(error, ChunkUnavailable)
-    assert error.args[0].startswith(f"no good copy of data {chunk_id[:16]}: {closed}: ")
-    assert "refused" in error.args[0].lower(), error
+    for error in (found[chunk_id], one.value):
+        assert isinstance(error, ChunkUnavailable)
+        assert error.args[0].startswith(f"no good copy of data {chunk_id[:16]}: {closed}: ")
+        assert "refused" in error.args[0].lower(), error
+    assert str(nowhere.value) == f"no server holds data {chunk_id[:16]}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_holder_whose_reply_names_nothing_is_left_not_asked_forever(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "src" / "f", b"some words")
+    await backup(cluster, "src")
+    chunks = await data_chunks(cluster)
+    mute = cluster.servers[0]
+
+    async def nothing(msg, connection):
+        return ChunksData(request_id=msg.request_id)
+
+    mute.server.handle_FetchChunks = nothing
+    session = await cluster.session()
+    try:
+        found = await Repository(session).fetch_many(
+            Kind.DATA, {c: [mute.server.address] for c in chunks})
+    finally:
+        await session.close()
+    assert all(str(found[c]) == f"no good copy of data {c[:16]}: {mute.server.address}: answered "
+               f"nothing" for c in chunks), found
+
+
+@pytest_twisted.ensureDeferred
+async def test_in_an_encrypted_repository_bad_copies_and_another_keys_chunks_are_refused(
+        cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "src" / "f", os.urandom(100_000))
+    sealer = sealing.Sealer(sealing.DEFAULT_REPO, sealing.new_master_key())
+    await backup(cluster, "src", sealer)
+    chunks = await data_chunks(cluster)
+    session = await cluster.session()
+    session.sealer = sealing.Sealer(sealing.DEFAULT_REPO, sealing.new_master_key())  # not its key
+    try:
+        repository = Repository(session)
+        wanted = await repository.locate(list(chunks))
+        with pytest.raises(ChunkUnavailable, match=r"^data [0-9a-f]{16} cannot be opened: "):
+            await repository.fetch_many(Kind.DATA, wanted)  # another key's: the read fails
+        session.sealer = sealer
+        for server in cluster.servers:
+            lie_on_reads(server, {Kind.DATA}, garbage)
+        lied = await repository.fetch_many(Kind.DATA, wanted)
+    finally:
+        await session.close()
+    for chunk_id in chunks:
+        assert isinstance(lied[chunk_id], ChunkUnavailable), lied[chunk_id]
