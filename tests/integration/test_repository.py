@@ -72,7 +72,7 @@ async def test_an_encrypted_repository_with_chunk_lists_restores_through_its_key
         cluster, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(objects, "INLINE_CONTENT", 2)  # a file of 3 chunks or more has lists
-    source = {"src/big": os.urandom(3 * 1024 * 1024 + 17), "src/small": b"the marker " * 50}
+    source = {"src/big": os.urandom(9 * 1024 * 1024), "src/small": b"the marker " * 50}  # 3+ chunks
     for path, data in source.items():
         write(tmp_path / path, data)
     sealer = sealing.Sealer(sealing.DEFAULT_REPO, sealing.new_master_key())

@@ -304,7 +304,7 @@ async def test_a_file_that_changes_while_read_is_a_warning(store, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_a_long_file_keeps_its_chunk_ids_in_chunk_lists(store, tmp_path, monkeypatch):
     monkeypatch.setattr(objects, "INLINE_CONTENT", 2)
-    data = os.urandom(6 * 1024 * 1024)
+    data = os.urandom(9 * 1024 * 1024)  # 3 chunks at least (at most 4 MiB each)
     write(tmp_path / "src/long", data)
     write(tmp_path / "src/short", os.urandom(1024 * 1024 + 1))
     first, _, _ = await archive(store, ["src"], cwd=tmp_path)
