@@ -6,18 +6,15 @@ import os
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 
 from sdbackup import manager_tap, server_tap
 from sdbackup.client.backup import Backup
 from sdbackup.client.session import STARTING_RETRY, STARTING_WAIT, ClientError, Session
-from sdbackup.protocols.messages import ListSnapshots, Locate, StatusRequest
-from sdbackup.protocols.peer import MessageProtocol, RemoteError
+from sdbackup.protocols.messages import ListSnapshots, Locate
+from sdbackup.protocols.peer import RemoteError
 from sdbackup.services.manager import ManagerService
-from sdbackup.tlsconfig import Transport
 
 from .backups import make_backup
 
@@ -256,56 +253,3 @@ async def test_a_backup_gives_up_on_a_chunk_after_4_store_attempts(make_cluster,
         assert (await client.ask(ListSnapshots())).snapshots == []  # no snapshot object stored
     finally:
         await client.close()
-
-
-# --- the total connection limit -----------------------------------------------------------------
-
-class Silent(Protocol):
-    """A connection that says nothing; ``lost`` fires when it closes."""
-
-    def connectionMade(self):
-        self.lost = defer.Deferred()
-
-    def connectionLost(self, reason):
-        self.lost.callback(None)
-
-
-@pytest_twisted.ensureDeferred
-async def test_connections_over_the_total_limit_are_refused_and_those_within_it_served(tmp_path):
-    """README (Hostile connections): "A process accepts at most --max-connections connections"
-    (and --max-connections-per-host from one address, in tests/unit/test_transport.py). Each
-    connection here comes from its own loopback address, so only the total can refuse one."""
-    manager = ManagerService("tcp:0:interface=127.0.0.1", str(tmp_path / "m"), reactor=reactor,
-                             transport=Transport(max_connections=3, max_connections_per_host=3))
-    manager.startService()
-    try:
-        port = (await manager.when_listening()).getHost().port
-
-        def endpoint(host: str):
-            return TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(host, 0))
-
-        kept = []
-        for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
-            proto = await connectProtocol(endpoint(host), MessageProtocol(None, "client"))
-            kept.append(await proto.ready)
-        refused = await connectProtocol(endpoint("127.0.0.5"), Silent())
-        await until(lambda: refused.lost.called, "the fourth connection's refusal")  # no Hello
-        for proto in kept:  # the three within the limit are served as before
-            status = await proto.request(StatusRequest(), 10, reactor)
-            assert status.state == "starting"
-        kept.pop().transport.loseConnection()
-        await until(lambda: len(manager.manager.connections) == 2, "the third one's end")
-        again = await connectProtocol(endpoint("127.0.0.5"), MessageProtocol(None, "client"))
-        await again.ready  # room again for one
-        assert (await again.request(StatusRequest(), 10, reactor)).state == "starting"
-        for proto in [*kept, again]:
-            proto.transport.loseConnection()
-    finally:
-        await manager.stopService()
-
-
-async def until(condition, what: str, timeout: float = 10.0):
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        assert reactor.seconds() < deadline, f"{what} did not happen within {timeout} s"
-        await task.deferLater(reactor, 0.05)

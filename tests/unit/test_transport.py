@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from sdbackup import manager_tap, pki, server_tap
 from sdbackup.localcluster import make_certificates, tls_transport
+from sdbackup.protocols.messages import StatusRequest
 from sdbackup.protocols.peer import MessageProtocol, RemoteError
 from sdbackup.services.manager import ManagerService
 from sdbackup.tlsconfig import AddressRefused, Transport, load_identity
@@ -105,6 +106,47 @@ async def test_connections_beyond_the_per_host_limit_are_closed(tmp_path):
         await again.lost
     finally:
         await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_over_the_total_limit_are_refused_and_those_within_it_served(tmp_path):
+    """README (Hostile connections): "A process accepts at most --max-connections connections"
+    (and --max-connections-per-host from one address, in the test above). Each
+    connection here comes from its own loopback address, so only the total can refuse one."""
+    manager = ManagerService("tcp:0:interface=127.0.0.1", str(tmp_path / "m"), reactor=reactor,
+                             transport=Transport(max_connections=3, max_connections_per_host=3))
+    manager.startService()
+    try:
+        port = (await manager.when_listening()).getHost().port
+
+        def endpoint(host: str):
+            return TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(host, 0))
+
+        kept = []
+        for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            proto = await connectProtocol(endpoint(host), MessageProtocol(None, "client"))
+            kept.append(await proto.ready)
+        refused = await connectProtocol(endpoint("127.0.0.5"), Silent())
+        await until(lambda: refused.lost.called, "the fourth connection's refusal")  # no Hello
+        for proto in kept:  # the three within the limit are served as before
+            status = await proto.request(StatusRequest(), 10, reactor)
+            assert status.state == "starting"
+        kept.pop().transport.loseConnection()
+        await until(lambda: len(manager.manager.connections) == 2, "the third one's end")
+        again = await connectProtocol(endpoint("127.0.0.5"), MessageProtocol(None, "client"))
+        await again.ready  # room again for one
+        assert (await again.request(StatusRequest(), 10, reactor)).state == "starting"
+        for proto in [*kept, again]:
+            proto.transport.loseConnection()
+    finally:
+        await manager.stopService()
+
+
+async def until(condition, what: str, timeout: float = 10.0):
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        assert reactor.seconds() < deadline, f"{what} did not happen within {timeout} s"
+        await task.deferLater(reactor, 0.05)
 
 
 @pytest_twisted.ensureDeferred
