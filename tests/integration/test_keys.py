@@ -35,6 +35,15 @@ async def _keys(wire_client, repo: str) -> list[str]:
     return reply.key_ids
 
 
+async def _keys_anew(cluster, repo: str) -> list[str]:
+    """The keys listed to a new connection (the old one ended with the manager's restart)."""
+    client = await cluster.wire_client()
+    try:
+        return await _keys(client, repo)
+    finally:
+        await client.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_keys_are_listed_per_repository_and_the_last_one_stays(cluster, wire_client):
     master = os.urandom(32)
@@ -62,11 +71,7 @@ async def test_a_restarted_manager_lists_the_keys_again(cluster, wire_client):
     key_id = await _add(wire_client, "alpha", b"one", os.urandom(32))
     await cluster.restart_manager()
     await cluster.until_ready()
-    again = await cluster.wire_client()
-    try:
-        assert await _keys(again, "alpha") == [key_id]
-    finally:
-        await again.close()
+    assert await _keys_anew(cluster, "alpha") == [key_id]
 
 
 @pytest_twisted.ensureDeferred
@@ -101,11 +106,7 @@ async def test_a_key_removed_while_a_server_was_down_stays_removed_after_a_resta
     await cluster.until_ready()
     back = await cluster.add_server(holders[0], f"tcp:{down.server.address.rsplit(':', 1)[1]}")
     await cluster.until(lambda: not back.store.has(removed), what="the removed key deleted")
-    again = await cluster.wire_client()
-    try:
-        assert await _keys(again, "alpha") == [kept]
-    finally:
-        await again.close()
+    assert await _keys_anew(cluster, "alpha") == [kept]
 
 
 @pytest_twisted.ensureDeferred
