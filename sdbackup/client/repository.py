@@ -16,7 +16,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
 from sdbackup import hashing, objects, sealing
-from sdbackup.client.session import ClientError, Session
+from sdbackup.client.session import ClientError, Session, first_error
 from sdbackup.names import escape, unescape
 from sdbackup.objects import Kind
 from sdbackup.protocols.messages import (
@@ -233,10 +233,8 @@ class Repository:
                 by_server.setdefault(servers[0], []).append(chunk_id)
             asked = [defer.ensureDeferred(self._fetch_from(kind, server, ids, opened))
                      for server, ids in by_server.items()]
-            try:
-                outcomes = await defer.gatherResults(asked, consumeErrors=True)
-            except defer.FirstError as e:  # a piece that does not open: the read fails as such
-                e.subFailure.raiseException()
+            # A piece that does not open fails the read with its own error.
+            outcomes = await defer.gatherResults(asked, consumeErrors=True).addErrback(first_error)
             for (server, ids), (good, failed) in zip(by_server.items(), outcomes, strict=True):
                 for chunk_id, payload in good.items():
                     found[chunk_id] = payload

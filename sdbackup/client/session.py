@@ -6,7 +6,7 @@ cluster CA; without, only loopback addresses are reached (unless ``insecure``).
 
 import sys
 
-from twisted.internet import error, task
+from twisted.internet import defer, error, task
 from twisted.internet.endpoints import connectProtocol
 
 from sdbackup.protocols.messages import Message
@@ -108,3 +108,9 @@ class Session:
         if self.manager is not None and self.manager.connected:
             self.manager.transport.loseConnection()
 
+
+def first_error(failure):
+    """Unwrap ``gatherResults``' FirstError so the user sees the real reason."""
+    if failure.check(defer.FirstError):
+        return failure.value.subFailure
+    return failure

@@ -27,7 +27,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sdbackup.client.session import ClientError, Session
+from sdbackup.client.session import ClientError, Session, first_error
 from sdbackup.objects import Kind
 from sdbackup.protocols.messages import ChunkNeed, ChunkRef, HasChunks, PlacementRequest, StoreChunks
 from sdbackup.protocols.peer import RemoteError
@@ -260,7 +260,7 @@ class Uploader:
         sends = [defer.ensureDeferred(self._store_pack(kind, pack, list(servers), blobs, attempts,
                                                        tickets.get(servers)))
                  for (kind, servers), items in groups.items() for pack in packs(items)]
-        await defer.gatherResults(sends, consumeErrors=True).addErrback(_first_error)
+        await defer.gatherResults(sends, consumeErrors=True).addErrback(first_error)
 
     async def _store_pack(self, kind: str, pack: list, servers: list[str], blobs: dict,
                           attempts: int, ticket):
@@ -324,13 +324,6 @@ def packs(items: list) -> list[list]:
     if pack:
         found.append(pack)
     return found
-
-
-def _first_error(failure):
-    """Unwrap ``gatherResults``' FirstError so the user sees the real reason."""
-    if failure.check(defer.FirstError):
-        return failure.value.subFailure
-    return failure
 
 
 class HeldCheck:
