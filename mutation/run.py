@@ -1,9 +1,10 @@
 """``make mutate``: mutation testing of the code that verifies and decides, with cosmic-ray.
 
-Each area is a source file and the tests that guard it. For every area a fresh copy of the
-checked-in tree is mutated, one mutant at a time, and the area's tests run against it: a
-mutant they fail on is *killed*. The score is killed / (killed + survived); mutants that
-break the import or time out count as killed (the tests noticed), as cosmic-ray counts them.
+Each area is a source file (or the named functions of one) and the tests that guard it. For
+every area a fresh copy of the checked-in tree is mutated, one mutant at a time, and the
+area's tests run against it: a mutant they fail on is *killed*. The score is killed /
+(killed + survived); mutants that break the import or time out count as killed (the tests
+noticed), as cosmic-ray counts them.
 
 Survivors are printed with their place and their change. A survivor kept on purpose (an
 equivalent mutant, a change no user could notice) is listed in ``mutation/kept.txt`` with the
@@ -13,6 +14,7 @@ Not part of ``make test``: each mutant costs a test run (seconds), and an area h
 """
 
 import argparse
+import ast
 import json
 import os
 import shutil
@@ -40,6 +42,14 @@ AREAS = {
     "archiver": ("sdbackup/client/archiver.py", "tests/unit/test_archiver.py tests/unit/test_backup.py"),
     "repair": ("sdbackup/services/repair.py",
                "tests/integration/test_failures.py tests/integration/test_guarantees.py"),
+    # The replication chain: a store verified, written, forwarded under its ticket, and
+    # acknowledged only with every copy confirmed (the rest of server.py is left out).
+    "chain": ("sdbackup/services/server.py",
+              "tests/integration/test_guarantees.py tests/integration/test_tickets.py "
+              "tests/integration/test_lying_peers.py tests/integration/test_disk_full.py",
+              ["StorageServer.handle_StoreChunk", "StorageServer.handle_StoreChunks",
+               "StorageServer._check_ticket", "StorageServer._write", "StorageServer._forward",
+               "StorageServer._ask_next", "StorageServer.handle_ReplicateChunk"]),
 }
 
 #: Operators left out: the arithmetic-to-every-other-operator family multiplies the mutants
@@ -51,8 +61,31 @@ EXCLUDED_OPERATORS = [
 ]
 
 
-def config(module: str, tests: str, timeout: float) -> str:
+def function_lines(module: Path, names: list[str]) -> list[str]:
+    """``first-last`` line ranges of the named functions (``Class.method``), decorators included."""
+    found = {}
+
+    def visit(node, prefix=""):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + child.name
+                first = min([child.lineno] + [d.lineno for d in child.decorator_list])
+                found[name] = f"{first}-{child.end_lineno}"
+                visit(child, name + ".")
+
+    visit(ast.parse(module.read_text()))
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise SystemExit(f"{module}: no function {', '.join(missing)}")
+    return [found[name] for name in names]
+
+
+def config(module: str, tests: str, timeout: float, lines: list[str] | None = None) -> str:
     excluded = ", ".join(json.dumps(p) for p in EXCLUDED_OPERATORS)
+    only = "" if lines is None else f"""
+[cosmic-ray.filters.line-filter]
+lines = {{ {json.dumps(module)} = {json.dumps(lines)} }}
+"""
     return f"""[cosmic-ray]
 module-path = "{module}"
 timeout = {timeout}
@@ -64,7 +97,7 @@ name = "local"
 
 [cosmic-ray.filters.operators-filter]
 exclude-operators = [{excluded}]
-"""
+{only}"""
 
 
 def kept_mutants() -> set[str]:
@@ -80,7 +113,7 @@ def kept_mutants() -> set[str]:
 
 
 def run_area(name: str, module: str, tests: str, timeout: float, work: Path,
-             uncommitted: bool = False) -> dict:
+             uncommitted: bool = False, functions: list[str] | None = None) -> dict:
     copy = work / name
     if uncommitted:  # the working tree as it is (while writing the tests that kill mutants)
         shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
@@ -92,7 +125,8 @@ def run_area(name: str, module: str, tests: str, timeout: float, work: Path,
     path = os.pathsep.join(os.path.abspath(p) for p in os.environ.get("PATH", "").split(os.pathsep) if p)
     env = {**os.environ, "PYTHONPATH": str(copy), "PATH": path}
     cfg = copy / "mutate.toml"
-    cfg.write_text(config(module, tests, timeout))
+    lines = function_lines(copy / module, functions) if functions else None
+    cfg.write_text(config(module, tests, timeout, lines))
     session = copy / "session.sqlite"
 
     def cr(*args):
@@ -100,6 +134,8 @@ def run_area(name: str, module: str, tests: str, timeout: float, work: Path,
 
     cr("cosmic-ray", "init", str(cfg), str(session))
     cr("cr-filter-operators", str(session), str(cfg))
+    if lines is not None:  # only the area's functions of a larger module
+        cr("cr-filter-lines", str(session), "--config", str(cfg))
     baseline = subprocess.run(f"{PYTEST} {tests}", shell=True, cwd=copy, env=env,
                               capture_output=True, text=True)
     if baseline.returncode != 0:
@@ -138,8 +174,9 @@ def main(argv=None) -> int:
     failed = False
     with tempfile.TemporaryDirectory(prefix="sdbackup-mutate-") as work:
         for name in args.only or sorted(AREAS):
-            module, tests = AREAS[name]
-            outcome = run_area(name, module, tests, args.timeout, Path(work), args.uncommitted)
+            module, tests, *functions = AREAS[name]
+            outcome = run_area(name, module, tests, args.timeout, Path(work), args.uncommitted,
+                               functions[0] if functions else None)
             survived = [s for s in outcome["survived"] if s.split("  #")[0] not in kept]
             counted = outcome["killed"] + len(survived)
             score = 100.0 * outcome["killed"] / counted if counted else 100.0
