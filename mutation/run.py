@@ -45,7 +45,8 @@ AREAS = {
     # The replication chain: a store verified, written, forwarded under its ticket, and
     # acknowledged only with every copy confirmed (the rest of server.py is left out).
     "chain": ("sdbackup/services/server.py",
-              "tests/integration/test_guarantees.py tests/integration/test_tickets.py "
+              "tests/integration/test_chain.py tests/integration/test_guarantees.py "
+              "tests/integration/test_tickets.py "
               "tests/integration/test_lying_peers.py tests/integration/test_disk_full.py",
               ["StorageServer.handle_StoreChunk", "StorageServer.handle_StoreChunks",
                "StorageServer._check_ticket", "StorageServer._write", "StorageServer._forward",
