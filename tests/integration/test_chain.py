@@ -183,10 +183,12 @@ async def store_one(cluster, wire_client, primary: str):
         ticket=cluster.ticket([chunk_id], [primary]), payload=data))
 
 
+@pytest.mark.parametrize("code", [errno.EIO, errno.EROFS])
 @pytest_twisted.ensureDeferred
-async def test_a_failing_disk_refuses_the_store_but_is_not_called_full(cluster, wire_client):
+async def test_a_failing_disk_refuses_the_store_but_is_not_called_full(cluster, wire_client, code):
+    """An I/O error, or a file system remounted read-only, is not a lack of space."""
     server = cluster.servers[0].server
-    fail_next_write(server, errno.EIO)
+    fail_next_write(server, code)
     error = await refusal(store_one(cluster, wire_client, server.address))
     assert error.code == "io-error"
     assert server.disk_state()["full"] is False
