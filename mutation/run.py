@@ -40,8 +40,7 @@ AREAS = {
     "parenttrees": ("sdbackup/client/parenttrees.py", "tests/unit/test_archiver.py"),
     # The tree builder: unchanged-file reuse (``unchanged``, ``same_metadata``, ``_reuse``).
     "archiver": ("sdbackup/client/archiver.py", "tests/unit/test_archiver.py tests/unit/test_backup.py"),
-    "repair": ("sdbackup/services/repair.py",
-               "tests/integration/test_failures.py tests/integration/test_guarantees.py"),
+    "repair": ("sdbackup/services/repair.py", "tests/integration/test_repair.py"),
     # The replication chain: a store verified, written, forwarded under its ticket, and
     # acknowledged only with every copy confirmed (the rest of server.py is left out).
     "chain": ("sdbackup/services/server.py",

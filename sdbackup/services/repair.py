@@ -90,8 +90,10 @@ class Repairer:
         manager = self.manager
         repaired = 0
         now = manager.clock.seconds()
-        if now < self._settling_until:
-            self.needed = True  # the newest chunks are judged by a later pass
+        if now <= self._settling_until:
+            # The newest chunks are judged by a later pass (one exactly SETTLE old too: the
+            # catalog gives only chunks added before now - SETTLE).
+            self.needed = True
         while manager.live:
             # Copies on draining servers do not count: their chunks are copied to the others.
             draining = manager.draining & set(manager.live)
@@ -155,7 +157,7 @@ class Repairer:
                 if address in manager.live:
                     manager.live[address].assigned += size
                 await manager.db(manager.catalog.add_locations, address, [(chunk_id, size)])
-            self.copied_bytes += size * len(reply.holders)
+                self.copied_bytes += size  # (a holder it names but was not sent is no copy)
             return True
         return False
 
