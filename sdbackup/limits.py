@@ -37,6 +37,9 @@ MAX_BATCH_CHUNKS = 4096
 MAX_LOCATE_IDS = 10_000
 #: Copies of a chunk: the replication factor, the servers of one chain, the holders of an id.
 MAX_REPLICAS = 16
+#: The replication factor of a manager started without ``--replicas`` (and of a message
+#: that does not say).
+DEFAULT_REPLICAS = 2
 #: A data folder's identity (32 hex digits today).
 MAX_DISK_ID_LENGTH = 64
 #: The name of a key the manager signs placement tickets with, and keys a server holds at once.

@@ -3,7 +3,7 @@
 from twisted.python import usage
 
 from sdbackup import tlsconfig
-from sdbackup.limits import MAX_REPLICAS
+from sdbackup.limits import DEFAULT_REPLICAS, MAX_REPLICAS
 from sdbackup.logformat import with_log_format
 from sdbackup.metrics import check_observability_options
 from sdbackup.services.manager import READ_DATA_INTERVAL, ManagerService
@@ -26,7 +26,7 @@ class Options(usage.Options):
     optParameters = [
         ["listen", "l", "tcp:5000", "Endpoint to listen on (Twisted endpoint string)."],
         ["data", "d", "manager_data", "Folder for the catalog."],
-        ["replicas", "r", 2, "Copies of every chunk: a primary and N-1 replicas.", int],
+        ["replicas", "r", DEFAULT_REPLICAS, "Copies of every chunk: a primary and N-1 replicas.", int],
         ["dead-after", None, 15.0,
          "Seconds without a heartbeat after which a server is declared dead.", float],
         ["repair-interval", None, 5.0,

@@ -487,7 +487,8 @@ class Placement(Message):
     known: list = field(factory=list, validator=_batch_ids)
     assignments: dict = field(factory=dict, converter=_holders_map(limits.MAX_BATCH_CHUNKS))
     #: The cluster's replication factor: an assignment with fewer servers is degraded.
-    replicas: int = field(default=2, validator=[_int, ge(0), le(limits.MAX_REPLICAS)])
+    replicas: int = field(default=limits.DEFAULT_REPLICAS,
+                          validator=[_int, ge(1), le(limits.MAX_REPLICAS)])
     #: One for each chain of servers in ``assignments``, naming the chunks placed on it.
     tickets: list = field(factory=list, converter=_records(Ticket, limits.MAX_BATCH_CHUNKS))
 
@@ -582,7 +583,8 @@ class ClusterStatus(Message):
     request_id: int = _request_id
     #: "starting" while the manager waits for servers to report after a start, then "ready".
     state: str = field(default="ready", validator=in_(("starting", "ready")))
-    replicas: int = field(default=2, validator=[_int, ge(0), le(limits.MAX_REPLICAS)])
+    replicas: int = field(default=limits.DEFAULT_REPLICAS,
+                          validator=[_int, ge(1), le(limits.MAX_REPLICAS)])
     servers: list = field(factory=list, converter=_records(ServerState, limits.MAX_SERVERS))
     snapshots: int = field(default=0, validator=_non_negative)
     chunks: int = field(default=0, validator=_non_negative)
@@ -864,7 +866,8 @@ class ServerList(Message):
     IS_REPLY = True
     request_id: int = _request_id
     servers: list = field(factory=list, converter=_records(ServerInfo, limits.MAX_SERVERS))
-    replicas: int = field(default=2, validator=[_int, ge(0), le(limits.MAX_REPLICAS)])
+    replicas: int = field(default=limits.DEFAULT_REPLICAS,
+                          validator=[_int, ge(1), le(limits.MAX_REPLICAS)])
 
 
 @message(67)

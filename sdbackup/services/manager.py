@@ -27,7 +27,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from sdbackup.limits import MAX_REPLICAS, MAX_SERVERS, shorten
+from sdbackup.limits import DEFAULT_REPLICAS, MAX_REPLICAS, MAX_SERVERS, shorten
 from sdbackup.placement import ServerLoad, place_chunks
 from sdbackup.protocols.messages import (
     MAX_KEYS,
@@ -147,7 +147,7 @@ class Manager:
 
     log = Logger()
 
-    def __init__(self, catalog: Catalog, run_in_db, clock, replicas: int = 2,
+    def __init__(self, catalog: Catalog, run_in_db, clock, replicas: int = DEFAULT_REPLICAS,
                  dead_after: float = 15.0, repair_rate: float = 50 * MiB,
                  expected_servers=(), safe_mode_timeout: float = 30.0,
                  safe_mode_settle: float = 3.0, ticket_lifetime: float = DEFAULT_LIFETIME,
@@ -672,7 +672,8 @@ class ManagerService(NodeService):
 
     name_for_logs = "sdbackup-manager"
 
-    def __init__(self, listen: str, data: str, replicas: int = 2, dead_after: float = 15.0,
+    def __init__(self, listen: str, data: str, replicas: int = DEFAULT_REPLICAS,
+                 dead_after: float = 15.0,
                  repair_interval: float = 5.0, repair_rate: float = 50 * MiB,
                  safe_mode_timeout: float = 30.0, safe_mode_settle: float = 3.0, reactor=None,
                  metrics: str | None = None, web: str | None = None,

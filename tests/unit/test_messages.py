@@ -2,16 +2,21 @@
 
 import base64
 import json
+import os
 from struct import Struct
 
+import attrs
 import pytest
 
-from sdbackup import hashing, limits
+from sdbackup import chunking, hashing, limits, sealing
+from sdbackup.client import uploader
+from sdbackup.protocols.authority import SENDERS, refusal
 from sdbackup.protocols.messages import (
     FRAME_LIMITS,
     MAX_CHUNK_SIZE,
     MAX_FETCH_IDS,
     MAX_FRAME_SIZE,
+    MAX_KEYS,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
     TYPE_CODE_SIZE,
@@ -378,6 +383,26 @@ BAD_HEADERS = {
     "summary missing": (SnapshotCommitted, {"request_id": 1}),
     "summary wrong type": (SnapshotCommitted, {"snapshot": "0a1b2c3d"}),
     "negative replicas": (ServerList, {"replicas": -1}),
+    "no replicas in a status": (ClusterStatus, {"replicas": 0}),
+    "no replicas in a placement": (Placement, {"replicas": 0}),
+    "no replicas in a server list": (ServerList, {"replicas": 0}),
+    "chunk ref negative size": (StoreChunks, {"chunks": [[H1, -1, H1], [H2, 1, H2]]}),
+    "exclude not ascii": (PlacementRequest, {"exclude": ["tcp:sérver:5001"]}),
+    "holder not ascii": (Locations, {"holders": {H1: ["tcp:sérver:5001"]}}),
+    "repository name a path": (ListSnapshots, {"repo": "../other"}),
+    "ticket key id not ascii": (StoreChunk, {"chunk_id": H1, "checksum": H1, "ticket": {
+        "chunk_ids": [H1], "chain": ["a"], "expires": 1, "key_id": "clé", "mac": H1}}),
+    "ticket key name not ascii": (Registered, {"ticket_keys": [{"key_id": "clé", "secret": H1}]}),
+    "server info disk id not ascii": (ServerList, {"servers": [
+        {"address": "a", "disk_id": "dïsk", "alive": True, "last_seen": 1.0, "chunks": 0,
+         "bytes": 0, "free_bytes": 0, "total_bytes": 0, "full": False, "draining": False,
+         "retired": False, "short": 0, "only_here": 0}]}),
+    "forward_to not ascii": (StoreChunk, {"chunk_id": H1, "checksum": H1,
+                                          "forward_to": ["tcp:sérver:5001"]}),
+    "chunk ref without its checksum": (StoreChunks, {"chunks": [[H1, 0]]}),
+    "chunk ref with a fourth field": (StoreChunks, {"chunks": [[H1, 0, H1, H1]]}),
+    "held chunk with a third field": (ChunkInventory, {"chunks": [[H1, 1, 1]]}),
+    "registration disk id not ascii": (RegisterServer, {"address": "a", "disk_id": "dïsk"}),
     "server state alive not bool": (ClusterStatus, {"servers": [
         {"address": "a", "alive": 1, "free_bytes": 0, "chunks": 0, "last_seen": 0}]}),
 }
@@ -512,6 +537,17 @@ def test_senders_cannot_build_an_over_long_field():
         RegisterServer(address=ADDRESS + "x")
     with pytest.raises(ValueError):
         HasChunks(chunk_ids=[H1] * (limits.MAX_IDS + 1))
+
+
+def test_locations_of_more_chunks_than_a_page_are_refused():
+    many = {hashing.chunk_id(str(i).encode()): ["a"] for i in range(limits.MAX_LOCATE_IDS + 1)}
+    with pytest.raises(DecodeError, match="more than"):
+        decode(frame(Locations.TYPE_CODE, json.dumps({"holders": many}).encode()))
+
+
+def test_an_error_reason_of_the_longest_length_is_kept_whole():
+    longest = "x" * limits.MAX_REASON_LENGTH
+    assert ErrorReply(code="bad-request", reason=longest).reason == longest
 
 
 def test_an_error_reason_is_cut_not_refused():
@@ -661,3 +697,181 @@ def test_chunks_data_pieces_follow_the_sizes():
 def test_bad_batched_fetches_are_refused(cls, fields):
     with pytest.raises(DecodeError):
         decode(frame(cls.TYPE_CODE, json.dumps(fields).encode()))
+
+
+# --- what every peer relies on ------------------------------------------------------------------
+
+#: The type codes on the wire. A peer of the same protocol version built before a change must
+#: still understand each frame: a code never moves.
+WIRE_CODES = {
+    "Hello": 1, "ErrorReply": 2, "Ack": 3, "StoreChunk": 10, "ChunkStored": 11, "FetchChunk": 12,
+    "ChunkData": 13, "ReplicateChunk": 14, "StoreChunks": 15, "ChunksStored": 16,
+    "FetchChunks": 17, "ChunksData": 18, "RegisterServer": 20, "ChunkInventory": 21,
+    "Heartbeat": 22, "ChunksAdded": 23, "ChunksCorrupt": 24, "VerifyChunks": 25,
+    "VerifyReport": 26, "SyncNotices": 27, "PlacementRequest": 30, "Placement": 31,
+    "CommitSnapshot": 32, "SnapshotCommitted": 33, "ListSnapshots": 37, "SnapshotList": 38,
+    "Locate": 39, "Locations": 40, "StatusRequest": 41, "ClusterStatus": 42, "CheckRequest": 46,
+    "CheckReport": 47, "HasChunks": 48, "ChunksHeld": 49, "ForgetSnapshots": 50,
+    "SnapshotsForgotten": 51, "DeleteSnapshots": 52, "PruneRequest": 60,
+    "PruneStatusRequest": 61, "PruneStatus": 62, "DeleteChunks": 63, "ChunksDeleted": 64,
+    "ListServers": 65, "ServerList": 66, "DrainServer": 67, "RetireServer": 68, "Registered": 70,
+    "TicketKeys": 71, "ReplaceSnapshot": 75, "ListKeys": 80, "KeyList": 81, "CommitKey": 82,
+    "KeyCommitted": 83, "RemoveKey": 84,
+}
+
+
+def test_every_type_keeps_its_code_on_the_wire():
+    assert {cls.__name__: code for code, cls in MESSAGE_TYPES.items()} == WIRE_CODES
+    assert PROTOCOL_VERSION == 2  # (a new version is a deliberate change, with its migration)
+
+
+def test_every_message_type_can_be_sent_by_some_peer():
+    """A request some role may send, or a reply to one (the handshake goes first, outside
+    the table): a type no peer may send would be refused wherever it came from."""
+    for cls in MESSAGE_TYPES.values():
+        if cls is Hello:
+            assert not cls.IS_REPLY
+            continue
+        if cls.IS_REPLY:
+            assert cls.__name__ not in SENDERS, cls
+            assert refusal("client", SAMPLES[cls], authenticated=True) is None, cls
+        else:
+            assert SENDERS.get(cls.__name__), cls
+
+
+def test_a_count_or_a_flag_a_peer_leaves_out_is_zero_or_off():
+    """A figure a peer does not send is none at all, never a made-up one; the exceptions say
+    what an absent field means."""
+    meaning = {
+        (ChunkInventory, "final"): True,  # an inventory in one page is its last
+        (ListSnapshots, "limit"): limits.MAX_SNAPSHOTS_PER_PAGE,
+        (Placement, "replicas"): limits.DEFAULT_REPLICAS,
+        (ClusterStatus, "replicas"): limits.DEFAULT_REPLICAS,
+        (ServerList, "replicas"): limits.DEFAULT_REPLICAS,
+    }
+    for cls in MESSAGE_TYPES.values():
+        for field in attrs.fields(cls):
+            default = field.default
+            if isinstance(default, bool | int | float):  # (a request id too: none, a notice)
+                expected = meaning.get((cls, field.name), False if isinstance(default, bool) else 0)
+                assert default == expected, (cls, field.name)
+                assert isinstance(default, bool) == isinstance(expected, bool), (cls, field.name)
+    for record in (SnapshotSummary(S1, 1.0, "h", [], T1),):
+        assert (record.files, record.dirs, record.bytes) == (0, 0, 0)
+
+
+def test_the_replication_factor_a_manager_omits_is_the_default_one():
+    assert limits.DEFAULT_REPLICAS == 2  # (the README's default)
+    assert decode(frame(ClusterStatus.TYPE_CODE, b"{}")).replicas == 2
+    for cls in (ClusterStatus, Placement, ServerList):  # (a cluster of one copy: README's 1)
+        assert decode(frame(cls.TYPE_CODE, b'{"replicas":1}')).replicas == 1
+
+
+def test_secrets_stay_out_of_logged_messages():
+    secret = hashing.chunk_id(b"a ticket key")
+    assert secret not in repr(TicketKey("k1", secret))
+    for msg in (Registered(request_id=1, ticket_keys=[TicketKey("k1", secret)]),
+                TicketKeys(request_id=1, ticket_keys=[TicketKey("k1", secret)])):
+        assert secret not in repr(msg)
+        assert decode(encode_frame(msg)).ticket_keys[0].secret == secret
+
+
+def test_an_invalid_summary_is_named_by_its_short_id():
+    with pytest.raises(ValueError) as caught:
+        many = limits.MAX_SNAPSHOT_TEXT // limits.MAX_PATH_LENGTH + 1
+        SnapshotSummary(S1, 1.0, "h", ["p" * limits.MAX_PATH_LENGTH] * many, T1)
+    assert str(caught.value).startswith(f"snapshot {S1[:16]}: ")
+
+
+def test_a_full_batch_of_fetched_chunks_is_one_reply_and_one_more_is_refused():
+    ids = [hashing.chunk_id(str(i).encode()) for i in range(MAX_FETCH_IDS)]
+    assert decode(encode_frame(FetchChunks(request_id=1, chunk_ids=ids))).chunk_ids == ids
+    with pytest.raises(ValueError, match=f"more than {MAX_FETCH_IDS}"):
+        FetchChunks(request_id=1, chunk_ids=[*ids, H1])
+    refs = [ChunkRef(H1, 0, H1)] * MAX_FETCH_IDS
+    assert len(decode(encode_frame(ChunksData(request_id=1, chunks=refs))).chunks) == MAX_FETCH_IDS
+    with pytest.raises(ValueError, match=f"more than {MAX_FETCH_IDS}"):
+        ChunksData(request_id=1, chunks=[*refs, ChunkRef(H2, 0, H2)])
+
+
+def test_fetched_chunks_of_real_sizes_add_up_to_their_payload():
+    data = [os.urandom(1000), os.urandom(70_000)]
+    refs = [ChunkRef(hashing.chunk_id(d), len(d), hashing.checksum(d)) for d in data]
+    msg = decode(encode_frame(ChunksData(request_id=1, chunks=refs, payload=b"".join(data))))
+    assert [piece for _, piece in msg.pieces()] == data
+    with pytest.raises(ValueError, match="do not add up"):
+        ChunksData(request_id=1, chunks=refs, payload=b"".join(data)[:-1])
+
+
+def test_a_repository_of_the_most_keys_is_listed_and_one_more_is_refused():
+    ids = [hashing.chunk_id(str(i).encode()) for i in range(MAX_KEYS)]
+    assert decode(encode_frame(KeyList(request_id=1, key_ids=ids))).key_ids == ids
+    with pytest.raises(DecodeError, match=f"more than {MAX_KEYS}"):
+        decode(frame(KeyList.TYPE_CODE, json.dumps({"key_ids": [*ids, H1]}).encode()))
+
+
+def test_a_page_of_snapshots_fills_up_to_the_page_bytes_exactly():
+    """Summaries that take exactly ``SNAPSHOT_PAGE_BYTES`` (with a separator each) make one
+    page; a byte more, and the last waits for the next page."""
+    def summary(path_bytes: int) -> SnapshotSummary:  # (names travel as UTF-8, not escaped)
+        return SnapshotSummary(S1, 1.0, "h", ["é" * (path_bytes // 2) + "p" * (path_bytes % 2)],
+                               T1)
+
+    def wire_size(s: SnapshotSummary) -> int:
+        return len(json.dumps(s.to_wire(), separators=(",", ":"), ensure_ascii=False).encode())
+
+    base = wire_size(summary(0))
+    each = summary(limits.MAX_PATH_LENGTH // 2)
+    count = limits.SNAPSHOT_PAGE_BYTES // (wire_size(each) + 1)
+    room = limits.SNAPSHOT_PAGE_BYTES - count * (wire_size(each) + 1)
+    if room < base + 2:  # (too little left for one more summary: one less of the others)
+        count, room = count - 1, room + wire_size(each) + 1
+    last = summary(room - 1 - base)
+    assert count * (wire_size(each) + 1) + wire_size(last) + 1 == limits.SNAPSHOT_PAGE_BYTES
+    full = SnapshotList.filled(1, [each] * count + [last], 1000)
+    assert (len(full.snapshots), full.more) == (count + 1, False)
+    over = SnapshotList.filled(1, [each] * count + [summary(room - base)], 1000)
+    assert (len(over.snapshots), over.more) == (count, True)
+
+
+def test_a_page_holding_every_snapshot_says_there_are_no_more():
+    small = [SUMMARY] * 300
+    page = SnapshotList.filled(1, small, 1000)
+    assert (len(page.snapshots), page.more) == (300, False)
+
+
+def test_a_message_of_exactly_its_frame_limit_can_be_sent_and_a_byte_more_cannot():
+    head = encode(ChunkData(request_id=1, chunk_id=H1, checksum=H1))
+    room = max_frame_size(ChunkData) - sum(len(part) for part in head)
+    at_limit = ChunkData(request_id=1, chunk_id=H1, checksum=H1, payload=b"x" * room)
+    assert len(encode_frame(at_limit)) == max_frame_size(ChunkData)
+    with pytest.raises(ValueError, match="exceeds its limit"):
+        encode(attrs.evolve(at_limit, payload=b"x" * (room + 1)))
+
+
+def test_the_largest_chunk_a_client_makes_sealed_fits_one_store():
+    """The chunker's largest chunk, sealed, is a legal chunk and fits one StoreChunks; so
+    does the uploader's fullest pack."""
+    largest = chunking.MAX_SIZE + sealing.OVERHEAD
+    for size in (largest, uploader.PACK_BYTES + largest):
+        store = StoreChunks(chunks=[ChunkRef(H1, largest, H1), ChunkRef(H2, size - largest, H2)],
+                            payload=b"x" * size)
+        assert decode(encode_frame(store)) == store
+
+
+def test_the_frame_limits_are_the_ones_the_readme_gives():
+    """README: a frame is at most 16 MiB + 6 bytes (a head, a header of up to 8 MiB, a payload
+    of up to 8 MiB); 1 KiB for a Hello, 64 KiB for small requests and answers."""
+    mib = 1024 * 1024
+    assert MAX_FRAME_SIZE == max_frame_size(StoreChunks) == 16 * mib + 6
+    assert (max_frame_size(Hello), max_frame_size(Ack), max_frame_size(FetchChunk)) == (
+        1024, 64 * 1024, 64 * 1024)
+    half = 4 * mib
+    eight = StoreChunks(chunks=[ChunkRef(H1, half, H1), ChunkRef(H2, half, H2)],
+                        payload=b"x" * (2 * half))
+    assert decode(encode_frame(eight)) == eight
+    one_chunk = StoreChunks(chunks=[ChunkRef(H1, 8 * mib, H1)], payload=b"x" * 8 * mib)
+    assert decode(encode_frame(one_chunk)) == one_chunk
+    with pytest.raises(ValueError):
+        ChunkRef(H1, 8 * mib + 1, H1)
+    assert (limits.MAX_SNAPSHOTS_PER_PAGE, limits.SNAPSHOT_PAGE_BYTES) == (1000, mib)
