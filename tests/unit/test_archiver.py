@@ -24,10 +24,14 @@ from sdbackup.client.session import ClientError
 from sdbackup.client.uploader import Signal
 from sdbackup.client.walk import Entry, Report, Walker, plan
 from sdbackup.objects import Kind, Node
+from sdbackup.sealing import Sealer
 
 
 class MemoryStore:
     """What a cluster holds, behind the uploader's interface."""
+
+    #: Blobs waiting before a batch goes by itself (the uploader's batch).
+    batch_size = 16
 
     def __init__(self):
         self.signal = Signal()
@@ -48,7 +52,7 @@ class MemoryStore:
             return False
         self._waiters[chunk_id] = [then]
         self._batch.append((kind, chunk_id, data))
-        if len(self._batch) >= 16:
+        if len(self._batch) >= self.batch_size:
             self.flush()
         return False
 
@@ -530,6 +534,9 @@ async def test_a_parent_tree_that_cannot_be_read_is_a_note_and_its_folder_is_rea
     assert len(report.notes) == 1, report.notes
     assert report.notes[0].startswith(f"the parent snapshot's tree {lost.hex()[:16]} cannot be read (")
     assert report.notes[0].endswith("): its folder is read again") and report.warnings == []
+    parents = archiver.parents  # the tree that could not be read counted nothing, kept nothing
+    assert (parents._trees, parents._refs, parents._below, parents._loading) == ({}, {}, {}, {})
+    assert parents._nodes == 0
 
 
 class UnlocatableStore(MemoryStore):
@@ -563,8 +570,9 @@ def test_only_a_file_with_the_same_size_times_and_inode_is_unchanged(tmp_path):
         if kind != "file":
             assert not archiver_module.unchanged(Node(name=b"f", type=kind, **same), st), kind
     for field in same:
-        moved = {**same, field: same[field] + 1}
-        assert not archiver_module.unchanged(Node(name=b"f", type="file", **moved), st), field
+        for delta in (1, -1):
+            moved = {**same, field: same[field] + delta}
+            assert not archiver_module.unchanged(Node(name=b"f", type="file", **moved), st), field
 
 
 @pytest_twisted.ensureDeferred
@@ -623,9 +631,10 @@ async def test_verbose_names_new_and_modified_files(store, tmp_path):
     assert said == [("modified", "src/sub/b"), ("new", "src/c")]
 
 
+@pytest.mark.parametrize("recorded", [bytes(32), b"\xff" * 32], ids=["lower", "higher"])
 @pytest_twisted.ensureDeferred
 async def test_a_file_read_again_with_other_bytes_under_the_parents_size_and_times_is_a_warning(
-        store, tmp_path):
+        store, tmp_path, recorded):
     """The parent says the file is unchanged (size, times, inode agree) but its chunks are
     gone; read again, its bytes hash otherwise than the parent recorded: worth a warning
     (the parent is wrong, or the file was written behind its times' back)."""
@@ -633,7 +642,7 @@ async def test_a_file_read_again_with_other_bytes_under_the_parents_size_and_tim
     first, _, _ = await archive(store, ["src"], cwd=tmp_path)
     src_id = store.node(first, b"src").subtree
     f = store.tree(src_id).find(b"f")
-    forged_f = attrs.evolve(f, hash=bytes(32), content=(bytes.fromhex("ab" * 32),))  # held nowhere
+    forged_f = attrs.evolve(f, hash=recorded, content=(bytes.fromhex("ab" * 32),))  # held nowhere
     forged_src = store.put_tree([forged_f])
     forged_root = store.put_tree([attrs.evolve(store.tree(first).find(b"src"), subtree=forged_src)])
 
@@ -642,3 +651,352 @@ async def test_a_file_read_again_with_other_bytes_under_the_parents_size_and_tim
     assert second == first and archiver.stats.unchanged == 0
     assert report.warnings == ["src/f has new contents although its size and times are those of "
                                "the parent snapshot"], report.warnings
+
+
+# --- memory bounds: what the builder holds at once ---------------------------------------
+
+
+class PatientStore(MemoryStore):
+    """A MemoryStore that sends a batch only when the builder flushes it: nothing is confirmed
+    while the walk goes on, so each bound is reached, and what the builder holds is only what
+    it chose to hold."""
+
+    batch_size = float("inf")
+
+
+class OneEventAtATime:
+    """The walk, handing its events over one by one: the builder looks at its bounds after
+    each, so what it holds at most is exact."""
+
+    def __init__(self, walker):
+        self.walker = walker
+        self.queue: list = []
+
+    def next_events(self):
+        if not self.queue:
+            self.queue = list(reversed(self.walker.next_events()))
+        return [self.queue.pop()] if self.queue else []
+
+    def close(self):
+        self.walker.close()
+
+
+class HeldAtEachStep(Signal):
+    """The uploader's signal, which the builder checks after each batch of the walk's events
+    and each step of a wait: notes what it holds then (folders left with their trees not
+    confirmed, Nodes, files waiting for their check)."""
+
+    def __init__(self):
+        super().__init__()
+        self.archiver: Archiver | None = None
+        self.unfinished: list[int] = []
+        self.nodes: list[int] = []
+        self.checking: list[int] = []
+
+    def check(self):
+        if self.archiver is not None:
+            self.unfinished.append(self.archiver._unfinished)
+            self.nodes.append(self.archiver._nodes)
+            self.checking.append(self.archiver.held.waiting)
+        super().check()
+
+
+async def archive_watched(store, tmp_path, parent_root=b""):
+    """Back ``src`` up one walk event at a time; ``(root, archiver, report, signal)``."""
+    report = Report()
+    store.signal = signal = HeldAtEachStep()
+    walker = OneEventAtATime(Walker(plan(["src"], str(tmp_path)), report))
+    parents = ParentTrees(store, report) if parent_root else None
+    signal.archiver = archiver = Archiver(walker, store, MemoryHeld(store), parents, report)
+    root = await archiver.run(parent_root)
+    return root, archiver, report, signal
+
+
+def nothing_held(archiver: Archiver) -> tuple:
+    return (archiver._unfinished, archiver._nodes, archiver._background, archiver.held.waiting)
+
+
+@pytest_twisted.ensureDeferred
+async def test_at_most_max_unfinished_folders_wait_for_the_cluster(tmp_path, monkeypatch):
+    """Folders left by the walk whose trees are not confirmed yet hold their Nodes: past
+    ``MAX_UNFINISHED`` of them, the builder lets the cluster catch up before it walks on."""
+    monkeypatch.setattr(archiver_module, "MAX_UNFINISHED", 8)
+    for i in range(30):
+        write(tmp_path / f"src/d{i:02}/f", f"file {i}".encode())
+    store = PatientStore()
+    root, archiver, report, signal = await archive_watched(store, tmp_path)
+    assert max(signal.unfinished) == 8 + 1  # the folder left last goes past, then it waits
+    assert signal.unfinished.count(9) >= 3  # three waits: 30 folders, 9 at a time
+    assert nothing_held(archiver) == (0, 0, 0, 0)
+    assert archiver.stats.files == 30 and report.warnings == []
+    assert store.content(store.node(root, b"src", b"d29", b"f")) == b"file 29"
+    assert store.problems == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_at_most_max_checking_unchanged_files_wait_for_their_check(tmp_path, monkeypatch):
+    """Files taken from the parent wait for the cluster to confirm their chunks are held:
+    past ``MAX_CHECKING`` of them, the builder lets the answers come before it walks on."""
+    monkeypatch.setattr(archiver_module, "MAX_CHECKING", 8)
+    for i in range(30):
+        write(tmp_path / f"src/f{i:02}", f"file {i}".encode())
+    store = PatientStore()
+    first, _, _, signal = await archive_watched(store, tmp_path)
+    assert max(signal.checking) == 0
+    second, archiver, report, signal = await archive_watched(store, tmp_path, parent_root=first)
+    assert second == first and archiver.stats.unchanged == 30
+    assert max(signal.checking) == 8 + 1
+    assert nothing_held(archiver) == (0, 0, 0, 0)
+    assert report.warnings == [] and report.notes == [] and store.problems == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_nodes_in_unfinished_folders_stay_within_max_nodes(tmp_path, monkeypatch):
+    """A folder left by the walk keeps its Nodes until its tree is stored: past ``MAX_NODES``
+    Nodes held while some folder is unfinished, the builder waits for the cluster."""
+    monkeypatch.setattr(archiver_module, "MAX_NODES", 10)
+    monkeypatch.setattr(archiver_module, "SMALL_FILES_AT_ONCE", 1)  # a Node per file read
+    for i in range(5):  # few: src, open to the end, holds a Node for each
+        for f in range(6):
+            write(tmp_path / f"src/d{i:02}/f{f}", f"file {i} {f}".encode())
+    store = PatientStore()
+    root, archiver, report, signal = await archive_watched(store, tmp_path)
+    assert max(signal.nodes) == 10 + 1
+    assert nothing_held(archiver) == (0, 0, 0, 0)
+    assert archiver.stats.files == 30 and report.warnings == []
+    assert store.content(store.node(root, b"src", b"d04", b"f5")) == b"file 4 5"
+    assert store.problems == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_folder_with_more_entries_than_max_nodes_is_backed_up(tmp_path, monkeypatch):
+    """An open folder's Nodes cannot be let go of: many of them alone are no reason to wait
+    (there would be nothing to wait for)."""
+    monkeypatch.setattr(archiver_module, "MAX_NODES", 10)
+    for i in range(40):
+        os.makedirs(tmp_path / "src", exist_ok=True)
+        os.symlink(f"target {i}", tmp_path / f"src/l{i:02}")
+    store = PatientStore()
+    root, archiver, report, signal = await archive_watched(store, tmp_path)
+    assert max(signal.nodes) == 40
+    assert [n.target for n in store.tree(store.node(root, b"src").subtree).nodes] == [
+        f"target {i}".encode() for i in range(40)]
+    assert nothing_held(archiver) == (0, 0, 0, 0)
+    assert report.warnings == [] and store.problems == []
+
+
+# --- what is read and stored -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_encrypted_backup_stores_only_sealed_chunks_and_trees(store, tmp_path):
+    """With a repository key, every chunk (of small files read many at a time and of large
+    ones) and every tree is sealed before it is stored; each opens to what the disk held."""
+    sealer = Sealer("default", bytes(range(32)))
+    files = {"src/a": b"small file a" * 10, "src/sub/b": b"small file b",
+             "src/big": os.urandom(archiver_module.SMALL_FILE + 100)}
+    for path, data in files.items():
+        write(tmp_path / path, data)
+    report = Report()
+    walker = Walker(plan(["src"], str(tmp_path)), report)
+    archiver = Archiver(walker, store, MemoryHeld(store), None, report, sealer=sealer)
+    root = await archiver.run()
+
+    def tree(tree_id):
+        return objects.decode_tree(sealer.open(Kind.TREE, store.blobs[tree_id][1]))
+
+    def node(*names):
+        tree_id, found = root, None
+        for name in names:
+            found = tree(tree_id).find(name)
+            tree_id = found.subtree
+        return found
+
+    for path, data in files.items():
+        content = [store.blobs[i][1] for i in node(*os.fsencode(path).split(b"/")).content]
+        assert b"".join(sealer.open_bytes(Kind.DATA, sealed) for sealed in content) == data
+        assert all(data[:64] not in sealed for sealed in content), path
+    kinds = [kind for kind, _ in store.sent]
+    assert kinds.count(Kind.TREE) == 3  # the root, src, sub: each sealed
+    assert all(objects.open_envelope(data, kind).sealed
+               for kind, data in store.blobs.values() if kind == Kind.TREE)
+    assert nothing_held(archiver) == (0, 0, 0, 0)
+    assert report.warnings == []
+
+
+class Vanishing:
+    """The walk, with some files deleted right after it saw them (before they are read)."""
+
+    def __init__(self, walker, folder, names):
+        self.walker, self.folder, self.names = walker, folder, names
+
+    def next_events(self):
+        events = self.walker.next_events()
+        for event in events:
+            if type(event) is Entry and event.name.decode() in self.names:
+                os.remove(self.folder / event.name.decode())
+        return events
+
+    def close(self):
+        self.walker.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_files_gone_before_they_are_read_are_warnings_and_the_rest_is_backed_up(
+        store, tmp_path):
+    """A small file read with others, and a large one, deleted between the walk and the read:
+    each is a warning and no entry, and the files after them are backed up all the same."""
+    for name in ("a", "c", "e"):
+        write(tmp_path / f"src/{name}", f"small {name}".encode())
+    write(tmp_path / "src/b", os.urandom(archiver_module.SMALL_FILE + 1))
+    write(tmp_path / "src/d", os.urandom(archiver_module.SMALL_FILE + 1))
+    report = Report()
+    walker = Vanishing(Walker(plan(["src"], str(tmp_path)), report), tmp_path / "src", {"a", "d"})
+    archiver = Archiver(walker, store, MemoryHeld(store), None, report)
+    root = await archiver.run()
+    assert sorted(report.warnings) == ["cannot read src/a: No such file or directory",
+                                       "cannot read src/d: No such file or directory"]
+    assert archiver.stats.files == 3
+    src = store.tree(store.node(root, b"src").subtree)
+    assert [n.name for n in src.nodes] == [b"b", b"c", b"e"]
+    assert store.content(src.find(b"c")) == b"small c" and store.content(src.find(b"e")) == b"small e"
+    assert store.content(src.find(b"b")) == (tmp_path / "src/b").read_bytes()
+    assert nothing_held(archiver) == (0, 0, 0, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fifo_is_an_entry_and_never_read(store, tmp_path):
+    os.makedirs(tmp_path / "src")
+    os.mkfifo(tmp_path / "src/pipe")
+    write(tmp_path / "src/f", b"a file")
+    root, archiver, report = await archive(store, ["src"], cwd=tmp_path)
+    pipe = store.node(root, b"src", b"pipe")
+    assert (pipe.type, pipe.content, pipe.size) == ("fifo", (), 0)
+    assert archiver.stats.files == 2 and report.warnings == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unchanged_empty_file_is_taken_from_the_parent(store, tmp_path):
+    """An empty file has no chunks to check: it is taken from the parent at once."""
+    write(tmp_path / "src/empty", b"")
+    write(tmp_path / "src/f", b"bytes")
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    said = []
+    walker = Walker(plan(["src"], str(tmp_path)), Report())
+    archiver = Archiver(walker, store, MemoryHeld(store), ParentTrees(store, Report()), Report(),
+                        listed=lambda what, path: said.append((what, path)))
+    second = await archiver.run(first)
+    assert second == first and archiver.stats.unchanged == 2 and said == []
+    assert archiver.held.asked == 1  # for f's chunk alone
+
+
+def test_same_metadata_holds_only_for_exactly_the_entrys_metadata():
+    fields = dict(name=b"f", type="file", mode=0o100644, uid=1000, gid=100, user="u", group="g",
+                  mtime_ns=50, atime_ns=40, ctime_ns=60, size=3, dev=7, inode=9, links=1,
+                  rdev=0, target=b"", xattrs=((b"user.a", b"1"),))
+    node = Node(**fields)
+    assert archiver_module.same_metadata(node, fields)
+    assert archiver_module.same_metadata(Node(name=b"f", type="fifo"), {"type": "fifo"})  # defaults
+    for name, value in fields.items():
+        if name == "name":
+            continue
+        if isinstance(value, int):
+            others = [value + 1, value - 1]
+        elif name == "type":
+            others = ["dir", "symlink"]  # before and after "file"
+        elif isinstance(value, str):
+            others = [value + "x", ""]
+        elif isinstance(value, bytes):
+            others = [b"t"]
+        else:
+            others = [((b"user.a", b"2"),), ()]
+        for other in others:
+            assert not archiver_module.same_metadata(node, {**fields, name: other}), (name, other)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unchanged_file_takes_its_other_metadata_from_the_disk(store, tmp_path):
+    """The parent's content stands for an unchanged file, not the rest of its Node: an owner
+    renamed since (same uid, other name) is the disk's."""
+    write(tmp_path / "src/f", b"the bytes")
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    f = store.node(first, b"src", b"f")
+    forged_src = store.put_tree([attrs.evolve(f, user="zz-renamed", mode=f.mode | 0o7000)])
+    forged_root = store.put_tree([attrs.evolve(store.tree(first).find(b"src"), subtree=forged_src)])
+    second, archiver, report = await archive(store, ["src"], parent_root=forged_root, cwd=tmp_path)
+    assert second == first and archiver.stats.unchanged == 1
+    assert (store.node(second, b"src", b"f").user, store.node(second, b"src", b"f").mode) == (
+        f.user, f.mode)
+    assert report.warnings == []
+
+
+@pytest.mark.parametrize("kind", [k for k in objects.NODE_TYPES if k != "dir"])
+@pytest_twisted.ensureDeferred
+async def test_a_folder_that_was_no_folder_in_the_parent_takes_no_tree_from_it(
+        store, tmp_path, kind):
+    """A forged or odd parent whose entry of another kind points at a tree: the folder now
+    under that name is read, not matched against that tree."""
+    write(tmp_path / "src/d/f", b"bytes")
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    d = store.node(first, b"src", b"d")
+    forged_src = store.put_tree([attrs.evolve(d, type=kind)])  # keeps d's subtree
+    forged_root = store.put_tree([attrs.evolve(store.tree(first).find(b"src"), subtree=forged_src)])
+    second, archiver, _ = await archive(store, ["src"], parent_root=forged_root, cwd=tmp_path)
+    assert second == first and archiver.stats.unchanged == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_of_more_chunks_than_inline_content_keeps_them_in_full_chunk_lists(store):
+    """``INLINE_CONTENT`` ids inline at most; one more and they go to chunk lists of that
+    many, each stored once its chunks are confirmed, and waited for by the file's folder."""
+    archiver = Archiver(None, store, MemoryHeld(store), None, Report())
+    frame = archiver_module.Frame(archiver, None, None, None)
+    limit = objects.INLINE_CONTENT
+    chunks = [(bytes.fromhex(hashing.chunk_id(data)), data)
+              for data in (i.to_bytes(4, "big") for i in range(limit + 1))]
+    exact = archiver_module.FileContent(store, frame)
+    exact.add(chunks[:limit])
+    assert exact.finish() == (tuple(chunk_id for chunk_id, _ in chunks[:limit]), ())
+    more = archiver_module.FileContent(store, frame)
+    more.add(chunks)
+    content, lists = more.finish()
+    assert content == () and len(lists) == 2
+    while frame.pending > 1:  # the walk's own count is left: the folder waits for nothing else
+        store.flush()
+        await task.deferLater(reactor, 0, lambda: None)
+    assert [len(objects.decode_chunk_list(store.blobs[i][1])) for i in lists] == [limit, 1]
+
+
+class CountingStore(MemoryStore):
+    """A MemoryStore that counts how often each tree is fetched."""
+
+    def __init__(self):
+        super().__init__()
+        self.fetched: dict[bytes, int] = {}
+
+    async def fetch_many(self, kind, wanted):
+        for chunk_id in wanted:
+            key = bytes.fromhex(chunk_id)
+            self.fetched[key] = self.fetched.get(key, 0) + 1
+        return await super().fetch_many(kind, wanted)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tree_that_many_folders_share_is_read_once_and_let_go_at_the_end(tmp_path):
+    """Empty folders all have the one empty tree: read once for all of them, wherever they
+    are, held while some folder may still enter it, and nothing is held at the end."""
+    for a in range(3):
+        for b in range(2):
+            os.makedirs(tmp_path / f"src/a{a}/e{b}")
+        write(tmp_path / f"src/a{a}/f", f"{a}".encode())
+    store = CountingStore()
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    empty = store.node(first, b"src", b"a0", b"e0").subtree
+    assert store.node(first, b"src", b"a2", b"e1").subtree == empty
+    second, archiver, report = await archive(store, ["src"], parent_root=first, cwd=tmp_path)
+    assert second == first and archiver.stats.unchanged == 3 and report.notes == []
+    assert store.fetched[empty] == 1
+    assert set(store.fetched.values()) == {1}  # every tree read once
+    parents = archiver.parents
+    assert (parents._trees, parents._refs, parents._below, parents._loading) == ({}, {}, {}, {})
+    assert parents._nodes == 0 and parents._rounds == 0
