@@ -211,8 +211,13 @@ class ParentTrees:
             except Exception as e:
                 self.report.note(f"cannot locate the parent snapshot's trees: {e}")
                 holders = {}
-            fetched = await self.repository.fetch_many(
-                Kind.TREE, {t.hex(): holders.get(t.hex(), []) for t in ids})
+            try:
+                fetched = await self.repository.fetch_many(
+                    Kind.TREE, {t.hex(): holders.get(t.hex(), []) for t in ids})
+            except Exception as e:  # their folders are read again (the finally gives None)
+                self.report.note(f"cannot fetch the parent snapshot's trees ({e}): "
+                                 f"their folders are read again")
+                return
             for tree_id in ids:
                 self._deliver(tree_id, await self._decode(tree_id, fetched[tree_id.hex()]),
                               undelivered)

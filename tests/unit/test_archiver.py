@@ -12,7 +12,7 @@ import attrs
 import pytest
 import pytest_twisted
 from test_walk import local_parts, make_deep, posix_acl
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 
 from sdbackup import hashing, objects
 from sdbackup.client import archiver as archiver_module
@@ -1000,3 +1000,114 @@ async def test_a_tree_that_many_folders_share_is_read_once_and_let_go_at_the_end
     parents = archiver.parents
     assert (parents._trees, parents._refs, parents._below, parents._loading) == ({}, {}, {}, {})
     assert parents._nodes == 0 and parents._rounds == 0
+
+
+class WatchedTreeStore(MemoryStore):
+    """A MemoryStore whose tree fetches answer at once (each round done before the next
+    starts, so the window is never overrun by a tree the walk asks for before its turn);
+    it counts how often each tree is fetched, and records at each round it starts what the
+    parent's reader holds: trees read or being read, and their Nodes (known or estimated)."""
+
+    def __init__(self):
+        super().__init__()
+        self.parents: ParentTrees | None = None
+        self.reads: dict[str, int] = {}
+        self.rounds: list[int] = []
+        self.held: list[int] = []  # trees read ahead or being read, at each round
+        self.nodes: list[int] = []  # Nodes read ahead, at each round
+
+    async def fetch_many(self, kind, wanted):
+        parents = self.parents
+        self.rounds.append(len(wanted))
+        self.held.append(len(parents._trees) + len(parents._loading))
+        self.nodes.append(parents._nodes)
+        for chunk_id in wanted:
+            self.reads[chunk_id] = self.reads.get(chunk_id, 0) + 1
+        return await super().fetch_many(kind, wanted)
+
+
+def make_grid(base, tops: int, middles: int, files: int):
+    for a in range(tops):
+        for b in range(middles):
+            for f in range(files):
+                write(base / f"src/a{a}/b{b}/f{f}", f"{a} {b} {f}".encode())
+
+
+async def second_backup(store, tmp_path, first):
+    report = Report()
+    store.parents = parents = ParentTrees(store, report)
+    walker = Walker(plan(["src"], str(tmp_path)), report)
+    archiver = Archiver(walker, store, MemoryHeld(store), parents, report)
+    # A reader that never answers a folder fails the test, not hangs it.
+    second = await defer.ensureDeferred(archiver.run(first)).addTimeout(10, reactor)
+    return second, archiver, report
+
+
+def nothing_held_by(parents: ParentTrees) -> bool:
+    return ((parents._trees, parents._refs, parents._below, parents._loading, parents._heap)
+            == ({}, {}, {}, {}, []) and parents._nodes == 0 and parents._rounds == 0)
+
+
+@pytest.mark.parametrize("window", [3, 5])
+@pytest_twisted.ensureDeferred
+async def test_a_full_window_lets_go_of_the_trees_read_last_and_holds_exactly_its_size(
+        tmp_path, monkeypatch, window):
+    """Reading ``src`` brings its four subfolders, and each of those brings four more that
+    come sooner in the walk than the subfolders after it: with a window of a few trees,
+    the tree read last is let go for each that comes sooner, and read again in its turn.
+    The window fills exactly (never one tree more), no tree is read more than twice, and
+    every unchanged file is found unchanged."""
+    monkeypatch.setattr(parenttrees_module, "TREES_AHEAD", window)
+    monkeypatch.setattr(parenttrees_module, "NODES_AHEAD", 10_000)
+    monkeypatch.setattr(parenttrees_module, "ROUND_TREES", 4)
+    monkeypatch.setattr(parenttrees_module, "LOAD_ROUNDS", 16)
+    make_grid(tmp_path, 4, 4, 2)
+    store = WatchedTreeStore()
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    trees = [chunk_id for kind, chunk_id in store.sent if kind == Kind.TREE]
+    assert len(trees) == 1 + 1 + 4 + 16
+
+    second, archiver, report = await second_backup(store, tmp_path, first)
+
+    assert second == first and archiver.stats.unchanged == 32 and archiver.stats.files == 32
+    assert report.notes == [] and report.warnings == [] and store.problems == []
+    assert sorted(store.reads) == sorted(t.hex() for t in trees)  # every tree read
+    assert max(store.reads.values()) == 2  # some let go and read again, none more
+    assert max(store.held) == window and max(store.rounds) <= 4, (store.held, store.rounds)
+    assert nothing_held_by(archiver.parents)
+
+
+class FailingRoundStore(WatchedTreeStore):
+    """Its fetch of the round that holds ``failing`` fails as a whole (as a piece that does
+    not open fails Repository.fetch_many), once."""
+
+    failing: bytes = b""
+
+    async def fetch_many(self, kind, wanted):
+        found = await super().fetch_many(kind, wanted)
+        if self.failing.hex() in wanted:
+            self.failing = b""
+            raise ClientError("the piece does not open")
+        return found
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_round_of_parent_trees_that_fails_is_a_note_and_every_folder_is_backed_up(
+        tmp_path, monkeypatch):
+    """A round whose fetch fails as a whole costs its trees, not the backup: a note, the
+    folders of those trees read again from the disk, and the rest still taken unchanged."""
+    monkeypatch.setattr(parenttrees_module, "TREES_AHEAD", 4)
+    monkeypatch.setattr(parenttrees_module, "ROUND_TREES", 2)
+    make_grid(tmp_path, 3, 3, 2)
+    store = FailingRoundStore()
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    store.failing = store.node(first, b"src", b"a1").subtree  # read with a0's, before a2's
+
+    second, archiver, report = await second_backup(store, tmp_path, first)
+
+    assert second == first and archiver.stats.files == 18
+    assert archiver.stats.unchanged == 6  # a2's; a0's and a1's are read again
+    assert report.notes == ["cannot fetch the parent snapshot's trees (the piece does not "
+                            "open): their folders are read again"]
+    assert report.warnings == [] and store.problems == []
+    assert nothing_held_by(archiver.parents)
