@@ -1033,10 +1033,10 @@ def make_grid(base, tops: int, middles: int, files: int):
                 write(base / f"src/a{a}/b{b}/f{f}", f"{a} {b} {f}".encode())
 
 
-async def second_backup(store, tmp_path, first):
+async def second_backup(store, tmp_path, first, paths=("src",)):
     report = Report()
     store.parents = parents = ParentTrees(store, report)
-    walker = Walker(plan(["src"], str(tmp_path)), report)
+    walker = Walker(plan(list(paths), str(tmp_path)), report)
     archiver = Archiver(walker, store, MemoryHeld(store), parents, report)
     # A reader that never answers a folder fails the test, not hangs it.
     second = await defer.ensureDeferred(archiver.run(first)).addTimeout(10, reactor)
@@ -1110,4 +1110,44 @@ async def test_a_round_of_parent_trees_that_fails_is_a_note_and_every_folder_is_
     assert report.notes == ["cannot fetch the parent snapshot's trees (the piece does not "
                             "open): their folders are read again"]
     assert report.warnings == [] and store.problems == []
+    assert nothing_held_by(archiver.parents)
+
+
+class NodeCountingStore(WatchedTreeStore):
+    """Records at each round the Nodes the parent's reader will hold once it arrives: those
+    of the trees read ahead and of the trees being read."""
+
+    def __init__(self):
+        super().__init__()
+        self.coming: list[int] = []
+
+    async def fetch_many(self, kind, wanted):
+        parents = self.parents
+        loading = sum(len(self.tree(t).nodes) for t in parents._loading)
+        self.coming.append(parents._nodes + loading)
+        return await super().fetch_many(kind, wanted)
+
+
+@pytest.mark.parametrize("nodes_ahead", [14, 16, 30, 40])
+@pytest_twisted.ensureDeferred
+async def test_the_nodes_read_ahead_stay_within_nodes_ahead_and_fill_it(
+        tmp_path, monkeypatch, nodes_ahead):
+    """Every folder, and the snapshot's root, holds four entries, so the reader's estimate
+    of a tree's Nodes is exact: a round starts while fewer than ``NODES_AHEAD`` Nodes are
+    held or coming, so the window holds exactly the trees of four that start under it (the
+    last may reach past it), never one more; and the backup finds every file unchanged."""
+    monkeypatch.setattr(parenttrees_module, "TREES_AHEAD", 1000)
+    monkeypatch.setattr(parenttrees_module, "NODES_AHEAD", nodes_ahead)
+    monkeypatch.setattr(parenttrees_module, "ROUND_TREES", 4)
+    make_grid(tmp_path, 4, 4, 4)
+    store = NodeCountingStore()
+    tops = [f"a{a}" for a in range(4)]
+    first, _, _ = await archive(store, tops, cwd=tmp_path / "src")
+    assert len(store.tree(first).nodes) == 4
+
+    second, archiver, report = await second_backup(store, tmp_path / "src", first, tops)
+
+    assert second == first and archiver.stats.unchanged == 64 and report.notes == []
+    assert max(store.coming) == 4 * -(-nodes_ahead // 4), store.coming
+    assert max(store.reads.values()) <= 2
     assert nothing_held_by(archiver.parents)
