@@ -1151,3 +1151,34 @@ async def test_the_nodes_read_ahead_stay_within_nodes_ahead_and_fill_it(
     assert max(store.coming) == 4 * -(-nodes_ahead // 4), store.coming
     assert max(store.reads.values()) <= 2
     assert nothing_held_by(archiver.parents)
+
+
+class SlowWatchedStore(WatchedTreeStore):
+    """A WatchedTreeStore whose tree fetches answer a little later, so that rounds overlap."""
+
+    async def fetch_many(self, kind, wanted):
+        await task.deferLater(reactor, 0.001, lambda: None)
+        return await super().fetch_many(kind, wanted)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_window_full_of_trees_still_being_read_waits_for_them(tmp_path, monkeypatch):
+    """A window of two trees, both being read when the walk leaves ``src`` behind: nothing
+    read is left to let go, so the reader waits for them (it neither spins nor stops
+    reading ahead), and the backup finds every file unchanged, reading every tree, none
+    more than twice."""
+    monkeypatch.setattr(parenttrees_module, "TREES_AHEAD", 2)
+    monkeypatch.setattr(parenttrees_module, "ROUND_TREES", 2)
+    monkeypatch.setattr(parenttrees_module, "LOAD_ROUNDS", 2)
+    make_grid(tmp_path, 6, 2, 1)
+    store = SlowWatchedStore()
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    trees = [chunk_id.hex() for kind, chunk_id in store.sent if kind == Kind.TREE]
+    assert len(trees) == 1 + 1 + 6 + 12
+
+    second, archiver, report = await second_backup(store, tmp_path, first)
+
+    assert second == first and archiver.stats.unchanged == 12 and report.notes == []
+    assert sorted(store.reads) == sorted(trees) and max(store.reads.values()) <= 2
+    assert max(store.held) == 2 and max(store.rounds) <= 2, (store.held, store.rounds)
+    assert nothing_held_by(archiver.parents) and store.problems == []
