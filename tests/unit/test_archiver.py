@@ -1169,7 +1169,7 @@ async def test_a_window_full_of_trees_still_being_read_waits_for_them(tmp_path, 
     more than twice."""
     monkeypatch.setattr(parenttrees_module, "TREES_AHEAD", 2)
     monkeypatch.setattr(parenttrees_module, "ROUND_TREES", 2)
-    monkeypatch.setattr(parenttrees_module, "LOAD_ROUNDS", 2)
+    monkeypatch.setattr(parenttrees_module, "LOAD_ROUNDS", 16)
     make_grid(tmp_path, 6, 2, 1)
     store = SlowWatchedStore()
     first, _, _ = await archive(store, ["src"], cwd=tmp_path)
