@@ -141,6 +141,11 @@ class MessageProtocol(FrameReceiver):
 
     def connectionMade(self):
         super().connectionMade()
+        # Frames go out at once: with Nagle's algorithm a small request written while the
+        # last one is unacknowledged waits for the peer's delayed ACK (up to 40 ms).
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)  # (TLS passes it down)
+        if no_delay is not None:
+            no_delay(True)
         made = getattr(self.handler, "connection_made", None)
         if made is not None:
             made(self)

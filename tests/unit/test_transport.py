@@ -3,11 +3,14 @@
 In-process, with real sockets on 127.0.0.1 and real certificates.
 """
 
+import socket
+
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python import usage
 
 from sdbackup import manager_tap, pki, server_tap
@@ -182,6 +185,7 @@ async def test_under_tls_the_role_is_the_certificates(tmp_path):
             await task.deferLater(reactor, 0.1)
             [accepted] = [c for c in manager.manager.connections if c.peer_name == name]
             assert accepted.peer_role == role
+            assert no_delay(proto) and no_delay(accepted)  # through the TLS layer too
             assert accepted.peer_identity == pki.fingerprint(
                 pki.load_certificate((tmp_path / f"{name}.crt").read_bytes()))
             proto.transport.loseConnection()
@@ -193,6 +197,34 @@ async def test_under_tls_the_role_is_the_certificates(tmp_path):
         with pytest.raises(RemoteError, match="its certificate is a client's, but it said it is a "
                                               "manager"):
             await proto.request(manager_status(), 5, reactor)
+    finally:
+        await manager.stopService()
+
+
+def no_delay(proto: MessageProtocol) -> bool:
+    """Whether the socket under ``proto`` sends small frames at once (Nagle's algorithm off)."""
+    tcp = proto.transport
+    if isinstance(tcp, ProtocolWrapper):  # TLS: the TCP connection is under it
+        tcp = tcp.transport
+    return bool(tcp.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+@pytest_twisted.ensureDeferred
+async def test_both_ends_of_a_link_send_small_frames_at_once(tmp_path):
+    """A request waits for no acknowledgement of the one before: with Nagle's algorithm on,
+    the reader's many small requests (a tree fetch, a Locate) waited for the peer's delayed
+    ACK, and listing a 3,200-folder snapshot took 14.5 s instead of 4.2 s."""
+    manager = ManagerService("tcp:0:interface=127.0.0.1", str(tmp_path / "m"), reactor=reactor)
+    manager.startService()
+    try:
+        port = (await manager.when_listening()).getHost().port
+        proto = MessageProtocol(None, "client", expect=("manager",), clock=reactor)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
+        await proto.ready
+        await until(lambda: manager.manager.connections, "the manager to see the link")
+        [accepted] = manager.manager.connections
+        assert no_delay(proto) and no_delay(accepted)
+        proto.transport.loseConnection()
     finally:
         await manager.stopService()
 
