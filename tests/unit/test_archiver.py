@@ -653,6 +653,34 @@ async def test_a_file_read_again_with_other_bytes_under_the_parents_size_and_tim
                                "the parent snapshot"], report.warnings
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_parent_tree_read_ahead_that_does_not_decode_is_a_note_and_its_folder_read_again(
+        store, tmp_path):
+    """Trees wait as bytes, scanned for their subfolders only; one whose nodes do not decode
+    when its folder is entered (here a field this version does not know) costs that folder
+    its parent: a note, and what it holds read again; the backup is the same."""
+    write(tmp_path / "src/a/f", b"f's bytes")
+    write(tmp_path / "src/a/b/g", b"g's bytes")
+    first, _, _ = await archive(store, ["src"], cwd=tmp_path)
+    a = store.node(first, b"src", b"a")
+    body = objects._unpack(objects.open_envelope(store.blobs[a.subtree][1]).body, "tree")
+    body[-1]["zz"] = 1  # f's node: a field the decode refuses, the scan passes over
+    envelope = objects.open_envelope(store.blobs[a.subtree][1])
+    data = objects.seal(Kind.TREE, envelope.tree_refs, envelope.data_refs, objects._pack(body))
+    forged_a = bytes.fromhex(objects.object_id(Kind.TREE, data))
+    store.blobs[forged_a] = (Kind.TREE, data)
+    src = store.node(first, b"src")
+    forged_src = store.put_tree([attrs.evolve(a, subtree=forged_a)])
+    forged_root = store.put_tree([attrs.evolve(src, subtree=forged_src)])
+
+    second, archiver, report = await archive(store, ["src"], parent_root=forged_root, cwd=tmp_path)
+
+    assert second == first
+    assert archiver.stats.unchanged == 0 and archiver.stats.files == 2  # f and g read again
+    assert report.notes == [f"the parent snapshot's tree {forged_a.hex()[:16]} cannot be read "
+                            f"(a node is a map of known fields): its folder is read again"]
+
+
 # --- memory bounds: what the builder holds at once ---------------------------------------
 
 

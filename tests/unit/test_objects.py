@@ -63,6 +63,27 @@ def test_a_trusted_decode_gives_the_same_tree(tree):
     assert [hash(n) for n in trusted.nodes] == [hash(n) for n in tree.nodes]
 
 
+@given(trees)
+@settings(max_examples=150, deadline=None)
+def test_a_scan_finds_what_a_decode_finds_of_the_subfolders(tree):
+    """The read-ahead window keeps trees as bytes and learns their subfolders by a scan: the
+    same node count, and each folder's index and subtree, as the decoded tree gives."""
+    count, subfolders = objects.tree_subfolders(objects.encode_tree(tree))
+    assert count == len(tree.nodes)
+    assert subfolders == [(i, n.subtree) for i, n in enumerate(tree.nodes)
+                          if n.type == "dir" and n.subtree]
+
+
+def test_a_scan_refuses_what_is_not_a_tree_or_a_bad_subtree():
+    with pytest.raises(ObjectFormatError, match="expected a tree"):
+        objects.tree_subfolders(objects.encode_chunk_list([ID_A]))
+    with pytest.raises(ObjectFormatError, match="a list of nodes"):
+        objects.tree_subfolders(objects.seal(Kind.TREE, [], [], objects._pack([1, 2])))
+    short = [{"n": b"d", "t": "dir", "st": b"short"}]
+    with pytest.raises(ObjectFormatError, match="a subtree is not a 32-byte id"):
+        objects.tree_subfolders(objects.seal(Kind.TREE, [], [], objects._pack(short)))
+
+
 def _reference_body(tree) -> bytes:
     """A tree body as the format defines it, spelled out: each node a map of its wire keys in
     sorted order, defaults (empty lists included) left out."""
