@@ -71,7 +71,7 @@ BATCH_BYTES = 4 * 1024 * 1024
 #: Entries gathered in one batch at most.
 BATCH_ENTRIES = 1000
 #: Batches fetched or written at once: bounds memory at about this many times BATCH_BYTES.
-BATCHES_AT_ONCE = 4
+BATCHES_AT_ONCE = 2
 #: Batches written at once.
 WRITERS_AT_ONCE = 1
 
