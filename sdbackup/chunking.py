@@ -131,31 +131,53 @@ def hash_chunks(pieces) -> list[tuple[bytes, bytes]]:
 
 def read_small_files(files: list[tuple[int, bytes, os.stat_result]]) -> list:
     """Read, cut and hash whole small files ``(folder fd, name, lstat)``: one thread hop
-    for many files. Each result is a ``FileRead``, or the OSError that stopped it."""
-    results = []
-    for dir_fd, name, st in files:
-        try:
-            results.append(_read_small_file(dir_fd, name, st))
-        except OSError as e:
-            results.append(e)
-    return results
+    for many files. Each result is a ``FileRead``, or the OSError that stopped it.
 
-
-def _read_small_file(dir_fd: int, name: bytes, st: os.stat_result) -> FileRead:
-    fd = open_file(dir_fd, name)
+    Every file is opened and announced to the kernel (``POSIX_FADV_WILLNEED``) before the
+    first is read, so their reads reach the disk together rather than one after another:
+    from a cold cache, a batch waits on the disk about once, not once a file.
+    """
+    opened: list = []
     try:
-        xattrs = read_xattrs(fd, True)
-        parts, total, want = [], 0, st.st_size + 1
-        while total < SMALL_READ_LIMIT:
-            part = os.read(fd, min(want, SMALL_READ_LIMIT - total))
-            if not part:
-                break
-            parts.append(part)
-            total += len(part)
-            want = 64 * 1024
-        after = os.fstat(fd)
+        for dir_fd, name, _ in files:
+            try:
+                fd = open_file(dir_fd, name)
+            except OSError as e:
+                opened.append(e)
+                continue
+            opened.append(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        results = []
+        for index, (_, _, st) in enumerate(files):
+            fd = opened[index]
+            if isinstance(fd, OSError):
+                results.append(fd)
+                continue
+            try:
+                results.append(_read_small_file(fd, st))
+            except OSError as e:
+                results.append(e)
+            finally:
+                opened[index] = None
+                os.close(fd)
+        return results
     finally:
-        os.close(fd)
+        for fd in opened:
+            if isinstance(fd, int):
+                os.close(fd)
+
+
+def _read_small_file(fd: int, st: os.stat_result) -> FileRead:
+    xattrs = read_xattrs(fd, True)
+    parts, total, want = [], 0, st.st_size + 1
+    while total < SMALL_READ_LIMIT:
+        part = os.read(fd, min(want, SMALL_READ_LIMIT - total))
+        if not part:
+            break
+        parts.append(part)
+        total += len(part)
+        want = 64 * 1024
+    after = os.fstat(fd)
     data = parts[0] if len(parts) == 1 else b"".join(parts)
     if 0 < total <= MIN_SIZE:  # one chunk, the bytes as read: no cut, no copy
         chunks = [(blake3.blake3(data).digest(), data)]

@@ -62,6 +62,29 @@ def test_small_files_many_at_a_time(tmp_path):
     assert isinstance(results[-1], FileNotFoundError)
 
 
+def test_a_batch_opens_every_file_first_and_leaves_no_descriptor_open(tmp_path):
+    """The batch opens all its files before reading the first (so the disk gets their reads
+    together): a name gone or no longer a file in the middle fails alone, and once the batch
+    is done every descriptor it opened is closed again, whichever way each file went."""
+    names = [b"a", b"gone", b"b", b"now-a-folder", b"c"]
+    for name in (b"a", b"b", b"c", b"now-a-folder"):
+        (tmp_path / name.decode()).write_bytes(name * 100)
+    seen = {name: os.stat(tmp_path / "a") for name in names}
+    os.remove(tmp_path / "now-a-folder")
+    os.mkdir(tmp_path / "now-a-folder")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    before = sorted(os.listdir("/proc/self/fd"))
+    try:
+        results = read_small_files([(fd, name, seen[name]) for name in names])
+        assert sorted(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(fd)
+    assert [b"".join(d for _, d in results[i].chunks) for i in (0, 2, 4)] == [
+        b"a" * 100, b"b" * 100, b"c" * 100]
+    assert isinstance(results[1], FileNotFoundError)
+    assert isinstance(results[3], chunking.NotAFile)
+
+
 def test_reading_leaves_access_times_alone(tmp_path):
     (tmp_path / "small").write_bytes(b"x" * 100)
     (tmp_path / "large").write_bytes(random_bytes(5 * 1024 * 1024, seed=9))
