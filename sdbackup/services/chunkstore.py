@@ -516,19 +516,22 @@ class ChunkStore:
         for entry, _ in self._entries():
             yield entry.name
 
-    def listing(self) -> tuple[list[tuple[str, int]], list[str]]:
-        """``(id, payload size)`` of every chunk held, and the ids of the snapshot objects
-        among them."""
-        held, snapshots = [], []
+    def listing_pages(self, size: int) -> Iterator[list[tuple[str, int, bool]]]:
+        """``(id, payload size, is a snapshot object)`` of every chunk held, ``size`` at a
+        time (each page read when asked for, so call it in a thread): telling the manager
+        what it holds costs a server a page of memory, whatever it holds."""
+        page = []
         for entry, is_snapshot in self._entries():
             try:
-                size = entry.stat(follow_symlinks=False).st_size
+                file_size = entry.stat(follow_symlinks=False).st_size
             except FileNotFoundError:
                 continue  # quarantined since the folder was read
-            held.append((entry.name, max(size - HEADER_SIZE, 0)))
-            if is_snapshot:
-                snapshots.append(entry.name)
-        return held, snapshots
+            page.append((entry.name, max(file_size - HEADER_SIZE, 0), is_snapshot))
+            if len(page) == size:
+                yield page
+                page = []
+        if page:
+            yield page
 
     def snapshot_ids(self) -> list[str]:
         return [entry.name for entry in self._scan(self.snapshots)]

@@ -57,9 +57,10 @@ MAX_STORES_PER_CONNECTION = 8
 MAX_FETCHES_PER_CONNECTION = 4
 #: Seconds a primary waits for its replica's confirmation.
 FORWARD_TIMEOUT = 60.0
-#: Chunks per inventory or notice page: about 3 MB of JSON for ``[id, size]`` pairs, plus as
-#: much again at most for the snapshot ids among them, well under the 8 MiB header limit.
-INVENTORY_PAGE = 40_000
+#: Chunks per inventory or notice page: about 0.8 MB of JSON for ``[id, size]`` pairs, plus
+#: as much again at most for the snapshot ids among them. Pages of 40,000 took a server
+#: re-registering 60,000 chunks to 111 MiB; the listing is read a page at a time too.
+INVENTORY_PAGE = 10_000
 #: Seconds new chunk ids are gathered before the manager is told of them.
 NOTIFY_DELAY = 0.2
 MiB = 1024 * 1024
@@ -368,14 +369,17 @@ class StorageServer:
         # them sent later could only undo what the manager learns from it.
         self._added.clear()
         self._corrupt.clear()
-        held, snapshots = await self.disk(self.store.listing)
-        snapshot_ids = set(snapshots)
-        for start in range(0, max(len(held), 1), INVENTORY_PAGE):
-            page = held[start : start + INVENTORY_PAGE]
+        pages = self.store.listing_pages(INVENTORY_PAGE)
+        page = await self.disk(next, pages, [])
+        while True:
+            following = await self.disk(next, pages, None)  # is this page the last?
             await connection.request(ChunkInventory(
-                chunks=[_held(chunk_id, size) for chunk_id, size in page],
-                snapshots=[chunk_id for chunk_id, _ in page if chunk_id in snapshot_ids],
-                final=start + INVENTORY_PAGE >= len(held)))
+                chunks=[_held(chunk_id, size) for chunk_id, size, _ in page],
+                snapshots=[chunk_id for chunk_id, _, is_snapshot in page if is_snapshot],
+                final=following is None))
+            if following is None:
+                return
+            page = following
 
     def _notify(self, pending: dict, chunk_id: str, news):
         """Tell the manager soon; the latest news of a chunk replaces any not yet sent."""

@@ -179,8 +179,13 @@ async def backups_then_lost_catalog(cluster, wire_client, tmp_path, count: int =
     return summaries
 
 
+@pytest.mark.parametrize("page", [server_module.INVENTORY_PAGE, 2, 1])
 @pytest_twisted.ensureDeferred
-async def test_a_lost_catalog_is_rebuilt_from_the_servers(cluster, wire_client, tmp_path):
+async def test_a_lost_catalog_is_rebuilt_from_the_servers(cluster, wire_client, tmp_path,
+                                                          monkeypatch, page):
+    """Also with each server's inventory in pages of one or two chunks: every page counts,
+    and only the last ends the report."""
+    monkeypatch.setattr(server_module, "INVENTORY_PAGE", page)
     summaries = await backups_then_lost_catalog(cluster, wire_client, tmp_path)
     await wire_client.close()
     fresh = await cluster.wire_client()

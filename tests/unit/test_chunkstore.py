@@ -384,6 +384,27 @@ def test_a_snapshot_found_among_the_chunks_is_corrupt(store, data_dir):
     assert not moved.exists()
 
 
+def listing(store, page_size: int = 1000) -> tuple[list[tuple[str, int]], list[str]]:
+    """What the pages of ``listing_pages`` hold: ``(id, size)`` pairs, and the snapshot ids."""
+    rows = [row for page in store.listing_pages(page_size) for row in page]
+    return [(i, size) for i, size, _ in rows], [i for i, _, is_snapshot in rows if is_snapshot]
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 9, 10, 1000])
+def test_listing_pages_hold_every_chunk_once_at_most_a_page_each(store, page_size):
+    """Nine chunks in pages of 1, 3, 9, 10 or 1000: full pages but the last (none empty),
+    every chunk once, and nothing read before a page is asked for."""
+    data = [chunk(bytes([i]) * (100 + i)) for i in range(9)]
+    store.put_many(DATA, data)
+    pages = store.listing_pages(page_size)
+    store.put(DATA, *chunk(b"stored before the listing was read"))
+    found = list(pages)
+    assert [len(p) for p in found[:-1]] == [page_size] * (len(found) - 1)
+    assert 0 < len(found[-1]) <= page_size
+    assert sorted(row[0] for p in found for row in p) == sorted(
+        [c[0] for c in data] + [hashing.chunk_id(b"stored before the listing was read")])
+
+
 def test_listing_gives_payload_sizes_and_the_snapshots(store, data_dir):
     data = [chunk(bytes([i]) * (1000 * i)) for i in range(5)]
     store.put_many(DATA, data)
@@ -393,7 +414,7 @@ def test_listing_gives_payload_sizes_and_the_snapshots(store, data_dir):
     store.put_many("snapshot", snapshots)
     (data_dir / "chunks" / "README").write_text("not a shard")
     (data_dir / "snapshots" / "notes.txt").write_text("not a snapshot")
-    held, snapshot_ids = store.listing()
+    held, snapshot_ids = listing(store)
     expected = {c[0]: len(c[2]) for c in [*data, tree, *snapshots]}
     assert dict(held) == expected
     assert len(held) == len(expected)
@@ -409,7 +430,7 @@ def test_a_truncated_file_lists_with_size_zero(store, data_dir):
     store.put(DATA, chunk_id, checksum, payload)
     path = data_dir / "chunks" / chunk_id[:2] / chunk_id
     path.write_bytes(path.read_bytes()[:5])
-    assert store.listing() == ([(chunk_id, 0)], [])
+    assert listing(store) == ([(chunk_id, 0)], [])
 
 
 def test_a_second_store_on_the_same_folder_is_refused_until_the_first_closes(store, data_dir):
@@ -845,7 +866,7 @@ def test_links_and_folders_the_store_did_not_make_are_not_chunks(store, data_dir
     (data_dir / "chunks" / "ff").symlink_to(outside, target_is_directory=True)
     (data_dir / "chunks" / real[0][:2] / hashing.chunk_id(b"a folder")).mkdir()
     assert list(store.chunk_ids()) == [real[0]]
-    assert store.listing() == ([(real[0], len(real[2]))], [])
+    assert listing(store) == ([(real[0], len(real[2]))], [])
     assert store.snapshot_ids() == []
     store.close()
     assert ChunkStore(str(data_dir)).count() == 1
@@ -855,7 +876,7 @@ def test_a_store_whose_snapshots_folder_was_removed_keeps_listing_and_storing(st
     data = chunk(b"still here")
     store.put(DATA, *data)
     shutil.rmtree(data_dir / "snapshots")
-    assert store.listing() == ([(data[0], len(data[2]))], [])
+    assert listing(store) == ([(data[0], len(data[2]))], [])
     assert store.snapshot_ids() == []
     snapshot = an_object("snapshot", a_snapshot())
     assert store.put("snapshot", *snapshot) is True
