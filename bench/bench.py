@@ -382,6 +382,10 @@ def measure_recovery(tool: Sdbackup, step: Step, data: DataSet, log_prefix: str,
         row_extra = {"extra_backups": extra, "extra_catalog": (tool.catalog() - catalog) / extra,
                      "extra_stored": (tool.stored() - stored) / extra}
     before = [i for i, _ in tool.snapshots()]
+    # The servers' peak of the recovery is their own: the backups above had theirs (noted).
+    backups_peak = max(p.peak_rss() for p in local.processes[1:])
+    for process in local.processes[1:]:
+        reset_peak(process)
 
     local.stop_manager()
     shutil.rmtree(local.manager_data)
@@ -411,7 +415,8 @@ def measure_recovery(tool: Sdbackup, step: Step, data: DataSet, log_prefix: str,
               **row_extra)
     row.ready = None if watch.seen_at is None else watch.seen_at - started
     row.note = (f"{len(before)} snapshots ({len(ids)} of this tree) listed again after {seconds:.2f} s, "
-                f"{calls} `sdbackup snapshots` call(s); "
+                f"{calls} `sdbackup snapshots` call(s); the servers peaked at "
+                f"{backups_peak / 2**20:.0f} MiB during the {extra} backups before; "
                 + (f"the manager logged \"{watch.line.strip()}\" after {row.ready:.2f} s"
                    if row.ready is not None else "no \"sdbackup-manager ready\" line seen in its log"))
     return row
@@ -498,7 +503,8 @@ LEGEND = """\
   as after a checkpoint; other files by size). loopback: bytes over lo during the step (client <->
   manager <-> servers, replication included). peak RSS MiB: the command's (wait4 ru_maxrss); for
   sdbackup client/manager/largest server (VmHWM, reset before each step; for the recovery, the new
-  manager's whole life). cpu s: user+system seconds of the command, plus the cluster's for sdbackup.
+  manager's whole life, the servers' from the manager's stop). cpu s: user+system seconds of the
+  command, plus the cluster's for sdbackup.
   sync s: the `sync` right after the process (what it left unwritten). restic / borg / cp: sdbackup's
   throughput over that tool's on the same step (its time / sdbackup's: above 1 means sdbackup is
   faster); vs cp, a restore is compared with the copy of the same data. manager recovery: from starting
