@@ -663,9 +663,9 @@ async def test_a_parent_tree_read_ahead_that_does_not_decode_is_a_note_and_its_f
     write(tmp_path / "src/a/b/g", b"g's bytes")
     first, _, _ = await archive(store, ["src"], cwd=tmp_path)
     a = store.node(first, b"src", b"a")
-    body = objects._unpack(objects.open_envelope(store.blobs[a.subtree][1]).body, "tree")
-    body[-1]["zz"] = 1  # f's node: a field the decode refuses, the scan passes over
     envelope = objects.open_envelope(store.blobs[a.subtree][1])
+    body = objects._unpack(envelope.body, "tree")
+    body[-1]["zz"] = 1  # f's node: a field the decode refuses, the scan passes over
     data = objects.seal(Kind.TREE, envelope.tree_refs, envelope.data_refs, objects._pack(body))
     forged_a = bytes.fromhex(objects.object_id(Kind.TREE, data))
     store.blobs[forged_a] = (Kind.TREE, data)
