@@ -17,8 +17,11 @@ at a few times ``READ_SIZE`` whatever the file's size.
 Files are opened relative to their folder's descriptor, without following
 links and without touching their access time. Reading blocks: the tree
 builder calls ``read_small_files`` (many files a call) and ``FileReader``
-in threads. A chunk's id is its BLAKE3 digest, which is also the checksum the
-servers verify: each chunk is hashed once. A file that is not what ``lstat``
+in threads. A chunk's id is the BLAKE3 digest of its bytes as stored, which is
+also the checksum the servers verify: each chunk is hashed once. A small
+file's chunks are hashed here; a large file's pieces are left to the sealer,
+which hashes what it stores (in an encrypted repository, the sealed bytes
+only). A file that is not what ``lstat``
 said when the walk saw it (other size, mtime or inode after reading) comes
 back ``changed``.
 """
@@ -194,8 +197,10 @@ class FileReader:
     """Reads one large file a piece at a time; every method blocks (call it in a thread).
 
     Each read lands in a fresh buffer after the unfinished tail of the last
-    one, and the chunks handed out are views of it, not copies: a chunk's
-    bytes are copied once, into the pack that carries them to a server.
+    one, and the pieces handed out are views of it, not copies, and not hashed:
+    the sealer makes them chunks (``seal_pieces``), a plaintext chunk's id the
+    hash of the piece, a sealed one's the hash of its sealed bytes, so in an
+    encrypted repository no hash of the plaintext piece is made in vain.
     """
 
     def __init__(self, dir_fd: int, name: bytes, st: os.stat_result):
@@ -213,8 +218,8 @@ class FileReader:
         self._fd = open_file(self.dir_fd, self.name)
         self._xattrs = read_xattrs(self._fd, True)
 
-    def next_chunks(self) -> list[tuple[bytes, memoryview]]:
-        """The next chunks ``[(id, bytes)]``; ``[]`` at the end of the file."""
+    def next_pieces(self) -> list[memoryview]:
+        """The bytes of the next chunks; ``[]`` at the end of the file."""
         while not self._done:
             kept = len(self._tail)
             buffer = bytearray(kept + READ_SIZE)
@@ -229,7 +234,7 @@ class FileReader:
                       for c in fastcdc(data, MIN_SIZE, AVG_SIZE, MAX_SIZE, fat=False)]
             self._tail = pieces.pop() if pieces and not self._done else memoryview(b"")
             if pieces:
-                return [(blake3.blake3(piece).digest(), piece) for piece in pieces]
+                return pieces
         return []
 
     def finish(self) -> FileRead:

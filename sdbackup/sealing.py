@@ -106,6 +106,10 @@ class PlainSealer:
     def seal_chunks(self, chunks: list) -> list:
         return chunks
 
+    def seal_pieces(self, pieces: list) -> list:
+        """``[(id, bytes)]`` of plaintext pieces: each piece is its chunk, its hash the id."""
+        return [(blake3.blake3(piece).digest(), piece) for piece in pieces]
+
     def owns(self, snapshot: objects.Snapshot) -> bool:
         """True when a snapshot (its public view) belongs to this repository."""
         return (snapshot.repo or DEFAULT_REPO) == self.repo and bool(snapshot.paths)
@@ -142,8 +146,8 @@ class Sealer:
         if sealed[0] != FORMAT_PLAIN:
             raise SealError(f"a sealed {kind} of format {sealed[0]}: a newer sdbackup wrote it")
         nonce = bytes(sealed[1 : 1 + NONCE_SIZE])
-        try:
-            plain = self._aead.decrypt(nonce, sealed[1 + NONCE_SIZE :],
+        try:  # (a view of the ciphertext: a chunk's bytes are not copied to be opened)
+            plain = self._aead.decrypt(nonce, memoryview(sealed)[1 + NONCE_SIZE :],
                                        bytes((FORMAT_PLAIN,)) + kind.encode())
         except InvalidTag:
             raise SealError(f"a sealed {kind} does not open with repository {self.repo}'s key "
@@ -154,8 +158,12 @@ class Sealer:
 
     def seal_chunks(self, chunks: list) -> list:
         """``[(id, bytes)]`` of plaintext chunks -> the same of sealed ones (in a thread)."""
+        return self.seal_pieces([piece for _, piece in chunks])
+
+    def seal_pieces(self, pieces: list) -> list:
+        """``[(id, bytes)]`` of sealed chunks of plaintext pieces (in a thread)."""
         sealed = []
-        for _, piece in chunks:
+        for piece in pieces:
             data = self.seal_bytes(Kind.DATA, piece)
             sealed.append((blake3.blake3(data).digest(), data))
         return sealed

@@ -111,8 +111,8 @@ def _read_small_files(sealer, files: list) -> list:
 
 
 def _next_chunks(reader: FileReader, sealer) -> list:
-    """A large file's next chunks, sealed (in the reading thread)."""
-    return sealer.seal_chunks(reader.next_chunks())
+    """A large file's next chunks ``[(id, bytes)]``, sealed (in the reading thread)."""
+    return sealer.seal_pieces(reader.next_pieces())
 
 
 class Segment:

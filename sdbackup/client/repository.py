@@ -274,7 +274,7 @@ class Repository:
                 checks = await deferToThread(self._open_all, kind, pieces, checks)
             for (ref, payload), ok in zip(pieces, checks, strict=True):
                 if ok is True:
-                    good[ref.chunk_id] = payload
+                    good[ref.chunk_id] = bytes(payload)
                 elif ok:
                     good[ref.chunk_id] = ok  # opened
                 else:
@@ -297,8 +297,10 @@ class Repository:
     def _open_all(self, kind: str, pieces: list, checks: list) -> list:
         """Each verified piece opened (its plaintext), or False; a piece that does not open
         fails the read (another key's, or forged: no other holder's copy can differ)."""
-        return [self._open(kind, ref.chunk_id, payload) if ok else False
-                for (ref, payload), ok in zip(pieces, checks, strict=True)]
+        # A data chunk opens from its view of the reply (AES-GCM reads it in place); an
+        # object's envelope is read from bytes.
+        return [self._open(kind, ref.chunk_id, payload if kind == Kind.DATA else bytes(payload))
+                if ok else False for (ref, payload), ok in zip(pieces, checks, strict=True)]
 
 
 def _verify_all(kind: str, pieces: list) -> list[bool]:

@@ -12,6 +12,11 @@ against ``MAX_LENGTH``, which a connection may change at run time (small
 before the peer is known, larger after), and, once the frame's first
 ``HEAD_SIZE`` bytes are in, against ``frame_limit(head)`` (a limit per message
 type). A frame over its limit closes the connection at once.
+
+A frame with a payload (bulk bytes after a small header) may be delivered in
+two parts: when ``payload_offset(head)`` names where its payload starts,
+``partsReceived(front, payload)`` gets the two, each joined once from the
+pieces read, so the payload is never copied out of a joined frame.
 """
 
 from collections import deque
@@ -30,7 +35,8 @@ class FrameReceiver(Int32StringReceiver):
 
     #: Subclasses set the largest legal frame; a connection may change it (``self.MAX_LENGTH``).
     MAX_LENGTH = 1024 * 1024
-    #: Bytes of a frame's start that ``frame_limit`` needs (0: it is not asked).
+    #: Bytes of a frame's start that ``frame_limit`` and ``payload_offset`` need (0: they
+    #: are not asked).
     HEAD_SIZE = 0
 
     def frame_limit(self, head: bytes) -> int:
@@ -38,12 +44,19 @@ class FrameReceiver(Int32StringReceiver):
         ``MAX_LENGTH`` bounds every frame anyway."""
         return self.MAX_LENGTH
 
+    def payload_offset(self, head: bytes) -> int | None:
+        """Where the payload of a frame that starts with ``head`` begins, to have the frame
+        delivered in two parts (``partsReceived``); None (the default) delivers it whole.
+        A subclass that says where implements ``partsReceived``."""
+        return None
+
     def connectionMade(self):
         self._pieces: deque[bytes] = deque()
         self._head_offset = 0
         self._buffered = 0
         self._frame_length: int | None = None
         self._head_checked = False
+        self._payload_offset: int | None = None
         self._refused = False
         self._refused_limit: int | None = None
 
@@ -101,16 +114,22 @@ class FrameReceiver(Int32StringReceiver):
             if not self._head_checked:
                 if self._buffered < self.HEAD_SIZE:
                     return
-                limit = self.frame_limit(self._peek(self.HEAD_SIZE))
+                head = self._peek(self.HEAD_SIZE)
+                limit = self.frame_limit(head)
                 if self._frame_length > limit:
                     self._refuse(self._frame_length, limit)
                     return
                 self._head_checked = True
+                self._payload_offset = self.payload_offset(head)
             if self._buffered < self._frame_length:
                 return
-            frame = self._take(self._frame_length)
-            self._frame_length = None
-            self.stringReceived(frame)
+            length, split = self._frame_length, self._payload_offset
+            self._frame_length = self._payload_offset = None
+            if split is not None and 0 < split < length:
+                front = self._take(split)
+                self.partsReceived(front, self._take(length - split))
+            else:
+                self.stringReceived(self._take(length))
 
     def _refuse(self, length: int, limit: int):
         self._refused = True

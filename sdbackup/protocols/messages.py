@@ -720,7 +720,8 @@ class StoreChunks(Message):
         if sum(c.size for c in self.chunks) != len(self.payload):
             raise ValueError("the chunks' sizes do not add up to the payload's length")
 
-    def pieces(self) -> list[tuple[ChunkRef, bytes]]:
+    def pieces(self) -> list[tuple[ChunkRef, memoryview]]:
+        """Each chunk's bytes, a view of the payload (not a copy)."""
         view, offset, found = memoryview(self.payload), 0, []
         for ref in self.chunks:
             found.append((ref, view[offset : offset + ref.size]))
@@ -785,10 +786,11 @@ class ChunksData(Message):
         if sum(c.size for c in self.chunks) != len(self.payload):
             raise ValueError("the chunks' sizes do not add up to the payload's length")
 
-    def pieces(self) -> list[tuple[ChunkRef, bytes]]:
-        found, offset = [], 0
+    def pieces(self) -> list[tuple[ChunkRef, memoryview]]:
+        """Each chunk's bytes, a view of the payload (not a copy)."""
+        view, offset, found = memoryview(self.payload), 0, []
         for ref in self.chunks:
-            found.append((ref, self.payload[offset : offset + ref.size]))
+            found.append((ref, view[offset : offset + ref.size]))
             offset += ref.size
         return found
 
@@ -1078,6 +1080,9 @@ class ChunksDeleted(Message):
 #: Bytes of a frame's start that name its type: a connection checks the frame's length
 #: against ``frame_limit`` as soon as they arrive.
 TYPE_CODE_SIZE = 2
+#: Bytes of a frame's start that hold its type and its header's length: where its payload
+#: begins (``payload_offset``).
+HEAD_SIZE = _HEAD.size
 #: The handshake's frame, and a request or reply of a few bounded fields.
 HELLO_FRAME = 1024
 SMALL_FRAME = 64 * 1024
@@ -1165,6 +1170,12 @@ def frame_limit(head: bytes) -> int:
     return max_frame_size(int.from_bytes(head[:TYPE_CODE_SIZE], "big"))
 
 
+def payload_offset(head: bytes) -> int:
+    """Where the payload of a frame that starts with ``head`` (``HEAD_SIZE`` bytes) begins: a
+    connection receives a frame's payload apart, so it is not copied out of the frame."""
+    return HEAD_SIZE + _HEAD.unpack_from(head)[1]
+
+
 def _to_wire(value: Any):
     if isinstance(value, Record):
         return value.to_wire()
@@ -1200,8 +1211,9 @@ def encode_frame(msg: Message) -> bytes:
     return b"".join(encode(msg))
 
 
-def decode(frame: bytes) -> Message:
-    """The message in ``frame``; ``DecodeError`` says why it is not one."""
+def decode(frame: bytes, payload: bytes | None = None) -> Message:
+    """The message in ``frame``; ``DecodeError`` says why it is not one. ``payload``: the
+    bytes after the header when they were received apart (``frame`` then ends with it)."""
     if len(frame) < _HEAD.size:
         raise DecodeError(f"frame of {len(frame)} bytes is shorter than a message head")
     code, header_length = _HEAD.unpack_from(frame)
@@ -1222,7 +1234,8 @@ def decode(frame: bytes) -> Message:
     if not isinstance(fields, dict):
         raise DecodeError(f"{cls.__name__}: header is not an object")
     names = {a.name for a in attrs.fields(cls)}
-    payload = frame[header_end:]
+    if payload is None:
+        payload = frame[header_end:]
     if "payload" in names:
         fields["payload"] = bytes(payload)
     elif payload:

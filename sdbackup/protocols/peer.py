@@ -21,13 +21,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sdbackup import pki
-from sdbackup.protocols import authority
+from sdbackup.protocols import authority, messages
 from sdbackup.protocols.framing import FrameReceiver
 from sdbackup.protocols.messages import (
     HELLO_FRAME,
     MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
-    TYPE_CODE_SIZE,
     DecodeError,
     ErrorReply,
     Hello,
@@ -35,6 +34,7 @@ from sdbackup.protocols.messages import (
     decode,
     encode,
     frame_limit,
+    payload_offset,
 )
 from sdbackup.tlsconfig import (
     AddressRefused,
@@ -93,7 +93,7 @@ class MessageProtocol(FrameReceiver):
 
     log = Logger()
     MAX_LENGTH = MAX_FRAME_SIZE
-    HEAD_SIZE = TYPE_CODE_SIZE
+    HEAD_SIZE = messages.HEAD_SIZE
 
     def __init__(self, handler, role: str, *, tls: bool = False, expect=None, clock=None,
                  handshake_timeout: float | None = None, idle_timeout: float | None = None):
@@ -123,6 +123,9 @@ class MessageProtocol(FrameReceiver):
 
     def frame_limit(self, head: bytes) -> int:
         return frame_limit(head)
+
+    def payload_offset(self, head: bytes) -> int:
+        return payload_offset(head)
 
     def lengthLimitExceeded(self, length: int):
         # A TLS record (alert 0x15 or handshake 0x16, version 3.x) read as a frame's length.
@@ -236,12 +239,15 @@ class MessageProtocol(FrameReceiver):
     # --- receiving ---------------------------------------------------------
 
     def stringReceived(self, frame: bytes):
+        self.partsReceived(frame, None)
+
+    def partsReceived(self, frame: bytes, payload: bytes | None):
         if self._closed:
             return
         if self._idle_timeout is not None:
             self._last_active = self._reactor().seconds()
         try:
-            msg = decode(frame)
+            msg = decode(frame, payload)
         except DecodeError as e:
             self.abort(f"bad frame: {e}")
             return

@@ -215,3 +215,39 @@ def test_a_type_limit_is_checked_with_the_type_split_across_reads():
     assert not transport.disconnected
     proto.dataReceived(b"s")
     assert transport.disconnected
+
+
+# --- a frame's payload delivered apart -------------------------------------------------------
+
+
+class SplitRecorder(Recorder):
+    """Frames whose first byte says where their payload begins."""
+
+    HEAD_SIZE = 1
+
+    def payload_offset(self, head):
+        return head[0]
+
+    def stringReceived(self, frame):
+        self.frames.append(("whole", frame))
+
+    def partsReceived(self, front, payload):
+        self.frames.append(("parts", front, payload))
+
+
+def test_a_frame_with_a_payload_arrives_in_two_parts_each_joined_once(subtests):
+    with_payload = bytes([3]) + b"hd" + b"p" * 700
+    no_payload = bytes([6]) + b"hdr12"  # the payload would start at its end
+    at_zero = bytes([0]) + b"xyz"
+    past_end = bytes([200]) + b"short"
+    frames = [with_payload, no_payload, at_zero, past_end, bytes([2]) + b"h" + b"q"]
+    for read_size in (1, 2, 3, 64, 4096):
+        with subtests.test(read_size=read_size):
+            proto, transport = connected(SplitRecorder)
+            for piece in pieces(framed(*frames), read_size):
+                proto.dataReceived(piece)
+            assert proto.frames == [
+                ("parts", with_payload[:3], with_payload[3:]), ("whole", no_payload),
+                ("whole", at_zero), ("whole", past_end), ("parts", b"\x02h", b"q")]
+            assert all(type(part) is bytes for found in proto.frames for part in found[1:])
+            assert not transport.disconnecting

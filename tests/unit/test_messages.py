@@ -88,6 +88,7 @@ from sdbackup.protocols.messages import (
     encode_frame,
     frame_limit,
     max_frame_size,
+    payload_offset,
 )
 
 HEAD = Struct("!HI")
@@ -267,6 +268,16 @@ def test_empty_payload_round_trips():
 def test_non_ascii_text_is_utf8_not_escaped():
     data = encode_frame(SAMPLES[SnapshotCommitted])
     assert "hôst-ü".encode() in data
+
+
+def test_a_payload_received_apart_from_its_header_is_taken_as_it_is():
+    msg = SAMPLES[ChunkData]
+    data = encode_frame(msg)
+    offset = payload_offset(data[: HEAD.size])
+    assert data[offset:] == msg.payload
+    payload = bytes(data[offset:])
+    decoded = decode(data[:offset], payload)
+    assert decoded == msg and decoded.payload is payload  # not copied
 
 
 def test_decode_accepts_a_payload_frame_built_by_hand():

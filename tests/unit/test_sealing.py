@@ -39,8 +39,16 @@ def test_a_data_chunk_is_sealed_deterministically_and_opens_to_its_plaintext():
     # or another master key, gives other bytes and another id.
     [(chunk_id, data)] = sealer.seal_chunks([(b"", memoryview(plain))])
     assert chunk_id.hex() == hashing.checksum(data) and data == sealed
+    assert sealer.seal_pieces([memoryview(plain)]) == [(chunk_id, sealed)]
     assert sealing.Sealer("other", MASTER).seal(Kind.DATA, plain) != sealed
     assert sealing.Sealer("default", bytes(32)).seal(Kind.DATA, plain) != sealed
+
+
+def test_a_plaintext_repository_stores_each_piece_as_it_is_under_its_hash():
+    pieces = [memoryview(b"first piece"), memoryview(b"second")]
+    chunks = sealing.PLAIN.seal_pieces(pieces)
+    assert [(chunk_id.hex(), bytes(data)) for chunk_id, data in chunks] == [
+        (hashing.chunk_id(b"first piece"), b"first piece"), (hashing.chunk_id(b"second"), b"second")]
 
 
 def test_sealed_bytes_that_are_damaged_or_of_another_key_or_kind_do_not_open():

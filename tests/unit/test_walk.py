@@ -211,7 +211,7 @@ def test_extended_attributes_and_acls_come_along_sorted(tmp_path):
         [small] = read_small_files([(fd, b"file", os.lstat(target))])
         large = FileReader(fd, b"file", os.lstat(target))
         large.open()
-        while large.next_chunks():
+        while large.next_pieces():
             pass
         assert large.finish().xattrs == small.xattrs
         large.close()
