@@ -10,7 +10,9 @@ ones travel in packs, one kind per pack (``StoreChunks(kind=...)``), to their
 primaries, which answer only once every replica confirmed them. A server
 that fails is left out and its packs are placed again (``STORE_ATTEMPTS``).
 At most ``BATCHES_IN_FLIGHT`` batches are under way, so memory stays bounded
-whatever is backed up. Nothing here blocks: ``store`` queues, the caller
+whatever is backed up; up to ``SMALL_BATCHES_IN_FLIGHT`` while together they
+hold at most ``BATCH_BYTES`` (batches of tiny files wait on round trips, not on
+bytes). Nothing here blocks: ``store`` queues, the caller
 waits in ``room`` when too much is queued.
 
 ``HeldCheck`` asks the manager, in large pages, whether the chunks of files
@@ -36,6 +38,7 @@ from sdbackup.tickets import TICKET_EXPIRED
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_CHUNKS = 256
 BATCHES_IN_FLIGHT = 2
+SMALL_BATCHES_IN_FLIGHT = 6
 #: Chunks sent in one StoreChunks: at most this many bytes (a larger chunk goes alone) ...
 PACK_BYTES = 1024 * 1024
 #: ... and this many chunks.
@@ -138,6 +141,7 @@ class Uploader:
         self._batch = _Batch()
         self._queue: deque[_Batch] = deque()
         self._sending = 0
+        self._sending_bytes = 0  # in the batches under way
         #: Blobs waiting in a batch or under way, and who waits for each.
         self._waiters: dict[bytes, list] = {}
         self._known = RecentIds()
@@ -204,15 +208,27 @@ class Uploader:
     # --- sending -------------------------------------------------------------------------
 
     def _pump(self):
-        while self._queue and self._sending < BATCHES_IN_FLIGHT and self.signal.failure is None:
+        while self._queue and self._may_send(self._queue[0]) and self.signal.failure is None:
             batch = self._queue.popleft()
             self._sending += 1
+            self._sending_bytes += batch.size
             d = defer.ensureDeferred(self._send(batch))
             d.addErrback(self.signal.fail)
-            d.addBoth(self._sent)
+            d.addBoth(self._sent, batch.size)
 
-    def _sent(self, _):
+    def _may_send(self, batch: _Batch) -> bool:
+        """Room for ``batch`` under way: ``BATCHES_IN_FLIGHT`` batches, more while small.
+
+        A first backup of 200,000 files of a few hundred bytes waited on the manager's
+        placements two batches at a time (61-69 s); six small ones at a time took 53 s."""
+        if self._sending < BATCHES_IN_FLIGHT:
+            return True
+        return (self._sending < SMALL_BATCHES_IN_FLIGHT
+                and self._sending_bytes + batch.size <= BATCH_BYTES)
+
+    def _sent(self, _, size: int):
         self._sending -= 1
+        self._sending_bytes -= size
         self._pump()
         self.signal.fire()
 

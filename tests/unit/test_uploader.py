@@ -6,12 +6,18 @@ this process (the ``cluster`` fixture: real sockets, real chunk files).
 
 import os
 
+import pytest
 import pytest_twisted
+from twisted.internet import defer
 
 from sdbackup import hashing, objects
 from sdbackup.client.uploader import (
+    BATCH_BYTES,
+    BATCH_CHUNKS,
+    BATCHES_IN_FLIGHT,
     PACK_BYTES,
     PACK_CHUNKS,
+    SMALL_BATCHES_IN_FLIGHT,
     Blob,
     HeldCheck,
     RecentIds,
@@ -20,7 +26,7 @@ from sdbackup.client.uploader import (
     packs,
 )
 from sdbackup.objects import Kind, Node
-from sdbackup.protocols.messages import HasChunks
+from sdbackup.protocols.messages import HasChunks, Placement
 
 
 def blob_items(sizes):
@@ -43,6 +49,44 @@ def test_recent_ids_forget_the_older_half_only():
     assert all(bytes([i]) in recent for i in range(5))
     recent.add(b"\x05")  # the new half is full: the old one (0, 1, 2) is forgotten
     assert [bytes([i]) in recent for i in range(6)] == [False] * 3 + [True] * 3
+
+
+class HeldPlacements:
+    """A manager that answers placements when the test says so, every chunk held already."""
+
+    def __init__(self):
+        self.asked: list[tuple[object, defer.Deferred]] = []
+
+    def ask(self, request):
+        d = defer.Deferred()
+        self.asked.append((request, d))
+        return d
+
+    def answer_all(self):
+        asked, self.asked = self.asked, []
+        for request, d in asked:
+            d.callback(Placement(known=[need.chunk_id for need in request.chunks]))
+
+
+@pytest.mark.parametrize(("size", "at_once"), [
+    (8, SMALL_BATCHES_IN_FLIGHT),  # batches of tiny chunks: round trips, not bytes, bind
+    (BATCH_BYTES // 2, BATCHES_IN_FLIGHT),  # two halves of a batch each, then full batches
+])
+def test_batches_under_way_are_bounded_in_count_and_in_bytes(size, at_once):
+    manager = HeldPlacements()
+    uploader = Uploader(manager, Signal(), warn=lambda text: None)
+    count = BATCH_CHUNKS * 2 * at_once if size < 1024 else 20  # two rounds at least
+    for i in range(count):
+        chunk_id, data = data_blob(i.to_bytes(4, "big") * (size // 4))
+        uploader.store(Kind.DATA, chunk_id, data, lambda: None)
+    uploader.flush()
+    assert len(manager.asked) == at_once
+    assert sum(len(r.chunks) * size for r, _ in manager.asked) <= BATCHES_IN_FLIGHT * BATCH_BYTES
+    manager.answer_all()  # confirmed: the next ones go, as many again
+    assert len(manager.asked) == at_once
+    while manager.asked:
+        manager.answer_all()
+    assert not uploader.busy and uploader.signal.failure is None
 
 
 def data_blob(data: bytes) -> tuple[bytes, bytes]:
