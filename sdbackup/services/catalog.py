@@ -296,7 +296,12 @@ class Catalog:
     def _add(self, server: str, held: list[tuple[str, int]], added: float = 0.0,
              touched: float = 0.0):
         """Record copies; a chunk new to the catalog is touched at ``touched``, one stored
-        again (``added``) is touched then too."""
+        again (``added``) is touched then too.
+
+        In id order: ids are random, so the B-trees' pages are met one after another rather
+        than in a random walk over a catalog larger than SQLite's cache (the manager's CPU
+        in a first backup of 200,000 tiny files: 24 s in arrival order, 20 s sorted)."""
+        held = sorted(held)
         self.db.executemany(
             "INSERT INTO chunks (chunk_id, size, added, touched) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (chunk_id) DO UPDATE SET touched = MAX(touched, excluded.added)",
