@@ -700,6 +700,15 @@ class ChunksHeld(Message):
     chunk_ids: list = field(factory=list, validator=_hex_digests)
 
 
+def payload_pieces(chunks: list, payload: bytes) -> list[tuple[ChunkRef, memoryview]]:
+    """Each chunk's bytes in a payload of chunks one after another: views, not copies."""
+    view, offset, found = memoryview(payload), 0, []
+    for ref in chunks:
+        found.append((ref, view[offset : offset + ref.size]))
+        offset += ref.size
+    return found
+
+
 @message(15)
 @frozen
 class StoreChunks(Message):
@@ -721,12 +730,7 @@ class StoreChunks(Message):
             raise ValueError("the chunks' sizes do not add up to the payload's length")
 
     def pieces(self) -> list[tuple[ChunkRef, memoryview]]:
-        """Each chunk's bytes, a view of the payload (not a copy)."""
-        view, offset, found = memoryview(self.payload), 0, []
-        for ref in self.chunks:
-            found.append((ref, view[offset : offset + ref.size]))
-            offset += ref.size
-        return found
+        return payload_pieces(self.chunks, self.payload)
 
 
 @message(16)
@@ -787,12 +791,7 @@ class ChunksData(Message):
             raise ValueError("the chunks' sizes do not add up to the payload's length")
 
     def pieces(self) -> list[tuple[ChunkRef, memoryview]]:
-        """Each chunk's bytes, a view of the payload (not a copy)."""
-        view, offset, found = memoryview(self.payload), 0, []
-        for ref in self.chunks:
-            found.append((ref, view[offset : offset + ref.size]))
-            offset += ref.size
-        return found
+        return payload_pieces(self.chunks, self.payload)
 
 
 # --- forget ---
@@ -1077,11 +1076,11 @@ class ChunksDeleted(Message):
 
 # --- codec ------------------------------------------------------------------
 
-#: Bytes of a frame's start that name its type: a connection checks the frame's length
-#: against ``frame_limit`` as soon as they arrive.
+#: Bytes of a frame's start that name its type (what ``frame_limit`` reads).
 TYPE_CODE_SIZE = 2
-#: Bytes of a frame's start that hold its type and its header's length: where its payload
-#: begins (``payload_offset``).
+#: Bytes of a frame's start that hold its type and its header's length: a connection checks
+#: the frame's length against ``frame_limit`` as soon as they arrive, and learns where its
+#: payload begins (``payload_offset``).
 HEAD_SIZE = _HEAD.size
 #: The handshake's frame, and a request or reply of a few bounded fields.
 HELLO_FRAME = 1024
