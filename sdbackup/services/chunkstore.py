@@ -19,6 +19,7 @@ Every method here blocks: the storage service calls them in a thread pool.
 
 import ctypes
 import fcntl
+import itertools
 import os
 import threading
 import time
@@ -150,6 +151,14 @@ def _fsync_dir(path: str):
         os.close(fd)
 
 
+def _write_fully(fd: int, parts: list):
+    """Write ``parts`` in order, in one system call unless the kernel takes less."""
+    written = os.writev(fd, parts)
+    rest = memoryview(b"".join(parts))[written:] if written < sum(map(len, parts)) else b""
+    while rest:
+        rest = rest[os.write(fd, rest):]
+
+
 def _sync_file_system(path: str):
     """Flush every write of the file system holding ``path`` (``syncfs``; else fsync-all)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -188,6 +197,8 @@ class ChunkStore:
         for leftover in os.listdir(self.incoming):
             os.unlink(os.path.join(self.incoming, leftover))
         self._lock = threading.Lock()
+        #: Temporary names in ``incoming/`` (emptied above, and the folder is this store's).
+        self._temps = itertools.count()
         #: Bytes of free space no store may take (the server's ``--reserve``).
         self.reserve = 0
         self._count = sum(1 for _ in self.chunk_ids())
@@ -234,12 +245,23 @@ class ChunkStore:
         One bad checksum, malformed object or id held as another kind refuses the whole lot
         before anything is written.
         """
+        self.verify_many(kind, chunks)
+        return self.put_verified(kind, chunks)
+
+    def verify_many(self, kind: str, chunks: list[tuple[str, str, bytes]]):
+        """Refuse the lot when one chunk's checksum, object or id is not what it claims."""
         if kind not in KIND_CODES:
             raise BadObject(f"unknown chunk kind {kind!r}")
         for chunk_id, checksum, payload in chunks:
             self._check(kind, chunk_id, checksum, payload)
-            self._held_already(kind, chunk_id)  # an id held as another kind refuses the lot
-        new = [c for c in chunks if not self._held_again(kind, c[0])]
+
+    def put_verified(self, kind: str, chunks: list[tuple[str, str, bytes]]) -> list[tuple[str, int]]:
+        """``put_many`` of chunks ``verify_many`` passed."""
+        held = set()
+        for chunk_id, _, _ in chunks:
+            if self._held_already(kind, chunk_id):  # (held as another kind: refuses the lot)
+                held.add(chunk_id)
+        new = [c for c in chunks if c[0] not in held or not self._touch(kind, c[0])]
         if new and self.reserve:
             self._check_room(sum(HEADER_SIZE + len(payload) for _, _, payload in new))
         return self._write_all(kind, new)
@@ -325,14 +347,10 @@ class ChunkStore:
 
     def _write_temp(self, kind: str, chunk_id: str, checksum: str, payload: bytes,
                     sync: bool) -> str:
-        temp = os.path.join(self.incoming, f"{chunk_id[:16]}.{uuid.uuid4().hex}")
+        temp = os.path.join(self.incoming, f"{chunk_id[:16]}.{next(self._temps)}")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            with os.fdopen(fd, "wb", closefd=False) as f:
-                f.write(MAGIC)
-                f.write(bytes((KIND_CODES[kind],)))
-                f.write(bytes.fromhex(checksum))
-                f.write(payload)
+            _write_fully(fd, [MAGIC, bytes((KIND_CODES[kind],)), bytes.fromhex(checksum), payload])
             if sync:
                 os.fsync(fd)
         except BaseException:
@@ -342,12 +360,9 @@ class ChunkStore:
         os.close(fd)
         return temp
 
-    def _held_again(self, kind: str, chunk_id: str) -> bool:
-        """True when the chunk is held as ``kind``, and then its file's time is made now: a
-        prune deletes no file written or stored again less than its grace ago
-        (``delete_chunks``). False when it is not held, or was just deleted."""
-        if not self._held_already(kind, chunk_id):
-            return False
+    def _touch(self, kind: str, chunk_id: str) -> bool:
+        """Make the time of a held chunk's file now: a prune deletes no file written or stored
+        again less than its grace ago (``delete_chunks``). False when it was just deleted."""
         with self._lock:  # (one with delete_chunks: a file deleted is stored again)
             try:
                 os.utime(self._home(kind, chunk_id))
