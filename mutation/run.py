@@ -49,7 +49,8 @@ AREAS = {
               "tests/integration/test_lying_peers.py tests/integration/test_disk_full.py",
               ["StorageServer.handle_StoreChunk", "StorageServer.handle_StoreChunks",
                "StorageServer._check_ticket", "StorageServer._write", "StorageServer._forward",
-               "StorageServer._ask_next", "StorageServer.handle_ReplicateChunk"]),
+               "StorageServer._ask_next", "StorageServer._write_and_forward",
+               "StorageServer.handle_ReplicateChunk"]),
 }
 
 #: Operators left out: the arithmetic-to-every-other-operator family multiplies the mutants

@@ -112,11 +112,13 @@ class StorageServer:
         self._check_ticket(msg.ticket, [msg.chunk_id], msg.forward_to)
         self._started(connection)
         try:
-            await self._write(msg.kind, [(msg.chunk_id, msg.checksum, msg.payload)])
+            chunks = [(msg.chunk_id, msg.checksum, msg.payload)]
             holders = [self.address]
             if msg.forward_to:
-                holders += await self._forward(msg.kind, msg.chunk_id, msg.checksum, msg.payload,
-                                               msg.forward_to, msg.ticket)
+                holders += await self._write_and_forward(msg.kind, chunks, lambda: self._forward(
+                    msg.kind, msg.chunk_id, msg.checksum, msg.payload, msg.forward_to, msg.ticket))
+            else:
+                await self._write(msg.kind, chunks)
             return ChunkStored(request_id=msg.request_id, chunk_id=msg.chunk_id,
                                checksum=msg.checksum, holders=holders)
         finally:
@@ -126,18 +128,19 @@ class StorageServer:
         self._check_ticket(msg.ticket, [ref.chunk_id for ref in msg.chunks], msg.forward_to)
         self._started(connection)
         try:
-            await self._write(msg.kind, [(ref.chunk_id, ref.checksum, piece)
-                                         for ref, piece in msg.pieces()])
+            chunks = [(ref.chunk_id, ref.checksum, piece) for ref, piece in msg.pieces()]
             holders = [self.address]
             if msg.forward_to:
                 following = msg.forward_to[0]
-                reply = await self._ask_next(following, StoreChunks(
-                    chunks=msg.chunks, forward_to=msg.forward_to[1:], kind=msg.kind,
-                    ticket=msg.ticket, payload=msg.payload))
+                reply = await self._write_and_forward(msg.kind, chunks, lambda: self._ask_next(
+                    following, StoreChunks(chunks=msg.chunks, forward_to=msg.forward_to[1:],
+                                           kind=msg.kind, ticket=msg.ticket, payload=msg.payload)))
                 if reply.chunk_ids != [ref.chunk_id for ref in msg.chunks]:
                     raise RemoteError(f"replica {following} confirmed other chunks",
                                       "replication-failed", following)
                 holders += reply.holders
+            else:
+                await self._write(msg.kind, chunks)
             return ChunksStored(request_id=msg.request_id,
                                 chunk_ids=[ref.chunk_id for ref in msg.chunks], holders=holders)
         finally:
@@ -167,10 +170,26 @@ class StorageServer:
         if count == MAX_STORES_PER_CONNECTION - 1 and connection.connected:
             connection.resumeProducing()
 
-    async def _write(self, kind: str, chunks: list[tuple[str, str, bytes]]):
-        """Verify and store chunks in the disk pool; tell the manager of the new ones."""
+    async def _write_and_forward(self, kind: str, chunks: list[tuple[str, str, bytes]], forward):
+        """Verify ``chunks``, then store them here while ``forward()`` sends them on along the
+        chain; what ``forward`` gave, once both are done. Nothing unverified goes on, and the
+        chain's copies are made durable side by side, not one after the other (each waits on
+        its disk's sync)."""
+        await self.disk(self.store.verify_many, kind, chunks)
+        outcomes = await defer.DeferredList(
+            [defer.ensureDeferred(self._write(kind, chunks, verified=True)),
+             defer.ensureDeferred(forward())], consumeErrors=True)
+        for succeeded, outcome in outcomes:
+            if not succeeded:
+                outcome.raiseException()  # this server's failure first, then the chain's
+        return outcomes[1][1]
+
+    async def _write(self, kind: str, chunks: list[tuple[str, str, bytes]], verified=False):
+        """Verify (unless ``verified``) and store chunks in the disk pool; tell the manager of
+        the new ones."""
         try:
-            added = await self.disk(self.store.put_many, kind, chunks)
+            added = await self.disk(self.store.put_verified if verified else self.store.put_many,
+                                    kind, chunks)
         except DiskFull as e:
             self._now_full(str(e))
             raise RemoteError(f"{self.address} refused chunks: {e}", e.code) from e

@@ -1,15 +1,21 @@
 """The promises behind "it never loses data", each held to a measure: a chain of three copies,
-a primary that acknowledges only once its replica has stored, and repair and scrub that keep
+a primary that acknowledges only once its replica and itself have stored (sending a store on
+only once verified, while it writes its own copy), and repair and scrub that keep
 to their rates."""
 
 import os
+import threading
 
+import attrs
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.internet.testing import MemoryReactorClock
 
 from sdbackup import hashing
 from sdbackup.objects import Kind
+from sdbackup.protocols.messages import ChunkRef, StoreChunks
+from sdbackup.protocols.peer import RemoteError
 from sdbackup.services.chunkstore import ChunkStore
 from sdbackup.services.server import StorageServer
 
@@ -90,6 +96,71 @@ async def test_a_primary_acknowledges_only_after_its_replica_has_stored(cluster,
         holders = [s for s in cluster.servers if s.store.has(chunk_id)]
         assert len(holders) == 2
         assert len(placement.assignments[chunk_id]) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_primary_sends_a_store_on_while_it_writes_and_answers_once_both_are_done(
+        cluster, wire_client):
+    """The primary's own write is held back (a slow disk): its replica stores meanwhile, and the
+    primary answers only once its own copy is on disk too."""
+    first, second = cluster.servers[:2]
+    let_go, writing = threading.Event(), threading.Event()
+    real = first.store.put_verified
+
+    def slow_disk(kind, chunks):
+        writing.set()
+        let_go.wait(30)
+        return real(kind, chunks)
+
+    first.store.put_verified = slow_disk
+    pieces = [os.urandom(3000 + i) for i in range(3)]
+    ids = [hashing.chunk_id(p) for p in pieces]
+    chain = [first.server.address, second.server.address]
+    storing = defer.ensureDeferred(wire_client.servers.request(chain[0], StoreChunks(
+        chunks=[ChunkRef(c, len(p), hashing.checksum(p)) for c, p in zip(ids, pieces, strict=True)],
+        forward_to=chain[1:], ticket=cluster.ticket(ids, chain), payload=b"".join(pieces))))
+    try:
+        await cluster.until(writing.is_set, what="the primary writing")
+        await cluster.until(lambda: all(second.store.has(c) for c in ids),
+                            what="the replica's copies, the primary's still being written")
+        assert not any(first.store.has(c) for c in ids)
+        assert not storing.called, "the primary acknowledged before its own copy was written"
+    finally:
+        let_go.set()
+    reply = await storing
+    assert reply.holders == chain
+    assert all(copies_of(cluster, c) == [first, second] for c in ids)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_primary_sends_nothing_on_that_it_has_not_verified(cluster, wire_client):
+    """A batch with one chunk whose bytes are not what its checksum says is refused by the
+    primary before its replica hears of it."""
+    first, second = (s.server for s in cluster.servers[:2])
+    asked = []
+    real = second.handle_StoreChunks
+
+    async def recording(msg, connection):
+        asked.append(msg)
+        return await real(msg, connection)
+
+    second.handle_StoreChunks = recording
+    pieces = [os.urandom(3000 + i) for i in range(3)]
+    ids = [hashing.chunk_id(p) for p in pieces]
+    refs = [ChunkRef(c, len(p), hashing.checksum(p)) for c, p in zip(ids, pieces, strict=True)]
+    refs[1] = attrs.evolve(refs[1], checksum=hashing.checksum(b"other bytes"))
+    with pytest.raises(RemoteError) as caught:
+        await wire_client.servers.request(first.address, StoreChunks(
+            chunks=refs, forward_to=[second.address],
+            ticket=cluster.ticket(ids, [first.address, second.address]),
+            payload=b"".join(pieces)))
+    assert caught.value.code == "checksum-mismatch"
+    assert asked == []
+    assert not any(copies_of(cluster, chunk_id) for chunk_id in ids)
+
+
+def copies_of(cluster, chunk_id: str) -> list:
+    return [s for s in cluster.servers if s.store.has(chunk_id)]
 
 
 @pytest_twisted.ensureDeferred
