@@ -106,6 +106,20 @@ async def test_a_replica_confirming_another_copy_fails_a_repair(cluster, wire_cl
     assert (error.code, error.culprit) == ("replication-failed", target.address)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_replica_that_cannot_be_reached_fails_the_store_naming_it(cluster, wire_client):
+    first, gone = cluster.servers[:2]
+    await cluster.stop_server(gone)
+    data = os.urandom(4000)
+    chunk_id = hashing.chunk_id(data)
+    chain = [first.server.address, gone.server.address]
+    error = await refusal(wire_client.servers.request(chain[0], StoreChunks(
+        chunks=[ChunkRef(chunk_id, len(data), hashing.checksum(data))], forward_to=chain[1:],
+        ticket=cluster.ticket([chunk_id], chain), payload=data)))
+    assert (error.code, error.culprit) == ("replication-failed", gone.server.address)
+    assert "unreachable" in error.reason
+
+
 # --- three servers in a chain -------------------------------------------------------------------
 
 

@@ -851,6 +851,23 @@ def test_storing_a_held_chunk_again_renews_it_against_a_prune(store, kind):
     assert store.get(chunk_id) == (kind, checksum, payload)
 
 
+def test_a_chunk_a_prune_deletes_while_it_is_stored_again_is_written_again(store):
+    """Found held, then deleted by a prune before its time is renewed: it is stored anew, not
+    counted as held by a file that is gone."""
+    stored = chunk(b"held, then pruned midway")
+    store.put(DATA, *stored)
+    real = store._held_already
+
+    def pruned_right_after(kind, chunk_id):
+        held = real(kind, chunk_id)
+        os.unlink(store.path_for(chunk_id))  # as delete_chunks would, between the two steps
+        return held
+
+    store._held_already = pruned_right_after
+    assert store.put_many(DATA, [stored]) == [(stored[0], len(stored[2]))]
+    assert store.get(stored[0]) == (DATA, *stored[1:])
+
+
 # --- listing ---------------------------------------------------------------------------------
 
 
