@@ -129,7 +129,8 @@ async def test_a_primary_sends_a_store_on_while_it_writes_and_answers_once_both_
         let_go.set()
     reply = await storing
     assert reply.holders == chain
-    assert all(copies_of(cluster, c) == [first, second] for c in ids)
+    held = copies(cluster.servers)
+    assert all(held[c] == [first, second] for c in ids)
 
 
 @pytest_twisted.ensureDeferred
@@ -156,11 +157,7 @@ async def test_a_primary_sends_nothing_on_that_it_has_not_verified(cluster, wire
             payload=b"".join(pieces)))
     assert caught.value.code == "checksum-mismatch"
     assert asked == []
-    assert not any(copies_of(cluster, chunk_id) for chunk_id in ids)
-
-
-def copies_of(cluster, chunk_id: str) -> list:
-    return [s for s in cluster.servers if s.store.has(chunk_id)]
+    assert not set(ids) & set(copies(cluster.servers))
 
 
 @pytest_twisted.ensureDeferred
