@@ -17,13 +17,19 @@ A frame with a payload (bulk bytes after a small header) may be delivered in
 two parts: when ``payload_offset(head)`` names where its payload starts,
 ``partsReceived(front, payload)`` gets the two, each joined once from the
 pieces read, so the payload is never copied out of a joined frame.
+
+Sending, a large frame goes through a ``SendGate``: the next one waits until the
+transport has handed it to the kernel, so at most one is copied at a time.
 """
 
 from collections import deque
 from struct import Struct
 
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
+from zope.interface import implementer
 
 _PREFIX = Struct("!I")
 
@@ -58,6 +64,7 @@ class FrameReceiver(Int32StringReceiver):
         self._head_checked = False
         self._payload_offset: int | None = None
         self._refused = False
+        self.send_gate = SendGate(self.transport)
         self._refused_limit: int | None = None
 
     def _take(self, count: int) -> bytes:
@@ -156,4 +163,69 @@ class FrameReceiver(Int32StringReceiver):
         length = sum(len(p) for p in parts)
         if length > self.MAX_LENGTH:
             raise ValueError(f"frame of {length} bytes exceeds {self.MAX_LENGTH}")
-        self.transport.writeSequence([_PREFIX.pack(length), *parts])
+        if length >= GATED_FRAME:
+            self.send_gate.write([_PREFIX.pack(length), *parts])
+        else:
+            self.transport.writeSequence([_PREFIX.pack(length), *parts])
+
+
+#: Frames from this size on go through the ``SendGate``.
+GATED_FRAME = 64 * 1024
+
+
+@implementer(IPushProducer)
+class SendGate:
+    """Says when a transport has passed the last large frame written to the kernel.
+
+    A transport keeps what it is given in a list and joins all of it into one buffer
+    when it next writes: packs written back to back are copied whole, all at once (a
+    client backing up 50,000 files peaked 6 MiB higher for it). Whoever sends large
+    frames waits in ``wait`` first, so a transport holds one at a time.
+
+    The gate is the transport's producer only while a frame it wrote is buffered: the
+    transport pauses it when the frame is written and resumes it once the frame is out.
+    It is not registered otherwise, because a registered producer holds a closing TLS
+    connection open. Where another producer is registered, frames are written ungated.
+    """
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.paused = False
+        self._waiting: list[defer.Deferred] = []
+
+    def wait(self) -> defer.Deferred:
+        """Fires once no large frame is buffered (or the connection is gone)."""
+        if not self.paused:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def write(self, parts: list[bytes]):
+        try:
+            self.transport.registerProducer(self, True)
+        except RuntimeError:  # another producer is registered: it paces this transport
+            self.transport.writeSequence(parts)
+            return
+        self.transport.writeSequence(parts)  # pauses this gate when it fills the buffer
+        if not self.paused:
+            self.transport.unregisterProducer()
+
+    # IPushProducer, called by the transport about its write buffer.
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        self.transport.unregisterProducer()
+        self._release()
+
+    def stopProducing(self):
+        """The connection is lost: whoever waits goes on (and finds it closed)."""
+        self.paused = False
+        self._release()
+
+    def _release(self):
+        # One at a time: a waiter that writes a large frame pauses the gate again.
+        while self._waiting and not self.paused:
+            self._waiting.pop(0).callback(None)

@@ -476,6 +476,7 @@ class PeerPool:
 
     async def request(self, address: str, msg: Message) -> Message:
         proto = await self.connection(address)
+        await proto.send_gate.wait()
         try:
             return await proto.request(msg, self._request_timeout, self._reactor)
         except RemoteError as e:
