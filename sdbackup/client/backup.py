@@ -20,7 +20,6 @@ from twisted.logger import Logger
 
 from sdbackup import hashing, objects
 from sdbackup.client.archiver import Archiver
-from sdbackup.client.memory import tune_malloc
 from sdbackup.client.parenttrees import ParentTrees
 from sdbackup.client.progress import Progress
 from sdbackup.client.repository import Repository
@@ -29,6 +28,7 @@ from sdbackup.client.session import ClientError, Session
 from sdbackup.client.uploader import HeldCheck, Signal, Uploader
 from sdbackup.client.walk import Report, Walker, plan
 from sdbackup.limits import snapshot_problem
+from sdbackup.memory import tune_malloc
 from sdbackup.names import escape
 from sdbackup.objects import Kind
 from sdbackup.protocols.messages import CommitSnapshot, SnapshotSummary

@@ -48,13 +48,13 @@ from twisted.python.failure import Failure
 from sdbackup import objects
 from sdbackup.client import fswriter
 from sdbackup.client.fswriter import FileSystemWriter, Folder, RestoreError
-from sdbackup.client.memory import tune_malloc
 from sdbackup.client.overwrite import DEFAULT_MODE, Action, decide
 from sdbackup.client.progress import Progress
 from sdbackup.client.repository import ChunkUnavailable, Repository
 from sdbackup.client.selection import RestoreFilter
 from sdbackup.client.session import ClientError, Session
 from sdbackup.client.treereader import Enter, Entry, Leave, TreeReader
+from sdbackup.memory import tune_malloc
 from sdbackup.objects import Kind, Node
 from sdbackup.paths import UnsafePath, display_path
 

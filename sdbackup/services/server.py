@@ -23,6 +23,7 @@ from twisted.internet import defer, error, task
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from sdbackup.memory import limit_arenas
 from sdbackup.metrics import ServerMetrics
 from sdbackup.protocols.messages import (
     FETCH_REPLY_BYTES,
@@ -483,6 +484,7 @@ class StorageService(NodeService):
         self.metrics = None if metrics is None else ServerMetrics(self, metrics)
 
     def startService(self):
+        limit_arenas()  # before the disk threads: two arenas for them all, not one each
         super().startService()
         store = ChunkStore(self.data)
         # Shorter than the client's wait, so the client hears why a replica failed.

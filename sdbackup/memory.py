@@ -1,14 +1,18 @@
-"""The client's memory: keep glibc's heap near what the process uses.
+"""Keep glibc's heap near what a process uses.
 
 Backup and restore make chunk buffers in threads (reading, sealing, opening) and free
-them on the reactor, in another order than they were made; glibc keeps the freed holes,
-and each thread its own arena. ``tune_malloc`` limits the arenas and maps large blocks of
-their own, and gives back a function that hands freed memory back to the system.
+them on the reactor, in another order than they were made; a server reads and writes
+chunks in its disk threads. glibc keeps the freed holes, and gives each thread an arena
+of its own (up to eight per core). ``limit_arenas`` caps the arenas (the servers);
+``tune_malloc`` also maps large blocks of their own, and gives back a function that
+hands freed memory back to the system (the client).
 """
 
 import ctypes
 
 _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
+#: Arenas glibc may make: threads share them.
+ARENAS = 2
 #: Blocks from this size on are mapped of their own and handed back when freed.
 MMAP_THRESHOLD = 1024 * 1024
 #: Freed heap memory kept by the allocator past which a confirmed batch hands it back.
@@ -19,6 +23,17 @@ class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
         "fordblks", "keepcost")]
+
+
+def limit_arenas() -> bool:
+    """Let glibc make at most ``ARENAS`` arenas; False where the allocator is not glibc's.
+
+    A server restoring 1 GiB peaked at 93-99 MiB with an arena for each of its disk
+    threads, 73-82 MiB with two, at the same speed."""
+    try:
+        return ctypes.CDLL(None).mallopt(_M_ARENA_MAX, ARENAS) == 1
+    except (OSError, AttributeError):
+        return False
 
 
 def tune_malloc():
@@ -38,10 +53,10 @@ def tune_malloc():
         libc = ctypes.CDLL(None)
         mallinfo2, malloc_trim = libc.mallinfo2, libc.malloc_trim
         mallinfo2.restype = _MallInfo2
-        libc.mallopt(_M_ARENA_MAX, 2)
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):
         return None  # not glibc (or an old one): nothing to tune
+    limit_arenas()
 
     def trim():
         if mallinfo2().fordblks > TRIM_FREE:

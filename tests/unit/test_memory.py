@@ -1,0 +1,44 @@
+"""glibc's arenas: threads share two, so memory freed by one is used again by another."""
+
+import subprocess
+import sys
+import textwrap
+
+PROGRAM = textwrap.dedent("""
+    import ctypes, sys, tempfile, threading
+    from sdbackup.memory import limit_arenas
+
+    if sys.argv[1] == "limited":
+        assert limit_arenas()
+    held = []
+    started = threading.Barrier(8)
+
+    def work():
+        started.wait()  # all eight alive at once, each allocating
+        held.extend(bytearray(64 * 1024) for _ in range(50))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    libc = ctypes.CDLL(None)
+    libc.fopen.restype = ctypes.c_void_p
+    with tempfile.NamedTemporaryFile() as report:
+        stream = libc.fopen(report.name.encode(), b"w")
+        libc.malloc_info(0, ctypes.c_void_p(stream))
+        libc.fclose(ctypes.c_void_p(stream))
+        print(open(report.name).read().count("<heap nr="))
+""")
+
+
+def heaps(mode: str) -> int:
+    """Heaps (arenas) glibc reports after eight threads allocated at once."""
+    out = subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True, text=True,
+                         check=True, timeout=60)
+    return int(out.stdout)
+
+
+def test_threads_share_two_arenas_once_limited():
+    assert heaps("free") > 2  # the default: an arena per thread, up to eight per core
+    assert heaps("limited") <= 2
