@@ -159,6 +159,7 @@ class MessageProtocol(FrameReceiver):
     def connectionLost(self, reason=None):
         self._closed = True
         self._stop_timer()
+        self.send_gate.stopProducing()  # whoever waits to send finds the connection closed
         pending, self._pending = self._pending, {}
         failure = reason if reason is not None else Failure(ConnectionLost())
         if self.refusal is not None:
@@ -207,6 +208,15 @@ class MessageProtocol(FrameReceiver):
                              reason=f"the {self.role} refused this connection: {why}"))
         self._closed = True
         self._stop_timer()
+        self._lose_connection()
+
+    def _lose_connection(self):
+        """Close once what was written is sent. A producer still registered (a server's fetch
+        gate) is let go first: under TLS it would hold the connection open for good."""
+        try:
+            self.transport.unregisterProducer()
+        except RuntimeError:  # none was (a test's StringTransport says so; sockets do not)
+            pass
         self.transport.loseConnection()
 
     def _stop_timer(self):
@@ -234,7 +244,7 @@ class MessageProtocol(FrameReceiver):
         # Said, so the peer knows it may simply connect again.
         self.send(ErrorReply(request_id=0, code=IDLE, reason=f"closed after {quiet:g} s idle"))
         self._closed = True
-        self.transport.loseConnection()
+        self._lose_connection()
 
     # --- receiving ---------------------------------------------------------
 
@@ -311,7 +321,7 @@ class MessageProtocol(FrameReceiver):
                           why=_clip(msg.reason))
         self.refusal = RemoteError(msg.reason, msg.code)
         self._closed = True
-        self.transport.loseConnection()
+        self._lose_connection()
 
     def _dispatch(self, msg: Message):
         name = type(msg).__name__

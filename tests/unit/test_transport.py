@@ -8,10 +8,12 @@ import socket
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python import usage
+from zope.interface import implementer
 
 from sdbackup import manager_tap, pki, server_tap
 from sdbackup.localcluster import make_certificates, tls_transport
@@ -256,3 +258,63 @@ async def test_a_client_whose_idle_link_was_closed_connects_again(tmp_path):
         await session.close()
     finally:
         await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_under_tls_an_idle_connection_with_a_producer_registered_is_closed(tmp_path):
+    """A server's fetch gate is its connection's producer for as long as the connection lives;
+    under TLS a registered producer keeps a close from happening unless it is let go first.
+    The client here is told the connection is idle and stays: only the server can close it."""
+    make_certificates(str(tmp_path))
+    server_lost = defer.Deferred()
+    on_lost = told_when_lost(server_lost)
+    accepted: list[MessageProtocol] = []
+
+    def accept():
+        proto = MessageProtocol(on_lost, "server", tls=True, clock=reactor, idle_timeout=0.3)
+        accepted.append(proto)
+        return proto
+
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+        tls_transport(str(tmp_path), "server").server_factory(Factory.forProtocol(accept)))
+    client_lost = defer.Deferred()
+    client = Lingering(told_when_lost(client_lost), "client", tls=True, expect=("server",), clock=reactor)
+    try:
+        endpoint = tls_transport(str(tmp_path), "client").client_endpoint(
+            reactor, f"tcp:127.0.0.1:{port.getHost().port}", 5)
+        await connectProtocol(endpoint, client)
+        await client.ready
+        [server] = accepted
+        server.transport.registerProducer(_StillProducer(), True)  # as a fetch gate is
+
+        await server_lost.addTimeout(10, reactor)  # closed for idleness, not left open
+        assert client.refusal.code == "idle"
+        await client_lost.addTimeout(10, reactor)
+    finally:
+        if not client_lost.called:
+            client.transport.abortConnection()
+        await port.stopListening()
+
+
+def told_when_lost(lost: defer.Deferred):
+    """A handler that fires ``lost`` when its connection is lost."""
+    return type("Handler", (), {"connection_lost": lambda self, proto: lost.callback(proto)})()
+
+
+class Lingering(MessageProtocol):
+    """A client that is told its connection is closed and does not close its end."""
+
+    def _peer_refused(self, msg):
+        self.refusal = RemoteError(msg.reason, msg.code)
+
+
+@implementer(IPushProducer)
+class _StillProducer:
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
