@@ -53,8 +53,9 @@ class Frames(FrameReceiver):
         self.lost.callback(None)
 
 
-async def connected_pair():
-    """A sender and a receiver that does not read, on loopback."""
+@pytest_twisted.async_yield_fixture
+async def pair():
+    """A sender and a receiver that does not read, on loopback; closed after the test."""
     accepted = defer.Deferred()
 
     def build(_addr):
@@ -67,7 +68,13 @@ async def connected_pair():
         TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Frames())
     receiver = await accepted
     receiver.transport.pauseProducing()
-    return port, sender, receiver
+    try:
+        yield sender, receiver
+    finally:
+        if not sender.lost.called:
+            sender.transport.abortConnection()  # a frame may still wait on a receiver not reading
+        await sender.lost
+        await port.stopListening()
 
 
 class _Factory(Factory):
@@ -83,86 +90,65 @@ def payload(tag: int, size: int = LARGE) -> bytes:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_second_large_frame_waits_until_the_first_has_left_the_transport():
-    port, sender, receiver = await connected_pair()
-    try:
-        sender.sendFrame(b"head", payload(1))
-        next_frame = sender.send_gate.wait()
-        await deferLater(reactor, 0.2, lambda: None)
-        assert not next_frame.called  # the receiver reads nothing: the frame is still buffered
+async def test_a_second_large_frame_waits_until_the_first_has_left_the_transport(pair):
+    sender, receiver = pair
+    sender.sendFrame(b"head", payload(1))
+    next_frame = sender.send_gate.wait()
+    await deferLater(reactor, 0.2, lambda: None)
+    assert not next_frame.called  # the receiver reads nothing: the frame is still buffered
 
-        receiver.transport.resumeProducing()
-        await next_frame  # the transport passed the first frame to the kernel
-        sender.sendFrame(b"head", payload(2))
-        frames = await receiver.arrived(2)
-        assert frames == [b"head" + payload(1), b"head" + payload(2)]
-    finally:
-        sender.transport.loseConnection()
-        await sender.lost
-        await port.stopListening()
+    receiver.transport.resumeProducing()
+    await next_frame  # the transport passed the first frame to the kernel
+    sender.sendFrame(b"head", payload(2))
+    frames = await receiver.arrived(2)
+    assert frames == [b"head" + payload(1), b"head" + payload(2)]
 
 
 @pytest_twisted.ensureDeferred
-async def test_senders_waiting_together_go_one_at_a_time():
-    port, sender, receiver = await connected_pair()
-    try:
-        sender.sendFrame(b"head", payload(1))
-        first, second = sender.send_gate.wait(), sender.send_gate.wait()
-        first.addCallback(lambda _: sender.sendFrame(b"head", payload(2)))
-        # Whether a frame is still buffered when the second sender is let go:
-        second.addCallback(lambda _: sender.send_gate.paused)
-        receiver.transport.resumeProducing()
-        await first
-        assert await second.addTimeout(10, reactor) is False  # only once the first's frame left
-        sender.sendFrame(b"head", payload(3))
-        frames = await receiver.arrived(3)
-        assert [f[4] for f in frames] == [1, 2, 3]
-    finally:
-        sender.transport.loseConnection()
-        await sender.lost
-        await port.stopListening()
+async def test_senders_waiting_together_go_one_at_a_time(pair):
+    sender, receiver = pair
+    sender.sendFrame(b"head", payload(1))
+    first, second = sender.send_gate.wait(), sender.send_gate.wait()
+    first.addCallback(lambda _: sender.sendFrame(b"head", payload(2)))
+    # Whether a frame is still buffered when the second sender is let go:
+    second.addCallback(lambda _: sender.send_gate.paused)
+    receiver.transport.resumeProducing()
+    await first
+    assert await second.addTimeout(10, reactor) is False  # only once the first's frame left
+    sender.sendFrame(b"head", payload(3))
+    frames = await receiver.arrived(3)
+    assert [f[4] for f in frames] == [1, 2, 3]
 
 
 @pytest_twisted.ensureDeferred
-async def test_small_frames_are_not_held_back():
-    port, sender, receiver = await connected_pair()
-    try:
-        for n in range(50):
-            sender.sendFrame(b"x" * (GATED_FRAME // 2), bytes([n]))
-        assert sender.send_gate.wait().called
-        receiver.transport.resumeProducing()
-        frames = await receiver.arrived(50)
-        assert [f[-1] for f in frames] == list(range(50))
-    finally:
-        sender.transport.loseConnection()
-        await sender.lost
-        await port.stopListening()
+async def test_small_frames_are_not_held_back(pair):
+    sender, receiver = pair
+    for n in range(50):
+        sender.sendFrame(b"x" * (GATED_FRAME // 2), bytes([n]))
+    assert sender.send_gate.wait().called
+    receiver.transport.resumeProducing()
+    frames = await receiver.arrived(50)
+    assert [f[-1] for f in frames] == list(range(50))
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_waiting_sender_goes_on_when_the_connection_is_lost():
-    port, sender, receiver = await connected_pair()
-    try:
-        sender.sendFrame(b"head", payload(1))
-        waiting = sender.send_gate.wait()
-        receiver.transport.abortConnection()
-        await waiting.addTimeout(10, reactor)  # released, not left hanging
-        await sender.lost
-    finally:
-        await port.stopListening()
+async def test_a_waiting_sender_goes_on_when_the_connection_is_lost(pair):
+    sender, receiver = pair
+    sender.sendFrame(b"head", payload(1))
+    waiting = sender.send_gate.wait()
+    receiver.transport.abortConnection()
+    await waiting.addTimeout(10, reactor)  # released, not left hanging
+    await sender.lost
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_connection_closes_after_its_gated_frames_are_sent():
+async def test_a_connection_closes_after_its_gated_frames_are_sent(pair):
     """The gate lets go of the transport once a frame is out: a close is not held up."""
-    port, sender, receiver = await connected_pair()
-    try:
-        sender.sendFrame(b"head", payload(1))
-        sender.transport.loseConnection()
-        receiver.transport.resumeProducing()
-        frames = await receiver.arrived(1)
-        assert frames == [b"head" + payload(1)]
-        await sender.lost.addTimeout(10, reactor)
-        await receiver.lost.addTimeout(10, reactor)
-    finally:
-        await port.stopListening()
+    sender, receiver = pair
+    sender.sendFrame(b"head", payload(1))
+    sender.transport.loseConnection()
+    receiver.transport.resumeProducing()
+    frames = await receiver.arrived(1)
+    assert frames == [b"head" + payload(1)]
+    await sender.lost.addTimeout(10, reactor)
+    await receiver.lost.addTimeout(10, reactor)
