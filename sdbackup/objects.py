@@ -58,6 +58,9 @@ _SEALED = 0x80
 NODE_TYPES = ("file", "dir", "symlink", "fifo", "chardev", "blockdev")
 #: A file with more chunks than this keeps them in chunk list objects, this many a list.
 INLINE_CONTENT = 16_384
+#: A folder whose tree would be larger than this is stored as *pages*: trees of runs of its
+#: nodes, listed in order by a *head* tree (half a chunk: a sealed page still fits one).
+TREE_PAGE_SIZE = 4 * 1024 * 1024
 
 
 class ObjectFormatError(ValueError):
@@ -323,6 +326,14 @@ def make_tree(nodes: Iterable[Node]) -> Tree:
     return Tree(tuple(sorted(nodes, key=lambda n: n.name)))
 
 
+@frozen
+class TreeHead:
+    """A folder too large for one tree object: the ids of its pages, in name order. Each
+    page is a tree of a run of the folder's nodes; together they are its tree."""
+
+    pages: tuple
+
+
 def encode_tree(tree: Tree) -> bytes:
     tree_refs = [ref for n in tree.nodes for ref in n.tree_refs()]
     data_refs = [ref for n in tree.nodes for ref in n.data_refs()]
@@ -330,13 +341,70 @@ def encode_tree(tree: Tree) -> bytes:
     return seal(Kind.TREE, tree_refs, data_refs, body)
 
 
-def decode_tree(data: bytes, trusted: bool = False) -> Tree:
-    """The tree in ``data``. ``trusted``: ``data`` was checked against its id, and its nodes
+def encode_tree_head(page_ids: Iterable[bytes]) -> bytes:
+    """The head of a paged folder: its pages' ids, in order, in the body and as its refs
+    (the cluster walks a paged folder as any tree, through its refs)."""
+    pages = list(page_ids)
+    return seal(Kind.TREE, pages, [], _pack({"pages": pages}))
+
+
+def split_tree(tree: Tree, page_size: int) -> list[Tree]:
+    """``tree`` cut into pages whose encodings stay under ``page_size`` (``[tree]`` when it
+    fits one). A pure function of the nodes, so the same folder gives the same pages.
+
+    A page ends at the first node past a quarter of ``page_size`` whose name hashes to a
+    zero byte (or where the next node would not fit): the cuts depend on the names around
+    them, so an entry added or changed in a large folder changes the page it falls in,
+    not every page after it.
+    """
+    sizes = [len(_pack(_node_to_map(n))) + ID_SIZE * (len(n.tree_refs()) + len(n.data_refs()))
+             for n in tree.nodes]
+    budget = page_size - _HEAD.size - 16  # (the body's list header)
+    if sum(sizes) <= budget:
+        return [tree]
+    pages, start, used = [], 0, 0
+    for index, (node, size) in enumerate(zip(tree.nodes, sizes, strict=True)):
+        if used and used + size > budget:
+            pages.append(Tree(tree.nodes[start:index]))
+            start, used = index, 0
+        used += size
+        if used >= budget // 4 and hashing.chunk_id(node.name).startswith("00"):
+            pages.append(Tree(tree.nodes[start : index + 1]))
+            start, used = index + 1, 0
+    if start < len(tree.nodes):
+        pages.append(Tree(tree.nodes[start:]))
+    return pages
+
+
+def join_pages(pages: Iterable[Tree]) -> Tree:
+    """A paged folder's tree: its pages' nodes in order (``Tree`` refuses pages out of order
+    or a name in two of them)."""
+    try:
+        return Tree(tuple(node for page in pages for node in page.nodes))
+    except ValueError as e:
+        raise ObjectFormatError(f"a paged tree's pages do not follow one another: {e}") from None
+
+
+def _decode_head(envelope: Envelope, body: dict) -> TreeHead:
+    pages = body.get("pages")
+    if body.keys() != {"pages"} or not isinstance(pages, list) or len(pages) < 2:
+        raise ObjectFormatError("a tree head is a map of two or more pages")
+    ids = tuple(_check_id(page, "a tree page") for page in pages)
+    if len(set(ids)) != len(ids) or set(ids) != set(envelope.tree_refs) or envelope.data_refs:
+        raise ObjectFormatError("a tree head's refs do not match its pages")
+    return TreeHead(ids)
+
+
+def decode_tree(data: bytes, trusted: bool = False) -> Tree | TreeHead:
+    """The tree in ``data``, or the head of a paged one (``TreeHead``: read its pages, then
+    ``join_pages``). ``trusted``: ``data`` was checked against its id, and its nodes
     are only compared with the file system, never used to touch it (a backup's parent trees):
     the nodes are built without their per-field validators. The structure is checked all the
     same: known fields, names in order, refs matching the nodes."""
     envelope = _plain_envelope(data, Kind.TREE)
     items = _unpack(envelope.body, "tree")
+    if isinstance(items, dict):
+        return _decode_head(envelope, items)
     if not isinstance(items, list):
         raise ObjectFormatError("a tree body is a list of nodes")
     make = _trusted_node_from_map if trusted else _node_from_map
@@ -351,11 +419,23 @@ def decode_tree(data: bytes, trusted: bool = False) -> Tree:
     return tree
 
 
-def tree_subfolders(data: bytes) -> tuple[int, list[tuple[int, bytes]]]:
+def decode_page(data: bytes, trusted: bool = False) -> Tree:
+    """One page of a paged tree: a tree, never another head."""
+    page = decode_tree(data, trusted)
+    if isinstance(page, TreeHead):
+        raise ObjectFormatError("a page of a paged tree is itself paged")
+    return page
+
+
+def tree_subfolders(data: bytes) -> tuple[int, list[tuple[int, bytes]]] | TreeHead:
     """How many nodes the tree object ``data`` holds, and ``(index, subtree id)`` of each of
     its subfolders, without building its Nodes: what a window that keeps trees as bytes until
-    they are wanted needs to know of one (about a quarter of a decode's memory and time)."""
-    items = _unpack(_plain_envelope(data, Kind.TREE).body, "tree")
+    they are wanted needs to know of one (about a quarter of a decode's memory and time).
+    The head of a paged tree is decoded (its pages are scanned one by one)."""
+    envelope = _plain_envelope(data, Kind.TREE)
+    items = _unpack(envelope.body, "tree")
+    if isinstance(items, dict):
+        return _decode_head(envelope, items)
     if not isinstance(items, list) or not all(type(item) is dict for item in items):
         raise ObjectFormatError("a tree body is a list of nodes")
     subfolders = []

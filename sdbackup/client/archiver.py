@@ -55,7 +55,7 @@ SMALL_FILES_AT_ONCE = 64
 SMALL_FILES_BYTES = 4 * 1024 * 1024
 #: Folders with more entries than this are encoded in a thread.
 ENCODE_INLINE = 2000
-#: A tree object is stored as one chunk.
+#: A tree object (a page of a paged one) is stored as one chunk.
 MAX_TREE_SIZE = MAX_CHUNK_SIZE
 
 
@@ -88,15 +88,28 @@ def same_metadata(old: Node, fields: dict) -> bool:
     return _metadata_of(old) == tuple(map(fields.get, _METADATA, _DEFAULTS))
 
 
-def seal_tree(nodes: list, path: bytes, sealer=PLAIN) -> tuple[bytes, bytes, str]:
-    """``(id, bytes, checksum)`` of the tree object of a folder's nodes, sealed by ``sealer``
-    (runs in a thread for large folders). A tree larger than a chunk may be is a ClientError
+def seal_tree(nodes: list, path: bytes, sealer=PLAIN) -> list[tuple[bytes, bytes, str]]:
+    """The tree objects of a folder's nodes, sealed by ``sealer`` (runs in a thread for large
+    folders), each ``(id, bytes, checksum)``: the folder's one tree, or, for a folder too
+    large for one (``objects.split_tree``), its pages and then their head, which is its
+    tree id. A page larger than a chunk may be (an entry of that size) is a ClientError
     naming the folder."""
-    data = sealer.seal(Kind.TREE, objects.encode_tree(objects.make_tree(nodes)))
+    tree = objects.make_tree(nodes)
+    plain = objects.encode_tree(tree)
+    pages = ([tree] if len(plain) <= objects.TREE_PAGE_SIZE
+             else objects.split_tree(tree, objects.TREE_PAGE_SIZE))
+    if len(pages) == 1:  # (also one entry larger than a page alone: a head has two pages)
+        return [_sealed_tree(sealer, plain, path)]
+    sealed = [_sealed_tree(sealer, objects.encode_tree(page), path) for page in pages]
+    return [*sealed, _sealed_tree(sealer, objects.encode_tree_head(s[0] for s in sealed), path)]
+
+
+def _sealed_tree(sealer, plain: bytes, path: bytes) -> tuple[bytes, bytes, str]:
+    data = sealer.seal(Kind.TREE, plain)
     if len(data) > MAX_TREE_SIZE:
-        raise ClientError(f"the folder {escape(path) or '/'} has too many entries to back up: "
-                          f"its tree object would be {len(data)} bytes, and at most "
-                          f"{MAX_TREE_SIZE} fit in one chunk")
+        raise ClientError(f"the folder {escape(path) or '/'} cannot be backed up: a page of its "
+                          f"tree would be {len(data)} bytes, and at most {MAX_TREE_SIZE} fit in "
+                          f"one chunk")
     return bytes.fromhex(objects.object_id(Kind.TREE, data)), data, hashing.checksum(data)
 
 
@@ -541,7 +554,7 @@ class Archiver:
         self._nodes -= len(nodes)
         if frame.same == len(nodes) == frame.parent_count:
             # Every entry is the parent snapshot's, as it was: so is the tree.
-            self._sealed(frame, (frame.parent_id, b"", ""))
+            self._sealed(frame, [(frame.parent_id, b"", "")])
             return
         sealer = self.sealer
         if len(nodes) <= ENCODE_INLINE and not sealer.encrypted:
@@ -553,8 +566,8 @@ class Archiver:
         d.addErrback(self.signal.fail)
         d.addBoth(self._background_done)
 
-    def _sealed(self, frame: Frame, sealed: tuple):
-        tree_id, data, checksum = sealed
+    def _sealed(self, frame: Frame, sealed: list):
+        *pages, (tree_id, data, checksum) = sealed
         parent = frame.parent
         if parent is None:
             def then():
@@ -572,9 +585,29 @@ class Archiver:
                 self._unfinished -= 1
                 parent.add(node, old)
                 parent.done()
-        # A tree the parent snapshot has is held: it was just read from the cluster.
-        if tree_id == frame.parent_id or self.uploader.store(Kind.TREE, tree_id, data, then, checksum):
-            then()
+        if tree_id == frame.parent_id:
+            then()  # the parent snapshot's tree (and pages) is held: it was just read from the cluster
+            return
+
+        def store():
+            if self.uploader.store(Kind.TREE, tree_id, data, then, checksum):
+                then()
+        self._after_pages(pages, store)
+
+    def _after_pages(self, pages: list, then):
+        """Store a paged tree's pages, and ``then()`` once every one is confirmed: its head
+        is stored after them, as every tree is after what it points to."""
+        left = len(pages) + 1
+
+        def one_done():
+            nonlocal left
+            left -= 1
+            if not left:
+                then()
+        for page_id, data, checksum in pages:
+            if self.uploader.store(Kind.TREE, page_id, data, one_done, checksum):
+                one_done()
+        one_done()
 
     def _background_done(self, _):
         self._background -= 1

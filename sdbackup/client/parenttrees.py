@@ -17,9 +17,9 @@ import heapq
 
 from attrs import frozen
 from twisted.internet import defer
-from twisted.internet.threads import deferToThread
 
 from sdbackup import objects
+from sdbackup.client.repository import in_thread_if_large, tree_pages
 from sdbackup.client.walk import Report
 from sdbackup.objects import Kind
 
@@ -29,16 +29,15 @@ ROUND_TREES = 16
 LOAD_ROUNDS = 16
 TREES_AHEAD = 2048
 NODES_AHEAD = 40_000
-#: Trees up to this size are scanned and decoded on the reactor; larger ones in a thread.
-DECODE_INLINE = 256 * 1024
 
 
 @frozen
 class ReadTree:
-    """A tree read ahead, as it waits for its folder: its bytes, how many nodes it holds,
-    and ``(index, subtree id)`` of its subfolders."""
+    """A tree read ahead, as it waits for its folder: its bytes (a paged tree's pages, one
+    item for any other), how many nodes it holds, and ``(index, subtree id)`` of its
+    subfolders."""
 
-    data: bytes
+    pages: tuple
     nodes: int
     subfolders: list
 
@@ -240,14 +239,26 @@ class ParentTrees:
             self._pump()
 
     async def _scan(self, tree_id: bytes, data) -> ReadTree | None:
-        """The tree in fetched ``data``, scanned for its subfolders; None, noted, when it
-        could not be had or read."""
+        """The tree in fetched ``data``, scanned for its subfolders (a paged tree's pages
+        read and scanned in turn); None, noted, when it could not be had or read."""
         try:
             if isinstance(data, Exception):
                 raise data
-            nodes, subfolders = (objects.tree_subfolders(data) if len(data) <= DECODE_INLINE
-                                 else await deferToThread(objects.tree_subfolders, data))
-            return ReadTree(data, nodes, subfolders)
+            scanned = await in_thread_if_large(objects.tree_subfolders, data)
+            pages = [data]
+            if isinstance(scanned, objects.TreeHead):
+                pages = await tree_pages(self.repository, scanned)
+                scans = [await in_thread_if_large(objects.tree_subfolders, page) for page in pages]
+            else:
+                scans = [scanned]
+            nodes, subfolders = 0, []
+            for scan in scans:
+                if isinstance(scan, objects.TreeHead):
+                    raise objects.ObjectFormatError("a page of a paged tree is itself paged")
+                count, found = scan
+                subfolders.extend((nodes + index, subtree) for index, subtree in found)
+                nodes += count
+            return ReadTree(tuple(pages), nodes, subfolders)
         except Exception as e:
             self._unreadable(tree_id, e)
             return None
@@ -257,9 +268,8 @@ class ParentTrees:
         if read is None:
             return None
         try:
-            if len(read.data) <= DECODE_INLINE:
-                return objects.decode_tree(read.data, trusted=True)
-            return await deferToThread(objects.decode_tree, read.data, True)
+            pages = [await in_thread_if_large(objects.decode_page, page, True) for page in read.pages]
+            return pages[0] if len(pages) == 1 else objects.join_pages(pages)
         except Exception as e:
             self._unreadable(tree_id, e)
             return None

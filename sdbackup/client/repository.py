@@ -34,6 +34,8 @@ LOCATE_PAGE = 10_000
 HASH_INLINE = 256 * 1024
 #: Decoded trees kept, so walking a path or a parent does not fetch a tree twice.
 TREE_CACHE = 256
+#: Trees up to this size are decoded on the reactor; larger ones in a thread.
+DECODE_INLINE = 256 * 1024
 
 
 class ChunkUnavailable(ClientError):
@@ -132,12 +134,21 @@ class Repository:
             return tree
         data = await self.fetch_object(Kind.TREE, tree_id.hex())
         try:
-            tree = objects.decode_tree(data)
+            tree = await self.read_tree(data)
         except objects.ObjectFormatError as e:
             raise ClientError(f"tree {tree_id.hex()[:16]} cannot be read: {e}") from None
         self._trees[tree_id] = tree
         if len(self._trees) > TREE_CACHE:
             self._trees.popitem(last=False)
+        return tree
+
+    async def read_tree(self, data: bytes, trusted: bool = False) -> objects.Tree:
+        """The tree in a tree object's fetched bytes; a paged one's pages are read and
+        joined. Large trees are decoded in a thread."""
+        tree = await in_thread_if_large(objects.decode_tree, data, trusted)
+        if isinstance(tree, objects.TreeHead):
+            tree = objects.join_pages([await in_thread_if_large(objects.decode_page, page, trusted)
+                                       for page in await tree_pages(self, tree)])
         return tree
 
     async def find(self, tree_id: bytes, path: bytes) -> objects.Node | None:
@@ -301,6 +312,26 @@ class Repository:
         # object's envelope is read from bytes.
         return [self._open(kind, ref.chunk_id, payload if kind == Kind.DATA else bytes(payload))
                 if ok else False for (ref, payload), ok in zip(pieces, checks, strict=True)]
+
+
+async def tree_pages(reader, head: objects.TreeHead) -> list[bytes]:
+    """The verified bytes of a paged tree's pages, in order, read through ``reader`` (a
+    Repository): all of them at once, as a folder's tree is held whole while it is read."""
+    wanted = [page.hex() for page in head.pages]
+    holders = await reader.locate(wanted)
+    fetched = await reader.fetch_many(Kind.TREE, {page: holders.get(page, []) for page in wanted})
+    pages = [fetched[page] for page in wanted]
+    for page in pages:
+        if isinstance(page, ChunkUnavailable):
+            raise page
+    return pages
+
+
+async def in_thread_if_large(decode, data: bytes, *args):
+    """``decode(data, *args)``, in a thread when ``data`` is larger than ``DECODE_INLINE``."""
+    if len(data) <= DECODE_INLINE:
+        return decode(data, *args)
+    return await deferToThread(decode, data, *args)
 
 
 def _verify_all(kind: str, pieces: list) -> list[bool]:

@@ -9,7 +9,8 @@ with the size of the snapshot, only with its depth.
 Each folder costs two round trips, one ``Locate`` to the manager and one fetch
 from a server: the tree is fetched from holders its parent's ``Locate`` found,
 then one ``Locate`` finds, at once, the holders of its subtrees and chunk
-lists and, for a restore, of every chunk of its files. While the reader is
+lists and, for a restore, of every chunk of its files (a paged folder's
+pages are read first, all at once: ``Repository.read_tree``). While the reader is
 busy with a folder, the next ``AHEAD`` subfolders of each folder on the path
 are already on their way.
 """
@@ -17,7 +18,6 @@ are already on their way.
 import attrs
 from attrs import frozen
 from twisted.internet import defer
-from twisted.internet.threads import deferToThread
 
 from sdbackup import objects
 from sdbackup.client.repository import ChunkUnavailable, Repository
@@ -26,8 +26,6 @@ from sdbackup.paths import display_path
 
 #: Subtrees fetched ahead in each folder on the path.
 AHEAD = 8
-#: Tree objects up to this size are decoded on the reactor; larger ones in a thread.
-DECODE_INLINE = 256 * 1024
 
 _EMPTY = Tree(())
 
@@ -102,8 +100,7 @@ class TreeReader:
         if holders is None:
             holders = (await self.repository.locate([hex_id])).get(hex_id, [])
         data = await self.repository.fetch(Kind.TREE, hex_id, holders)
-        tree = (objects.decode_tree(data) if len(data) <= DECODE_INLINE
-                else await deferToThread(objects.decode_tree, data))
+        tree = await self.repository.read_tree(data)
         wanted = []
         for node in tree.nodes:
             if node.subtree:

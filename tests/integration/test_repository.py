@@ -19,6 +19,7 @@ from sdbackup.client.restore import Restore
 from sdbackup.client.session import ClientError
 from sdbackup.objects import Kind
 from sdbackup.protocols.messages import ChunksData
+from sdbackup.services.dagcheck import DagCheck
 
 from .test_cluster import write
 from .test_lying_peers import data_chunks, files_under, garbage, lie_on_reads
@@ -32,6 +33,26 @@ async def backup(cluster, path, sealer=None) -> str:
         return (await Backup(session, [str(path)]).run()).snapshot_id
     finally:
         await session.close()
+
+
+async def restored_encrypted(cluster, tmp_path, source: dict) -> tuple:
+    """``source`` (path -> bytes) written under ``tmp_path``, backed up from ``src`` into a new
+    encrypted repository and restored to ``out``: the restore's result, then a session (to
+    close) and a Repository with the key, and the snapshot."""
+    for path, data in source.items():
+        write(tmp_path / path, data)
+    sealer = sealing.Sealer(sealing.DEFAULT_REPO, sealing.new_master_key())
+    await backup(cluster, "src", sealer)
+    session = await cluster.session()
+    session.sealer = sealer
+    try:
+        result = await Restore(session, "latest", str(tmp_path / "out"), ()).run()
+        repository = Repository(session)
+        snapshot = await repository.load_snapshot((await repository.resolve("latest")).snapshot_id)
+    except BaseException:
+        await session.close()
+        raise
+    return result, session, repository, snapshot
 
 
 @pytest_twisted.ensureDeferred
@@ -73,17 +94,8 @@ async def test_an_encrypted_repository_with_chunk_lists_restores_through_its_key
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(objects, "INLINE_CONTENT", 2)  # a file of 3 chunks or more has lists
     source = {"src/big": os.urandom(9 * 1024 * 1024), "src/small": b"the marker " * 50}  # 3+ chunks
-    for path, data in source.items():
-        write(tmp_path / path, data)
-    sealer = sealing.Sealer(sealing.DEFAULT_REPO, sealing.new_master_key())
-    await backup(cluster, "src", sealer)
-
-    session = await cluster.session()
-    session.sealer = sealer
+    result, session, repository, snapshot = await restored_encrypted(cluster, tmp_path, source)
     try:
-        result = await Restore(session, "latest", str(tmp_path / "out"), ()).run()
-        repository = Repository(session)
-        snapshot = await repository.load_snapshot((await repository.resolve("latest")).snapshot_id)
         big = await repository.find(snapshot.tree, b"src/big")
         listed = [chunk_id async for chunk_id in repository.content(big)]
         stored = await data_chunks(cluster)
@@ -171,3 +183,29 @@ async def test_in_an_encrypted_repository_bad_copies_and_another_keys_chunks_are
         await session.close()
     for chunk_id in chunks:
         assert isinstance(lied[chunk_id], ChunkUnavailable), lied[chunk_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_folder_stored_as_pages_restores_and_the_managers_walk_reaches_its_pages(
+        cluster, tmp_path, monkeypatch):
+    """A folder too large for one tree object (pages of 4 KiB here), in an encrypted
+    repository: a restore brings every entry back, a path inside it is found, and the
+    manager's walk of the graph, which has no key, reads every page and misses nothing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(objects, "TREE_PAGE_SIZE", 4096)
+    source = {f"src/crowded/file {i:03d}": f"entry {i}".encode() for i in range(400)}
+    result, session, repository, snapshot = await restored_encrypted(cluster, tmp_path, source)
+    try:
+        crowded = await repository.find(snapshot.tree, b"src/crowded")
+        head = objects.decode_tree(await repository.fetch_object(Kind.TREE, crowded.subtree.hex()))
+        inside = await repository.find(snapshot.tree, b"src/crowded/file 321")
+    finally:
+        await session.close()
+    assert result.errors == [] and files_under(tmp_path / "out") == source
+    assert isinstance(head, objects.TreeHead) and len(head.pages) > 10
+    assert inside.size == len(b"entry 321")
+
+    manager = cluster.manager.manager
+    walk = await DagCheck(manager).run(await manager.db(manager.catalog.snapshots))
+    assert (walk.missing, walk.damaged) == (set(), [])
+    assert walk.trees == len(head.pages) + 3  # the pages, their head, src and the root

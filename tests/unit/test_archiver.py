@@ -128,7 +128,10 @@ class MemoryStore:
 
     # reading what was stored
     def tree(self, tree_id: bytes) -> objects.Tree:
-        return objects.decode_tree(self.blobs[tree_id][1])
+        tree = objects.decode_tree(self.blobs[tree_id][1])
+        if isinstance(tree, objects.TreeHead):
+            tree = objects.join_pages(objects.decode_page(self.blobs[page][1]) for page in tree.pages)
+        return tree
 
     def node(self, root: bytes, *names: bytes) -> objects.Node:
         tree_id, node = root, None
@@ -382,11 +385,43 @@ async def test_odd_names_deep_paths_hard_links_and_xattrs_reach_the_trees(store,
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_oversized_tree_is_a_clear_error(store, tmp_path, monkeypatch):
+async def test_a_large_folder_is_stored_as_pages_and_backed_up_again_from_them(
+        store, tmp_path, monkeypatch):
+    """A folder whose tree would be larger than a page is stored as pages under a head, each
+    page stored before the head (the store checks the order); the next backup takes the
+    unchanged files from the pages, and a changed file stores its page again, not the rest."""
+    monkeypatch.setattr(objects, "TREE_PAGE_SIZE", 4096)
+    names = [f"file{i:03d}".encode() for i in range(300)]
+    for name in names:
+        write(tmp_path / "src/crowded" / name.decode(), name)
+    first, _, report = await archive(store, ["src"], cwd=tmp_path)
+    assert report.warnings == []
+    crowded = store.node(first, b"src", b"crowded")
+    head = objects.decode_tree(store.blobs[crowded.subtree][1])
+    assert isinstance(head, objects.TreeHead) and len(head.pages) > 3
+    assert all(len(store.blobs[page][1]) <= 4096 for page in head.pages)
+    assert [node.name for node in store.tree(crowded.subtree).nodes] == names
+    assert store.content(store.node(first, b"src", b"crowded", b"file123")) == b"file123"
+
+    store.sent.clear()
+    again, archiver, _ = await archive(store, ["src"], parent_root=first, cwd=tmp_path)
+    assert (again, store.sent, archiver.stats.unchanged) == (first, [], 300)
+
+    write(tmp_path / "src/crowded/file123", b"changed")
+    third, archiver, _ = await archive(store, ["src"], parent_root=first, cwd=tmp_path)
+    assert archiver.stats.unchanged == 299
+    assert store.content(store.node(third, b"src", b"crowded", b"file123")) == b"changed"
+    new_head = objects.decode_tree(store.blobs[store.node(third, b"src", b"crowded").subtree][1])
+    assert len(new_head.pages) == len(head.pages)
+    assert len(set(new_head.pages) - set(head.pages)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tree_page_larger_than_a_chunk_is_a_clear_error(store, tmp_path, monkeypatch):
     monkeypatch.setattr(archiver_module, "MAX_TREE_SIZE", 500)
     for i in range(20):
         write(tmp_path / "src/crowded" / f"file{i}", b"x")
-    with pytest.raises(ClientError, match="the folder src/crowded has too many entries"):
+    with pytest.raises(ClientError, match="the folder src/crowded cannot be backed up"):
         await archive(store, ["src"], cwd=tmp_path)
 
 
@@ -627,12 +662,26 @@ async def test_the_progress_counts_every_file_and_byte_once(store, tmp_path):
 
 def test_a_tree_as_large_as_a_chunk_may_be_fits(monkeypatch):
     nodes = [Node(name=f"f{i}".encode(), type="file", size=i) for i in range(50)]
-    _, data, _ = archiver_module.seal_tree(nodes, b"x")
+    [(_, data, _)] = archiver_module.seal_tree(nodes, b"x")
     monkeypatch.setattr(archiver_module, "MAX_TREE_SIZE", len(data))
-    assert archiver_module.seal_tree(nodes, b"x")[1] == data
+    assert archiver_module.seal_tree(nodes, b"x")[0][1] == data
     monkeypatch.setattr(archiver_module, "MAX_TREE_SIZE", len(data) - 1)
-    with pytest.raises(ClientError, match=f"the folder x has too many entries .* would be {len(data)} bytes"):
+    with pytest.raises(ClientError, match=f"the folder x cannot be backed up: .* would be {len(data)} bytes"):
         archiver_module.seal_tree(nodes, b"x")
+
+
+def test_a_folder_larger_than_a_page_is_sealed_as_pages_then_their_head(monkeypatch):
+    monkeypatch.setattr(objects, "TREE_PAGE_SIZE", 2048)
+    nodes = [Node(name=f"f{i:03d}".encode(), type="file", size=i) for i in range(200)]
+    *pages, (head_id, head, _) = archiver_module.seal_tree(nodes, b"x")
+    assert len(pages) > 2
+    assert objects.decode_tree(head) == objects.TreeHead(tuple(page_id for page_id, _, _ in pages))
+    assert objects.join_pages(objects.decode_page(data) for _, data, _ in pages).nodes == tuple(nodes)
+    assert head_id.hex() == objects.object_id(Kind.TREE, head)
+    # One entry larger than a page, alone in its folder: a plain tree (a head has two pages).
+    large = Node(name=b"tagged", type="file", xattrs=((b"user.big", b"x" * 4096),))
+    [(_, data, _)] = archiver_module.seal_tree([large], b"x")
+    assert objects.decode_tree(data).nodes == (large,)
 
 
 @pytest_twisted.ensureDeferred

@@ -469,6 +469,8 @@ def test_nodes_not_maps_or_with_fields_of_another_shape_are_refused():
             with pytest.raises(ObjectFormatError):
                 objects.decode_tree(objects.seal(Kind.TREE, [], [], body), trusted=trusted)
     with pytest.raises(ObjectFormatError, match="a tree body is a list of nodes"):
+        objects.decode_tree(objects.seal(Kind.TREE, [], [], objects._pack(5)))
+    with pytest.raises(ObjectFormatError, match="a tree head is a map of two or more pages"):
         objects.decode_tree(objects.seal(Kind.TREE, [], [], objects._pack({"n": b"f"})))
 
 
@@ -631,3 +633,70 @@ def test_sealed_details_of_a_body_that_is_not_a_map_is_a_format_error(body):
     data = objects.seal(Kind.SNAPSHOT, [ID_A], [], objects._pack(body), sealed=True)
     with pytest.raises(ObjectFormatError, match="has sealed details"):
         objects.sealed_details(data)
+
+
+# --- paged trees -------------------------------------------------------------------------
+
+
+def many_files(count: int, prefix: str = "file") -> list[Node]:
+    return [Node(name=f"{prefix}-{i:06d}".encode(), type="file", size=i, mtime_ns=7 * i,
+                 content=(bytes.fromhex(hashing.chunk_id(str(i).encode())),)) for i in range(count)]
+
+
+def test_a_tree_that_fits_a_page_is_one_page():
+    tree = objects.make_tree(many_files(100))
+    assert objects.split_tree(tree, len(objects.encode_tree(tree)) + 100) == [tree]
+
+
+def test_pages_are_runs_of_the_tree_each_within_the_page_size():
+    tree = objects.make_tree(many_files(5000))
+    pages = objects.split_tree(tree, 32 * 1024)
+    assert len(pages) > 8
+    assert all(len(objects.encode_tree(page)) <= 32 * 1024 for page in pages)
+    assert objects.join_pages(pages) == tree
+    # A pure function of the nodes: the same folder, the same pages.
+    assert objects.split_tree(objects.make_tree(reversed(tree.nodes)), 32 * 1024) == pages
+
+
+def test_an_entry_added_to_a_large_folder_changes_one_page_not_those_after_it():
+    files = many_files(20_000)
+    before = {objects.encode_tree(p) for p in objects.split_tree(objects.make_tree(files), 64 * 1024)}
+    added = [*files[:5000], Node(name=b"file-005000-new", type="file"), *files[5000:]]
+    after = {objects.encode_tree(p) for p in objects.split_tree(objects.make_tree(added), 64 * 1024)}
+    assert len(before) > 20
+    assert len(after - before) == 1
+
+
+def test_a_tree_head_lists_its_pages_in_order_and_refs_them():
+    pages = [ID_C, ID_A, ID_B]
+    data = objects.encode_tree_head(pages)
+    assert objects.decode_tree(data) == objects.TreeHead((ID_C, ID_A, ID_B))
+    assert objects.tree_subfolders(data) == objects.TreeHead((ID_C, ID_A, ID_B))
+    envelope = objects.open_envelope(data, Kind.TREE)
+    assert (envelope.tree_refs, envelope.data_refs) == ((ID_A, ID_B, ID_C), ())
+
+
+def test_tree_heads_that_lie_are_refused():
+    def head(body, tree_refs=(ID_A, ID_B), data_refs=()):
+        return objects.seal(Kind.TREE, tree_refs, data_refs, objects._pack(body))
+
+    for body, refs, why in (
+            ({"pages": [ID_A]}, (ID_A,), "two or more pages"),
+            ({"pages": [ID_A, ID_B], "more": 1}, (ID_A, ID_B), "two or more pages"),
+            ({"pages": [ID_A, b"short"]}, (ID_A, ID_B), "not a 32-byte id"),
+            ({"pages": [ID_A, ID_A]}, (ID_A,), "refs do not match"),
+            ({"pages": [ID_A, ID_B]}, (ID_A, ID_C), "refs do not match")):
+        with pytest.raises(ObjectFormatError, match=why):
+            objects.decode_tree(head(body, refs))
+    with pytest.raises(ObjectFormatError, match="refs do not match"):
+        objects.decode_tree(head({"pages": [ID_A, ID_B]}, data_refs=(ID_C,)))
+
+
+def test_a_page_is_never_a_head_and_pages_must_follow_one_another():
+    with pytest.raises(ObjectFormatError, match="itself paged"):
+        objects.decode_page(objects.encode_tree_head([ID_A, ID_B]))
+    first, second = objects.split_tree(objects.make_tree(many_files(2000)), 32 * 1024)[:2]
+    with pytest.raises(ObjectFormatError, match="do not follow one another"):
+        objects.join_pages([second, first])
+    with pytest.raises(ObjectFormatError, match="do not follow one another"):
+        objects.join_pages([first, first])
