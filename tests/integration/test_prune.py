@@ -10,8 +10,10 @@ import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.endpoints import connectProtocol
 
+from sdbackup import objects
 from sdbackup.client.backup import Backup
 from sdbackup.client.prune import run_prune
+from sdbackup.client.repository import Repository
 from sdbackup.client.restore import Restore
 from sdbackup.localcluster import make_certificates, tls_transport
 from sdbackup.objects import Kind
@@ -67,12 +69,17 @@ async def back_up_versions(cluster, folder, indexes) -> list[str]:
     ids = []
     for index in indexes:
         write_version(folder, index)
-        session = await cluster.session()
-        try:
-            ids.append((await Backup(session, [str(folder)]).run()).snapshot_id)
-        finally:
-            await session.close()
+        ids.append(await back_up(cluster, folder))
     return ids
+
+
+async def back_up(cluster, folder) -> str:
+    """``folder`` backed up as it is; the snapshot's id."""
+    session = await cluster.session()
+    try:
+        return (await Backup(session, [str(folder)]).run()).snapshot_id
+    finally:
+        await session.close()
 
 
 async def prune(cluster, dry_run: bool = False):
@@ -287,3 +294,47 @@ async def test_a_commit_referencing_pruned_chunks_is_refused(cluster, wire_clien
     again = make_backup("again", time_s=int(reactor.seconds()))
     await wire_client.backup(again)
     assert await listed(wire_client) == [again.snapshot_id]
+
+
+
+async def folder_tree(cluster, snapshot_id: str, folder) -> tuple[bytes, object]:
+    """The id of ``folder``'s tree in a snapshot, and that tree object decoded."""
+    session = await cluster.session()
+    try:
+        repository = Repository(session)
+        snapshot = await repository.load_snapshot(snapshot_id)
+        node = await repository.find(snapshot.tree, str(folder).strip("/").encode())
+        data = await repository.fetch_object(Kind.TREE, node.subtree.hex())
+    finally:
+        await session.close()
+    return node.subtree, objects.decode_tree(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_prune_keeps_the_pages_a_kept_snapshot_shares_and_deletes_the_others(
+        cluster, wire_client, tmp_path, monkeypatch):
+    """A folder stored as pages (of 4 KiB here), backed up again with one file changed: the
+    snapshots share every page but one. Forgetting the first and pruning deletes its own
+    page and head, and nothing the second needs."""
+    monkeypatch.setattr(objects, "TREE_PAGE_SIZE", 4096)
+    no_grace(cluster)
+    folder = tmp_path / "src"
+    expected = {f"file {i:03d}": f"entry {i}".encode() for i in range(300)}
+    os.makedirs(folder)
+    for name, data in expected.items():
+        (folder / name).write_bytes(data)
+    first = await back_up(cluster, folder)
+    expected["file 123"] = b"changed"
+    (folder / "file 123").write_bytes(b"changed")
+    second = await back_up(cluster, folder)
+    (old_id, old), (new_id, new) = [await folder_tree(cluster, s, folder) for s in (first, second)]
+    assert isinstance(new, objects.TreeHead) and len(new.pages) > 10
+    [own_page] = set(old.pages) - set(new.pages)
+
+    await wire_client.ask(ForgetSnapshots(snapshot_ids=[first]))
+    done = await prune(cluster)
+    assert done.state == "done" and done.error == ""
+    held = {bytes.fromhex(c) for server in cluster.servers for c in server.store.chunk_ids()}
+    assert own_page not in held and old_id not in held
+    assert {new_id, *new.pages} <= held
+    assert await restored_files(cluster, second, tmp_path / "out") == expected
