@@ -6,7 +6,7 @@ always gives the same tree id and an unchanged folder stores nothing new.
 
 Every object is an *envelope*::
 
-    magic "SDBO" | format version (1 byte) | kind (1 byte)
+    magic "SDBO" | format version (1 byte: 1, or 2 for a paged tree's head) | kind (1 byte)
     | tree ref count (4 bytes) | data ref count (4 bytes)
     | tree refs (32 bytes each) | data refs (32 bytes each) | body
 
@@ -16,6 +16,9 @@ lists, a snapshot's root tree), *data refs* are leaves (file chunks). Repair,
 ``check`` and, later, garbage collection walk the graph through them alone;
 the body (msgpack, canonical: maps with sorted keys, defaults left out) is
 what a client reads, and is what client-side encryption will seal.
+
+A folder too large for one tree object is *paged* (``split_tree``): trees of
+runs of its nodes, listed in order by a head (``encode_tree_head``).
 
 Names, link targets and extended attributes are bytes: a Linux name is any
 bytes but ``/`` and NUL, and comes back exactly.
@@ -32,7 +35,12 @@ from attrs import field, frozen
 from sdbackup import hashing
 
 MAGIC = b"SDBO"
-FORMAT_VERSION = 1
+#: The newest object format this sdbackup reads. An object is written in the oldest format
+#: that can hold it: version 2 added paged trees, so a tree head is version 2 and every
+#: other object version 1, as before (their ids did not change); a reader of version 1
+#: alone refuses a head as written by a newer sdbackup rather than misread it.
+FORMAT_VERSION = 2
+HEAD_VERSION = 2
 _HEAD = struct.Struct("!4sBBII")
 ID_SIZE = hashing.DIGEST_SIZE
 
@@ -78,22 +86,22 @@ class Envelope:
     tree_refs: tuple
     data_refs: tuple
     body: bytes
-    version: int = FORMAT_VERSION
+    version: int = 1
     #: The body is encrypted (an initialised repository's); the refs stay readable.
     sealed: bool = False
 
 
 def seal(kind: str, tree_refs: Iterable[bytes], data_refs: Iterable[bytes], body: bytes,
-         sealed: bool = False) -> bytes:
+         sealed: bool = False, version: int = 1) -> bytes:
     """The canonical bytes of an object: refs sorted and unique, then the body (``sealed``:
-    an encrypted one)."""
+    an encrypted one), in format ``version``."""
     trees = sorted(set(tree_refs))
     data = sorted(set(data_refs))
     for ref in (*trees, *data):
         if len(ref) != ID_SIZE:
             raise ValueError(f"an object ref is {ID_SIZE} bytes, not {len(ref)}")
     code = _KIND_CODES[kind] | (_SEALED if sealed else 0)
-    return b"".join((_HEAD.pack(MAGIC, FORMAT_VERSION, code, len(trees), len(data)),
+    return b"".join((_HEAD.pack(MAGIC, version, code, len(trees), len(data)),
                      *trees, *data, body))
 
 
@@ -104,12 +112,14 @@ def open_envelope(data: bytes, kind: str | None = None) -> Envelope:
     magic, version, code, tree_count, data_count = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise ObjectFormatError("not an sdbackup object")
-    if version != FORMAT_VERSION:
-        raise ObjectFormatError(f"object format version {version} is not {FORMAT_VERSION}; "
-                                f"a newer sdbackup wrote it")
+    if not 1 <= version <= FORMAT_VERSION:
+        raise ObjectFormatError(f"object format version {version} is not one this sdbackup "
+                                f"reads (1 to {FORMAT_VERSION}); a newer sdbackup wrote it")
     found = _KIND_NAMES.get(code & ~_SEALED)
     if found is None:
         raise ObjectFormatError(f"unknown object kind {code}")
+    if version == HEAD_VERSION and found != Kind.TREE:
+        raise ObjectFormatError(f"a {found} object is of format version 1, not {version}")
     if kind is not None and found != kind:
         raise ObjectFormatError(f"expected a {kind} object, found a {found}")
     start = _HEAD.size
@@ -345,7 +355,7 @@ def encode_tree_head(page_ids: Iterable[bytes]) -> bytes:
     """The head of a paged folder: its pages' ids, in order, in the body and as its refs
     (the cluster walks a paged folder as any tree, through its refs)."""
     pages = list(page_ids)
-    return seal(Kind.TREE, pages, [], _pack({"pages": pages}))
+    return seal(Kind.TREE, pages, [], _pack({"pages": pages}), version=HEAD_VERSION)
 
 
 def split_tree(tree: Tree, page_size: int) -> list[Tree]:
@@ -385,6 +395,17 @@ def join_pages(pages: Iterable[Tree]) -> Tree:
         raise ObjectFormatError(f"a paged tree's pages do not follow one another: {e}") from None
 
 
+def _tree_body(envelope: Envelope):
+    """A tree's body, unpacked: a list of node maps in version 1, a head's map in version 2
+    (one shape a version, so one folder state has one encoding)."""
+    items = _unpack(envelope.body, "tree")
+    if isinstance(items, dict) != (envelope.version == HEAD_VERSION):
+        raise ObjectFormatError(f"a tree of format version {envelope.version} is "
+                                + ("a head of pages" if envelope.version == HEAD_VERSION
+                                   else "a list of nodes"))
+    return items
+
+
 def _decode_head(envelope: Envelope, body: dict) -> TreeHead:
     pages = body.get("pages")
     if body.keys() != {"pages"} or not isinstance(pages, list) or len(pages) < 2:
@@ -402,7 +423,7 @@ def decode_tree(data: bytes, trusted: bool = False) -> Tree | TreeHead:
     the nodes are built without their per-field validators. The structure is checked all the
     same: known fields, names in order, refs matching the nodes."""
     envelope = _plain_envelope(data, Kind.TREE)
-    items = _unpack(envelope.body, "tree")
+    items = _tree_body(envelope)
     if isinstance(items, dict):
         return _decode_head(envelope, items)
     if not isinstance(items, list):
@@ -433,7 +454,7 @@ def tree_subfolders(data: bytes) -> tuple[int, list[tuple[int, bytes]]] | TreeHe
     they are wanted needs to know of one (about a quarter of a decode's memory and time).
     The head of a paged tree is decoded (its pages are scanned one by one)."""
     envelope = _plain_envelope(data, Kind.TREE)
-    items = _unpack(envelope.body, "tree")
+    items = _tree_body(envelope)
     if isinstance(items, dict):
         return _decode_head(envelope, items)
     if not isinstance(items, list) or not all(type(item) is dict for item in items):

@@ -181,7 +181,8 @@ class Sealer:
             body = objects.public_snapshot_body(snapshot, self.seal_bytes(kind, details))
         else:
             body = self.seal_bytes(kind, envelope.body)
-        return objects.seal(kind, envelope.tree_refs, envelope.data_refs, body, sealed=True)
+        return objects.seal(kind, envelope.tree_refs, envelope.data_refs, body, sealed=True,
+                            version=envelope.version)
 
     def open(self, kind: str, data: bytes) -> bytes:
         """A data chunk's plaintext, or an object's bytes as a plain object (decoders read it)."""
@@ -192,7 +193,7 @@ class Sealer:
             raise SealError(f"a {kind} of repository {self.repo} is not encrypted")
         if kind != Kind.SNAPSHOT:
             return objects.seal(kind, envelope.tree_refs, envelope.data_refs,
-                                self.open_bytes(kind, envelope.body))
+                                self.open_bytes(kind, envelope.body), version=envelope.version)
         public = objects.decode_snapshot(data)
         plain = objects.seal(kind, envelope.tree_refs, envelope.data_refs,
                              self.open_bytes(kind, objects.sealed_details(data)))

@@ -196,8 +196,26 @@ def test_a_newer_format_version_is_refused_with_a_clear_error():
     data = bytearray(objects.encode_tree(objects.make_tree([Node(name=b"a", type="dir",
                                                                   subtree=ID_A)])))
     data[4] = objects.FORMAT_VERSION + 1
-    with pytest.raises(ObjectFormatError, match="version 2 is not 1"):
+    with pytest.raises(ObjectFormatError, match="version 3 is not one this sdbackup reads"):
         objects.decode_tree(bytes(data))
+
+
+def test_only_a_tree_head_is_of_format_version_2():
+    """Objects are written in the oldest format that holds them: ids of before stay, and a
+    reader of version 1 refuses a head rather than misread it. Each shape has one version."""
+    plain = objects.encode_tree(objects.make_tree([Node(name=b"a", type="dir", subtree=ID_A)]))
+    head = objects.encode_tree_head([ID_A, ID_B])
+    assert (plain[4], head[4]) == (1, objects.HEAD_VERSION) == (1, 2)
+    for data, version, why in ((plain, 2, "version 2 is a head of pages"),
+                               (head, 1, "version 1 is a list of nodes")):
+        changed = bytes([*data[:4], version, *data[5:]])
+        for read in (objects.decode_tree, objects.tree_subfolders):
+            with pytest.raises(ObjectFormatError, match=why):
+                read(changed)
+    chunk_list = bytearray(objects.encode_chunk_list([ID_A]))
+    chunk_list[4] = 2
+    with pytest.raises(ObjectFormatError, match="a list object is of format version 1, not 2"):
+        objects.decode_chunk_list(bytes(chunk_list))
 
 
 def test_the_wrong_kind_and_garbage_are_refused():
@@ -319,11 +337,11 @@ def test_a_wrong_magic_is_refused(magic):
         objects.open_envelope(data)
 
 
-@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("version", [0, 3, 255])
 def test_any_other_format_version_is_refused(version):
     data = bytearray(objects.seal(Kind.TREE, [], [], b"\x90"))
     data[4] = version
-    with pytest.raises(ObjectFormatError, match=f"version {version} is not 1"):
+    with pytest.raises(ObjectFormatError, match=f"version {version} is not one this sdbackup reads"):
         objects.open_envelope(bytes(data))
 
 
@@ -470,7 +488,7 @@ def test_nodes_not_maps_or_with_fields_of_another_shape_are_refused():
                 objects.decode_tree(objects.seal(Kind.TREE, [], [], body), trusted=trusted)
     with pytest.raises(ObjectFormatError, match="a tree body is a list of nodes"):
         objects.decode_tree(objects.seal(Kind.TREE, [], [], objects._pack(5)))
-    with pytest.raises(ObjectFormatError, match="a tree head is a map of two or more pages"):
+    with pytest.raises(ObjectFormatError, match="a tree of format version 1 is a list of nodes"):
         objects.decode_tree(objects.seal(Kind.TREE, [], [], objects._pack({"n": b"f"})))
 
 
@@ -678,7 +696,8 @@ def test_a_tree_head_lists_its_pages_in_order_and_refs_them():
 
 def test_tree_heads_that_lie_are_refused():
     def head(body, tree_refs=(ID_A, ID_B), data_refs=()):
-        return objects.seal(Kind.TREE, tree_refs, data_refs, objects._pack(body))
+        return objects.seal(Kind.TREE, tree_refs, data_refs, objects._pack(body),
+                            version=objects.HEAD_VERSION)
 
     for body, refs, why in (
             ({"pages": [ID_A]}, (ID_A,), "two or more pages"),
