@@ -442,10 +442,18 @@ def decode_tree(data: bytes, trusted: bool = False) -> Tree | TreeHead:
 
 def decode_page(data: bytes, trusted: bool = False) -> Tree:
     """One page of a paged tree: a tree, never another head."""
-    page = decode_tree(data, trusted)
-    if isinstance(page, TreeHead):
+    return _not_a_head(decode_tree(data, trusted))
+
+
+def page_subfolders(data: bytes) -> tuple[int, list[tuple[int, bytes]]]:
+    """``tree_subfolders`` of one page of a paged tree (never another head)."""
+    return _not_a_head(tree_subfolders(data))
+
+
+def _not_a_head(read):
+    if isinstance(read, TreeHead):
         raise ObjectFormatError("a page of a paged tree is itself paged")
-    return page
+    return read
 
 
 def tree_subfolders(data: bytes) -> tuple[int, list[tuple[int, bytes]]] | TreeHead:

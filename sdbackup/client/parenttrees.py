@@ -245,17 +245,12 @@ class ParentTrees:
             if isinstance(data, Exception):
                 raise data
             scanned = await in_thread_if_large(objects.tree_subfolders, data)
-            pages = [data]
+            pages, scans = [data], [scanned]
             if isinstance(scanned, objects.TreeHead):
                 pages = await tree_pages(self.repository, scanned)
-                scans = [await in_thread_if_large(objects.tree_subfolders, page) for page in pages]
-            else:
-                scans = [scanned]
+                scans = [await in_thread_if_large(objects.page_subfolders, page) for page in pages]
             nodes, subfolders = 0, []
-            for scan in scans:
-                if isinstance(scan, objects.TreeHead):
-                    raise objects.ObjectFormatError("a page of a paged tree is itself paged")
-                count, found = scan
+            for count, found in scans:
                 subfolders.extend((nodes + index, subtree) for index, subtree in found)
                 nodes += count
             return ReadTree(tuple(pages), nodes, subfolders)

@@ -712,8 +712,9 @@ def test_tree_heads_that_lie_are_refused():
 
 
 def test_a_page_is_never_a_head_and_pages_must_follow_one_another():
-    with pytest.raises(ObjectFormatError, match="itself paged"):
-        objects.decode_page(objects.encode_tree_head([ID_A, ID_B]))
+    for read in (objects.decode_page, objects.page_subfolders):
+        with pytest.raises(ObjectFormatError, match="itself paged"):
+            read(objects.encode_tree_head([ID_A, ID_B]))
     first, second = objects.split_tree(objects.make_tree(many_files(2000)), 32 * 1024)[:2]
     with pytest.raises(ObjectFormatError, match="do not follow one another"):
         objects.join_pages([second, first])
