@@ -63,8 +63,13 @@ FORWARD_TIMEOUT = 60.0
 #: pages of 40,000 took a server re-registering 60,000 chunks to 111 MiB; read and sent a
 #: page at a time, pages of 10,000 to 102 MiB, and of 2,000 to 98 MiB (95 MiB serving).
 INVENTORY_PAGE = 2_000
-#: Seconds new chunk ids are gathered before the manager is told of them.
-NOTIFY_DELAY = 0.2
+#: Seconds new chunk ids are gathered before the manager is told of them, unless a page of
+#: them gathers sooner. Each notice is a catalog transaction, and its cost is the B-tree pages
+#: it rewrites: ids are random, so a notice of a few hundred chunks rewrites a page for nearly
+#: every one. With notices every 0.2 s, a first backup of 50,000 files (575 MiB) had the
+#: manager write 1.6 GB to its catalog, in 3.7 s of CPU; with notices of a page, 0.9 GB in
+#: 2.7 s.
+NOTIFY_DELAY = 1.0
 MiB = 1024 * 1024
 #: ``--reserve`` when not given: room for the stores already under way (a few packs of up to
 #: 8 MiB per connection), and for the logs and whatever else shares the file system.
@@ -407,7 +412,9 @@ class StorageServer:
         self._added.pop(chunk_id, None)
         self._corrupt.pop(chunk_id, None)
         pending[chunk_id] = news
-        if self._flush_call is None or not self._flush_call.active():
+        if len(pending) >= INVENTORY_PAGE:
+            self.flush()
+        elif self._flush_call is None or not self._flush_call.active():
             self._flush_call = self.clock.callLater(NOTIFY_DELAY, self.flush)
 
     def flush(self, connection: MessageProtocol | None = None):

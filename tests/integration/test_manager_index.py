@@ -11,6 +11,8 @@ import shutil
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from sdbackup import hashing, objects
 from sdbackup.names import unescape
@@ -115,6 +117,30 @@ async def test_a_commit_knows_every_copy_stored_before_it(cluster, wire_client, 
     ids = [i for i, _ in [*backup.data, *backup.lists, *backup.trees]] + [backup.snapshot_id]
     held = await wire_client.ask(HasChunks(chunk_ids=ids))
     assert held.chunk_ids == ids
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_of_new_chunks_is_told_at_once(cluster, wire_client, monkeypatch):
+    # A server gathers news of new chunks for a while (each notice is a catalog transaction),
+    # but no longer than it takes a page of them to gather: then it tells the manager at once,
+    # with what was waiting.
+    monkeypatch.setattr(server_module, "NOTIFY_DELAY", 30.0)
+    waiting = make_backup("waiting")
+    await wire_client.store(Kind.DATA, waiting.data)
+    await deferLater(reactor, 0.5, lambda: None)
+    waiting_ids = [i for i, _ in waiting.data]
+    assert (await wire_client.ask(HasChunks(chunk_ids=waiting_ids))).chunk_ids == []
+
+    monkeypatch.setattr(server_module, "INVENTORY_PAGE", 1)
+    told = make_backup("told")
+    await wire_client.store(Kind.DATA, told.data)
+    ids = waiting_ids + [i for i, _ in told.data]
+    for _ in range(100):
+        located = (await wire_client.ask(Locate(chunk_ids=ids))).holders
+        if all(len(located.get(i, [])) == 2 for i in ids):
+            break
+        await deferLater(reactor, 0.05, lambda: None)
+    assert {i: len(located.get(i, [])) for i in ids} == dict.fromkeys(ids, 2)
 
 
 @pytest_twisted.ensureDeferred
