@@ -72,6 +72,9 @@ SYNC_TIMEOUT = 30.0
 READ_DATA_INTERVAL = 600.0
 #: Seconds a chunk's touch may be old before a lookup writes it again, at most.
 MAX_TOUCH_SLACK = 600.0
+#: Seconds the news that comes all the time (copies noticed, lookups' touches, heartbeats)
+#: is gathered in one catalog transaction before it is committed (the catalog says why).
+NOTICE_COMMIT_DELAY = 2.0
 
 
 class KeyRefused(Exception):
@@ -167,6 +170,7 @@ class Manager:
         self.ready = False
         self._leaving: defer.Deferred | None = None
         self._safe_mode_call = None
+        self._commit_call = None
         self.indexer = SnapshotIndexer(self)
         self.repair = Repairer(self, repair_rate)
         self.pruner = Pruner(self, prune_grace, prune_rate)
@@ -214,8 +218,18 @@ class Manager:
         self.check_ready()
 
     def stop(self):
-        if self._safe_mode_call is not None and self._safe_mode_call.active():
-            self._safe_mode_call.cancel()
+        for call in (self._safe_mode_call, self._commit_call):
+            if call is not None and call.active():
+                call.cancel()
+
+    def _commit_soon(self):
+        """Commit the pending news ``NOTICE_COMMIT_DELAY`` seconds after the first of it."""
+        if self._commit_call is None or not self._commit_call.active():
+            self._commit_call = self.clock.callLater(NOTICE_COMMIT_DELAY, self._commit_pending)
+
+    def _commit_pending(self):
+        d = self.db(self.catalog.commit_pending)
+        d.addErrback(lambda f: self.log.failure("committing the pending catalog writes", f))
 
     def starting_reason(self) -> str:
         if self._leaving is not None:
@@ -318,7 +332,9 @@ class Manager:
         # The write is queued on the catalog thread before anything else happens here: a
         # commit that asked SyncNotices reads the catalog after it (one thread, in order).
         await self.db(self.catalog.add_locations, server.address,
-                      [(c.chunk_id, c.size) for c in msg.chunks], server.reporting, self._now())
+                      [(c.chunk_id, c.size) for c in msg.chunks], server.reporting, self._now(),
+                      commit=False)
+        self._commit_soon()
         self.repair.chunks_added()  # maybe stored with fewer copies than wanted
         await self.indexer.learn(msg.snapshots, server, stored_now=True)
 
@@ -341,8 +357,9 @@ class Manager:
                           state="full: nothing more is placed on it" if msg.full else "no longer full",
                           free=msg.free_bytes)
         server.last_seen = self._now()
+        self._commit_soon()
         return self.db(self.catalog.record_server, server.address, msg.free_bytes,
-                       msg.chunk_count, server.last_seen)
+                       msg.chunk_count, server.last_seen, commit=False)
 
     def connection_made(self, connection):
         self.connections.add(connection)
@@ -411,6 +428,7 @@ class Manager:
         """The chunks among ``chunk_ids`` with a copy on a live server, in the same order;
         touched, since the client counts on them now (a prune spares them)."""
         holders = await self.db(self.catalog.held_touching, chunk_ids, self._now(), self._touch_slack())
+        self._commit_soon()
         return [c for c in chunk_ids if any(h in self.live for h in holders.get(c, ()))]
 
     @when_ready
@@ -420,6 +438,7 @@ class Manager:
         await self._sync_notices()
         summary = await self.indexer.ensure(msg.snapshot_id)
         await self.pruner.verify_commit(summary)  # refused if a prune took what it counted on
+        await self.db(self.catalog.commit_pending)  # the copies its backup stored, durable
         self.log.info("snapshot {snapshot} committed: {host}, {files} files, {size} bytes",
                       snapshot=summary.snapshot_id[:16], host=summary.host, files=summary.files,
                       size=summary.bytes)
@@ -584,6 +603,7 @@ class Manager:
         # (Touched: a backup reads its parent's trees, and counts on those unchanged.)
         holders = await self.db(self.catalog.held_touching, msg.chunk_ids, self._now(),
                                 self._touch_slack())
+        self._commit_soon()
         return Locations(request_id=msg.request_id, holders=self._live_holders(holders))
 
     def _live_holders(self, holders: dict[str, list[str]]) -> dict[str, list[str]]:

@@ -484,7 +484,9 @@ def test_the_catalog_is_sqlite_in_wal_mode_and_its_commits_are_synced_only_at_ch
     database_syncs = [c for c in run.manager_calls if c.fd_path == database
                       and c.name in {"fsync", "fdatasync"} and wal_calls[0].before(c)]
     wal_syncs = [c for c in wal_calls if c.name in {"fsync", "fdatasync"}]
-    assert len(commits) >= 5, f"only {len(commits)} commits traced:\n{run.manager_log}"
+    # (registrations, the key's and the snapshot's commits; the servers' notices and
+    # heartbeats ride along with those, or with a commit of their own 2 s later)
+    assert len(commits) >= 3, f"only {len(commits)} commits traced:\n{run.manager_log}"
     assert wal_syncs and database_syncs, "the catalog was never synced (synchronous=OFF?)"
     assert synced_commits <= len(database_syncs), (
         f"{synced_commits} of {len(commits)} commits were each followed by a sync of the WAL, "

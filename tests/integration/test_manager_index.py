@@ -8,6 +8,7 @@ from what the servers hold.
 
 import os
 import shutil
+import sqlite3
 
 import pytest
 import pytest_twisted
@@ -28,6 +29,7 @@ from sdbackup.protocols.messages import (
     StatusRequest,
 )
 from sdbackup.protocols.peer import RemoteError
+from sdbackup.services import manager as manager_module
 from sdbackup.services import server as server_module
 
 from .backups import make_backup
@@ -141,6 +143,30 @@ async def test_a_page_of_new_chunks_is_told_at_once(cluster, wire_client, monkey
             break
         await deferLater(reactor, 0.05, lambda: None)
     assert {i: len(located.get(i, [])) for i in ids} == dict.fromkeys(ids, 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_noticed_copies_reach_the_catalog_file_within_the_commit_delay(
+        cluster, wire_client, monkeypatch):
+    # The manager gathers the copies the servers notice in one transaction for a moment,
+    # then writes them (a crash before loses only what the servers' inventories bring back).
+    monkeypatch.setattr(server_module, "NOTIFY_DELAY", 0.05)
+    monkeypatch.setattr(manager_module, "NOTICE_COMMIT_DELAY", 0.5)
+    backup = make_backup("noticed")
+    await wire_client.store(Kind.DATA, backup.data)
+    ids = [i for i, _ in backup.data]
+    catalog = os.path.join(cluster.manager.data, "catalog.sqlite")
+
+    def written() -> int:
+        other = sqlite3.connect(catalog)
+        try:
+            return other.execute("SELECT COUNT(*) FROM locations WHERE chunk_id IN (?, ?, ?)",
+                                 ids).fetchone()[0]
+        finally:
+            other.close()
+
+    await cluster.until(lambda: written() == 2 * len(ids), timeout=10,
+                        what="the noticed copies written to the catalog file")
 
 
 @pytest_twisted.ensureDeferred

@@ -231,6 +231,63 @@ def test_add_and_remove_locations(catalog):
     assert catalog.sizes([cid("c1"), cid("c2"), cid("unknown")]) == {cid("c1"): 7, cid("c2"): 7}
 
 
+def committed_holders(db_path, chunk_id: str) -> list[str]:
+    """What another connection reads: only what the catalog committed."""
+    other = sqlite3.connect(db_path)
+    try:
+        return [r[0] for r in other.execute(
+            "SELECT server FROM locations WHERE chunk_id = ? ORDER BY server", (chunk_id,))]
+    finally:
+        other.close()
+
+
+def test_noticed_copies_count_at_once_and_are_committed_together(catalog, db_path):
+    catalog.add_locations(A, held("noticed"), commit=False)
+    catalog.add_locations(B, held("noticed"), commit=False)
+    catalog.record_server(A, 10, 1, now=5.0, commit=False)
+    # Read at once (one connection, one thread)...
+    assert catalog.holders([cid("noticed")]) == {cid("noticed"): [A, B]}
+    assert catalog.servers() == [(A, 5.0, 10, 1)]
+    # ... and written in one transaction, when the manager commits them.
+    assert committed_holders(db_path, cid("noticed")) == []
+    catalog.commit_pending()
+    assert committed_holders(db_path, cid("noticed")) == [A, B]
+    catalog.commit_pending()  # nothing waiting: nothing to do
+
+
+def test_any_other_write_commits_the_noticed_copies_with_it(catalog, db_path):
+    catalog.add_locations(A, held("noticed"), commit=False)
+    catalog.add_snapshot(summary("s1"))
+    assert committed_holders(db_path, cid("noticed")) == [A]
+    assert [s.snapshot_id for s in catalog.snapshots()] == [cid("snapshot s1")]
+
+
+def test_a_failed_write_is_undone_alone_and_the_noticed_copies_stay(catalog, db_path):
+    for server in (A, B, C):
+        catalog.add_locations(server, held("x"))
+    catalog.add_locations(A, held("noticed"), commit=False)
+
+    def drops():
+        yield cid("x"), C  # trimmed, then the write fails
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        catalog.claim_trims({A, B, C}, 2, drops())
+    assert catalog.holders([cid("x")]) == {cid("x"): [A, B, C]}
+    assert catalog.holders([cid("noticed")]) == {cid("noticed"): [A]}
+    assert committed_holders(db_path, cid("noticed")) == []
+    catalog.commit_pending()
+    assert committed_holders(db_path, cid("noticed")) == [A]
+    assert committed_holders(db_path, cid("x")) == [A, B, C]
+
+
+def test_closing_commits_the_noticed_copies(db_path):
+    catalog = Catalog(db_path)
+    catalog.add_locations(A, held("noticed"), commit=False)
+    catalog.close()
+    assert committed_holders(db_path, cid("noticed")) == [A]
+
+
 def test_holders_of_many_chunks(catalog):
     ids = [cid(f"many {i}") for i in range(1200)]
     report(catalog, A, [(i, 1) for i in ids])
