@@ -13,6 +13,7 @@
 
 import gc
 import os
+import sqlite3
 import sys
 
 import attrs
@@ -27,6 +28,7 @@ from sdbackup.client.session import Session
 from sdbackup.objects import Kind
 from sdbackup.protocols.messages import ChunkNeed, ChunkRef, CommitSnapshot, PlacementRequest, StoreChunks
 from sdbackup.protocols.peer import MessageProtocol, PeerPool
+from sdbackup.services.catalog import SCHEMA_VERSION, Catalog
 from sdbackup.services.manager import ManagerService
 from sdbackup.services.server import StorageService
 
@@ -265,3 +267,25 @@ async def wire_client(cluster):
         yield connected
     finally:
         await connected.close()
+
+
+@pytest.fixture
+def older_catalog():
+    """Open the catalog at ``path`` after making it look as an older sdbackup left it: each
+    statement (SQL, or SQL and its values) run on it, ``PRAGMA user_version = version``. The
+    catalog returned was migrated in place (not moved aside); the test closes it."""
+
+    def make(path: str, version: int, *statements) -> Catalog:
+        Catalog(path).close()
+        old = sqlite3.connect(path)
+        for statement in statements:
+            old.execute(*((statement,) if isinstance(statement, str) else statement))
+        old.execute(f"PRAGMA user_version = {version}")
+        old.commit()
+        old.close()
+        catalog = Catalog(path)
+        assert catalog.moved_aside is None
+        assert catalog.db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        return catalog
+
+    return make

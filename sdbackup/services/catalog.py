@@ -53,8 +53,9 @@ from sdbackup.protocols.messages import SnapshotSummary
 
 #: 1 was the unversioned catalog with file rows; 2 the first index; 3 added chunks.added;
 #: 4 added forgotten; 5 added chunks.touched, forgotten.tree and prunes (prune); 6 added the
-#: servers' disk_id, draining and retired; 7 added snapshots.repo.
-SCHEMA_VERSION = 7
+#: servers' disk_id, draining and retired; 7 added snapshots.repo; 8 dropped the index of
+#: locations by server.
+SCHEMA_VERSION = 8
 
 SCHEMA = """
 CREATE TABLE servers (
@@ -77,12 +78,13 @@ CREATE TABLE chunks (
     -- Locate), or the catalog first learned of it: a prune spares it for its grace period.
     touched REAL NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+-- No index by server: only an inventory's end and the server commands ask by server (a
+-- scan), and such an index doubled the pages each copy noticed rewrites.
 CREATE TABLE locations (
     chunk_id TEXT NOT NULL,
     server TEXT NOT NULL,
     PRIMARY KEY (chunk_id, server)
 ) WITHOUT ROWID;
-CREATE INDEX locations_by_server ON locations (server, chunk_id);
 CREATE TABLE snapshots (
     snapshot_id TEXT PRIMARY KEY,
     time REAL NOT NULL,
@@ -134,6 +136,9 @@ ALTER TABLE servers ADD COLUMN retired REAL NOT NULL DEFAULT 0;
     6: """
 ALTER TABLE snapshots ADD COLUMN repo TEXT NOT NULL DEFAULT 'default';
 DELETE FROM snapshots WHERE paths = '[]';
+""",
+    7: """
+DROP INDEX IF EXISTS locations_by_server;
 """,
 }
 

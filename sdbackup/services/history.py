@@ -93,9 +93,8 @@ def read_catalog(catalog, alive: set[str], replicas: int) -> tuple:
     (Reads the catalog's tables directly: these counts are for operators, not for placement.)
     """
     chunks, under, missing = catalog.chunk_stats(alive, replicas)
-    usage = {server: ServerUsage(count, size) for server, count, size in catalog.db.execute(
-        "SELECT l.server, COUNT(*), COALESCE(SUM(c.size), 0) FROM locations l"
-        " JOIN chunks c ON c.chunk_id = l.chunk_id GROUP BY l.server")}
+    usage = {server: ServerUsage(count, size)
+             for server, (count, size) in catalog.usage_by_server().items()}
     times: dict[str, collections.deque] = {}
     count = 0
     for host, when in catalog.db.execute("SELECT host, time FROM snapshots ORDER BY time"):

@@ -403,23 +403,31 @@ def test_a_removed_key_is_remembered_across_a_restart(db_path):
         catalog.close()
 
 
-def test_a_version_6_catalog_is_migrated_to_snapshots_with_their_repository(db_path):
-    Catalog(db_path).close()
-    old = sqlite3.connect(db_path)
-    old.execute("ALTER TABLE snapshots DROP COLUMN repo")
-    old.execute("INSERT INTO snapshots VALUES (?, 1.0, 'h', '[\"/x\"]', '[]', ?, '', 1, 1, 1)",
-                (cid("plain"), cid("tree")))
-    old.execute("INSERT INTO snapshots VALUES (?, 2.0, 'h', '[]', '[]', ?, '', 1, 1, 1)",
-                (cid("sealed"), cid("tree")))
-    old.execute("PRAGMA user_version = 6")
-    old.commit()
-    old.close()
-    catalog = Catalog(db_path)
+def test_a_version_6_catalog_is_migrated_to_snapshots_with_their_repository(db_path, older_catalog):
+    catalog = older_catalog(
+        db_path, 6, "ALTER TABLE snapshots DROP COLUMN repo",
+        ("INSERT INTO snapshots VALUES (?, 1.0, 'h', '[\"/x\"]', '[]', ?, '', 1, 1, 1)",
+         (cid("plain"), cid("tree"))),
+        ("INSERT INTO snapshots VALUES (?, 2.0, 'h', '[]', '[]', ?, '', 1, 1, 1)",
+         (cid("sealed"), cid("tree"))))
     try:
-        assert catalog.moved_aside is None
-        assert catalog.db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         # The plaintext one is default's; the sealed one is read again from its servers.
         assert [(s.snapshot_id, s.repo) for s in catalog.snapshots()] == [(cid("plain"), "default")]
         assert catalog.unknown_snapshots([cid("sealed")]) == [cid("sealed")]
+    finally:
+        catalog.close()
+
+
+def test_a_version_7_catalog_is_migrated_without_its_index_of_locations_by_server(
+        db_path, older_catalog):
+    catalog = Catalog(db_path)
+    catalog.add_locations(A, held("kept"))
+    catalog.close()
+    catalog = older_catalog(db_path, 7, "CREATE INDEX locations_by_server ON locations (server, chunk_id)")
+    try:
+        assert catalog.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'"
+                                  " AND tbl_name = 'locations'").fetchall() == []
+        assert catalog.holders([cid("kept")]) == {cid("kept"): [A]}
+        assert catalog.usage_by_server() == {A: (1, 100)}
     finally:
         catalog.close()

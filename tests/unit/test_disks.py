@@ -3,7 +3,6 @@
 
 import os
 import shutil
-import sqlite3
 
 import pytest
 
@@ -14,7 +13,7 @@ from sdbackup.objects import Kind
 from sdbackup.protocols.authority import refusal
 from sdbackup.protocols.messages import DrainServer, ListServers, RetireServer, ServerInfo
 from sdbackup.server_tap import parse_size
-from sdbackup.services.catalog import SCHEMA_VERSION, Catalog
+from sdbackup.services.catalog import Catalog
 from sdbackup.services.chunkstore import ChunkStore, ChunkStoreError, DiskFull, folder_identity
 
 A, B, C, D = "tcp:a:1", "tcp:b:1", "tcp:c:1", "tcp:d:1"
@@ -95,21 +94,13 @@ def place(catalog, server: str, *names: str):
     catalog.add_locations(server, [(cid(n), 100) for n in names])
 
 
-def test_a_version_5_catalog_is_migrated_keeping_its_servers(tmp_path):
-    path = str(tmp_path / "catalog.sqlite")
-    Catalog(path).close()
-    old = sqlite3.connect(path)
-    for column in ("disk_id", "draining", "retired"):
-        old.execute(f"ALTER TABLE servers DROP COLUMN {column}")
-    old.execute("ALTER TABLE snapshots DROP COLUMN repo")
-    old.execute("INSERT INTO servers VALUES ('tcp:a:1', 1.0, 2.0, 100, 3)")
-    old.execute("PRAGMA user_version = 5")
-    old.commit()
-    old.close()
-    catalog = Catalog(path)
+def test_a_version_5_catalog_is_migrated_keeping_its_servers(tmp_path, older_catalog):
+    catalog = older_catalog(
+        str(tmp_path / "catalog.sqlite"), 5,
+        *(f"ALTER TABLE servers DROP COLUMN {column}" for column in ("disk_id", "draining", "retired")),
+        "ALTER TABLE snapshots DROP COLUMN repo",
+        "INSERT INTO servers VALUES ('tcp:a:1', 1.0, 2.0, 100, 3)")
     try:
-        assert catalog.moved_aside is None
-        assert catalog.db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         assert catalog.server_records() == [(A, "", 2.0, 100, 0)]
         assert catalog.draining_servers() == set()
     finally:
