@@ -213,7 +213,8 @@ class Catalog:
         return _Transaction(self.db)
 
     def commit_pending(self):
-        """Commit the copies noticed with ``commit=False`` (nothing when none are waiting)."""
+        """Commit the writes left pending (``commit=False``, lookups' touches); nothing when
+        none are."""
         if self.db.in_transaction:
             self.db.execute("COMMIT")
 
