@@ -723,10 +723,12 @@ class _Transaction:
             if self.nested:
                 self.db.execute("RELEASE step")
             self.db.execute("COMMIT")
-        elif self.nested:
-            _undo_step(self.db)
         elif self.db.in_transaction:  # (some errors, a full disk among them, roll back all)
-            self.db.execute("ROLLBACK")
+            if self.nested:
+                self.db.execute("ROLLBACK TO step")
+                self.db.execute("RELEASE step")
+            else:
+                self.db.execute("ROLLBACK")
         return False
 
 
@@ -745,10 +747,3 @@ class _Pending:
 
     def __exit__(self, kind, value, traceback):
         return False
-
-
-def _undo_step(db):
-    """Undo the writes since ``SAVEPOINT step``, unless an error rolled back all."""
-    if db.in_transaction:
-        db.execute("ROLLBACK TO step")
-        db.execute("RELEASE step")

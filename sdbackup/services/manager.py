@@ -222,10 +222,12 @@ class Manager:
             if call is not None and call.active():
                 call.cancel()
 
-    def _commit_soon(self):
-        """Commit the pending news ``NOTICE_COMMIT_DELAY`` seconds after the first of it."""
+    def _db_pending(self, f, *args, **kwargs) -> defer.Deferred:
+        """``self.db`` for a catalog write left pending (``commit=False``, a lookup's
+        touches): it is committed ``NOTICE_COMMIT_DELAY`` seconds after the first of them."""
         if self._commit_call is None or not self._commit_call.active():
             self._commit_call = self.clock.callLater(NOTICE_COMMIT_DELAY, self._commit_pending)
+        return self.db(f, *args, **kwargs)
 
     def _commit_pending(self):
         d = self.db(self.catalog.commit_pending)
@@ -331,10 +333,9 @@ class Manager:
         server = self._server_of(connection)
         # The write is queued on the catalog thread before anything else happens here: a
         # commit that asked SyncNotices reads the catalog after it (one thread, in order).
-        await self.db(self.catalog.add_locations, server.address,
-                      [(c.chunk_id, c.size) for c in msg.chunks], server.reporting, self._now(),
-                      commit=False)
-        self._commit_soon()
+        await self._db_pending(self.catalog.add_locations, server.address,
+                               [(c.chunk_id, c.size) for c in msg.chunks], server.reporting,
+                               self._now(), commit=False)
         self.repair.chunks_added()  # maybe stored with fewer copies than wanted
         await self.indexer.learn(msg.snapshots, server, stored_now=True)
 
@@ -357,9 +358,8 @@ class Manager:
                           state="full: nothing more is placed on it" if msg.full else "no longer full",
                           free=msg.free_bytes)
         server.last_seen = self._now()
-        self._commit_soon()
-        return self.db(self.catalog.record_server, server.address, msg.free_bytes,
-                       msg.chunk_count, server.last_seen, commit=False)
+        return self._db_pending(self.catalog.record_server, server.address, msg.free_bytes,
+                                msg.chunk_count, server.last_seen, commit=False)
 
     def connection_made(self, connection):
         self.connections.add(connection)
@@ -427,8 +427,8 @@ class Manager:
     async def _held(self, chunk_ids: list[str]) -> list[str]:
         """The chunks among ``chunk_ids`` with a copy on a live server, in the same order;
         touched, since the client counts on them now (a prune spares them)."""
-        holders = await self.db(self.catalog.held_touching, chunk_ids, self._now(), self._touch_slack())
-        self._commit_soon()
+        holders = await self._db_pending(self.catalog.held_touching, chunk_ids, self._now(),
+                                         self._touch_slack())
         return [c for c in chunk_ids if any(h in self.live for h in holders.get(c, ()))]
 
     @when_ready
@@ -601,9 +601,8 @@ class Manager:
     @when_ready
     async def handle_Locate(self, msg, connection):
         # (Touched: a backup reads its parent's trees, and counts on those unchanged.)
-        holders = await self.db(self.catalog.held_touching, msg.chunk_ids, self._now(),
-                                self._touch_slack())
-        self._commit_soon()
+        holders = await self._db_pending(self.catalog.held_touching, msg.chunk_ids, self._now(),
+                                         self._touch_slack())
         return Locations(request_id=msg.request_id, holders=self._live_holders(holders))
 
     def _live_holders(self, holders: dict[str, list[str]]) -> dict[str, list[str]]:

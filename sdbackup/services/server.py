@@ -67,8 +67,8 @@ INVENTORY_PAGE = 2_000
 #: them gathers sooner. Each notice is a catalog transaction, and its cost is the B-tree pages
 #: it rewrites: ids are random, so a notice of a few hundred chunks rewrites a page for nearly
 #: every one. With notices every 0.2 s, a first backup of 50,000 files (575 MiB) had the
-#: manager write 1.6 GB to its catalog, in 3.7 s of CPU; with notices of a page, 0.9 GB in
-#: 2.7 s.
+#: manager write 1.6 GB to its catalog, in 3.7 s of CPU; with notices of a page, 0.8 GB in
+#: 2.8 s.
 NOTIFY_DELAY = 1.0
 MiB = 1024 * 1024
 #: ``--reserve`` when not given: room for the stores already under way (a few packs of up to

@@ -137,12 +137,16 @@ async def test_a_page_of_new_chunks_is_told_at_once(cluster, wire_client, monkey
     told = make_backup("told")
     await wire_client.store(Kind.DATA, told.data)
     ids = waiting_ids + [i for i, _ in told.data]
-    for _ in range(100):
+
+    async def copies() -> dict[str, int]:
         located = (await wire_client.ask(Locate(chunk_ids=ids))).holders
-        if all(len(located.get(i, [])) == 2 for i in ids):
-            break
-        await deferLater(reactor, 0.05, lambda: None)
-    assert {i: len(located.get(i, [])) for i in ids} == dict.fromkeys(ids, 2)
+        return {i: len(located.get(i, [])) for i in ids}
+
+    async def all_told() -> bool:
+        return await copies() == dict.fromkeys(ids, 2)
+
+    await cluster.until(all_told, timeout=5, what="both copies of every new chunk told")
+    assert await copies() == dict.fromkeys(ids, 2)
 
 
 @pytest_twisted.ensureDeferred
