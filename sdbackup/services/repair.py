@@ -28,7 +28,7 @@ REPAIR_COPIES_AT_ONCE = 4
 #: Seconds the manager waits for one repair copy.
 REPAIR_TIMEOUT = 120.0
 #: Seconds a newly stored chunk is left alone: the notices of its other copies, sent by
-#: the rest of its chain 0.2 s after storing, may still be on their way.
+#: the rest of its chain within 1 s (NOTIFY_DELAY) of storing, may still be on their way.
 SETTLE = 2.0
 #: Free space is compared in steps of this many bytes when placing copies.
 PLACEMENT_GRANULARITY = 1024**3
