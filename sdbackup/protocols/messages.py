@@ -22,7 +22,7 @@ from attrs import field, frozen
 from attrs.validators import ge, in_, instance_of, le
 
 from sdbackup import limits
-from sdbackup.hashing import is_hex_digest
+from sdbackup.hashing import are_hex_digests, is_hex_digest
 from sdbackup.limits import shorten
 from sdbackup.sealing import repo_problem
 
@@ -52,7 +52,7 @@ def _optional_hex_digest(instance, attribute, value):
 
 
 def _hex_digests(instance, attribute, value, most: int = limits.MAX_IDS):
-    if not isinstance(value, list) or not all(is_hex_digest(v) for v in value):
+    if not isinstance(value, list) or not are_hex_digests(value):
         raise ValueError(f"{attribute.name} must be a list of hex digests")
     if len(value) > most:
         raise ValueError(f"{attribute.name} holds {len(value)} ids, more than {most}")
@@ -157,13 +157,15 @@ def _holders_map(most: int):
             raise ValueError("expected a mapping of chunk id to addresses")
         if len(value) > most:
             raise ValueError(f"locations of {len(value)} chunks, more than {most}")
-        for key, addresses in value.items():
-            if not is_hex_digest(key) or not isinstance(addresses, list):
-                raise ValueError("bad chunk location entry")
-            if len(addresses) > limits.MAX_REPLICAS or not all(
-                    limits.text_problem(a, limits.MAX_ADDRESS_LENGTH, True) is None
-                    for a in addresses):
-                raise ValueError("bad chunk location entry")
+        lists = value.values()
+        if (not are_hex_digests(value) or set(map(type, lists)) - {list}
+                or max(map(len, lists), default=0) > limits.MAX_REPLICAS):
+            raise ValueError("bad chunk location entry")
+        addresses = [a for addresses in lists for a in addresses]
+        if set(map(type, addresses)) - {str} or any(
+                limits.text_problem(a, limits.MAX_ADDRESS_LENGTH, True) is not None
+                for a in set(addresses)):  # a few servers' addresses, each checked once
+            raise ValueError("bad chunk location entry")
         return value
 
     return check
