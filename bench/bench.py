@@ -45,10 +45,13 @@ sys.path.insert(0, ROOT)
 import data_sets  # noqa: E402
 from data_sets import DataSet, edited_file, generated_tree, million_tree, random_file, stdlib_tree  # noqa: E402
 from peers import Borg, Command, Copy, Restic, Sdbackup, Tool, install_missing  # noqa: E402
+from trash import Trash  # noqa: E402
 
 from sdbackup.localcluster import MANAGER_SERVING, Process  # noqa: E402
 
 WORK = os.path.join(ROOT, "bench_work")
+#: What a step or a tool is done with waits here until the round ends (see bench/trash.py).
+TRASH = Trash(os.path.join(WORK, "trash"))
 DATA = os.path.join(WORK, "data")
 MiB = 1024 * 1024
 KiB = 1024
@@ -293,11 +296,12 @@ def combine(rows: list[Row]) -> Row:
 
 
 def measure(tool: Tool, step: Step, data: DataSet, log_prefix: str, options) -> Row:
+    TRASH.make_room()
     if step.kind == "recovery":
         return measure_recovery(tool, step, data, log_prefix, options.recovery_snapshots)
     target = os.path.join(WORK, "restore")
     if step.kind == "restore":
-        shutil.rmtree(target, ignore_errors=True)
+        TRASH.discard(target)
         command = tool.restore(step.restores, target)
     elif step.kind == "ls":
         command = tool.ls(step.key)
@@ -325,7 +329,7 @@ def measure(tool: Tool, step: Step, data: DataSet, log_prefix: str, options) -> 
     growth = tool.stored() - stored_before
     if step.kind == "restore":
         verify(data.path, tool.restored_path(target, data))
-        shutil.rmtree(target)
+        TRASH.discard(target)
     elif step.kind == "ls":
         row.lines = output.count("\n")
         if row.lines < data.files:
@@ -695,13 +699,17 @@ def main() -> int:
         data = pool.submit(make_data_sets, keys, args).result()
     repos = os.path.join(WORK, "repos")
     logs = os.path.join(WORK, "logs")
-    for folder in (repos, logs, os.path.join(WORK, "restore")):
-        shutil.rmtree(folder, ignore_errors=True)
+    for folder in (repos, logs, os.path.join(WORK, "restore")):  # a failed or --keep run's
+        TRASH.discard(folder)
+    TRASH.empty()
+    TRASH.settle()
     os.makedirs(repos)
     os.makedirs(logs)
 
     tools = [TOOLS[n](os.path.join(repos, n), million=args.million_restic) if n == "restic"
              else TOOLS[n](os.path.join(repos, n)) for n in names]
+    for tool in tools:
+        tool.discard = TRASH.discard
     versions = {}
     runs: dict = {}  # (tool, step key) -> [Row], one per round
     cache_mode = drop_caches()
@@ -717,12 +725,16 @@ def main() -> int:
                     print(f"[{done:2}/{total}] round {round_}/{args.repeat} {row.tool:<9} {row.data.name}: "
                           f"{row.step.title}: {row.seconds:.2f} s", flush=True)
                 versions[tool.name] = tool.describe()
+            TRASH.empty()
+            if round_ < args.repeat:
+                TRASH.settle()
     except (BenchFailed, RuntimeError) as e:
         print(f"\nBENCH FAILED: {e}", file=sys.stderr)
         print(f"(logs of every step in {os.path.relpath(logs, ROOT)}/)", file=sys.stderr)
         return 1
     finally:
-        shutil.rmtree(os.path.join(WORK, "restore"), ignore_errors=True)
+        TRASH.discard(os.path.join(WORK, "restore"))
+        TRASH.empty()
     rows = {key: combine(found) for key, found in runs.items()}
 
     print()

@@ -129,14 +129,16 @@ class Tool:
 
     def __init__(self, work: str):
         self.work = work  # this tool's own folder under bench_work/repos/
+        #: How a folder the tool is done with goes away (the bench gives its ``Trash.discard``).
+        self.discard = lambda path: shutil.rmtree(path, ignore_errors=True)
 
     def start(self):
-        shutil.rmtree(self.work, ignore_errors=True)
+        self.discard(self.work)
         os.makedirs(self.work)
 
     def stop(self, keep: bool):
         if not keep:
-            shutil.rmtree(self.work, ignore_errors=True)
+            self.discard(self.work)
 
     def version(self) -> str:
         return ""
