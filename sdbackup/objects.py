@@ -216,7 +216,7 @@ def _check_node(node: "Node"):
         field_name, kind, value = next((f, k, v) for (f, k), v in zip(_NODE_PLAIN, values, strict=True)
                                        if not isinstance(v, k))
         raise ValueError(f"{field_name} must be of type {kind.__name__}, not {value!r}")
-    if node.xattrs:
+    if node.xattrs or not isinstance(node.xattrs, tuple):
         _check_xattrs(node.xattrs)
     if node.content or not isinstance(node.content, tuple):
         _check_ids(node.content, "content")
@@ -303,7 +303,7 @@ def _filled_node(value: dict) -> Node:
     get = value.get
     for set_slot, key, default, listed in _NODE_SLOTS:
         item = get(key, default)
-        if listed and item:
+        if listed and item is not default:  # (an empty list too: one state, one value)
             item = tuple(tuple(p) if isinstance(p, list) else p for p in item)
         set_slot(node, item)
     return node

@@ -474,6 +474,17 @@ def test_a_decoded_node_with_bad_fields_is_refused():
             objects.decode_tree(objects.seal(Kind.TREE, [], [], body))
 
 
+def test_empty_lists_decode_as_the_default_and_a_list_is_no_tuple():
+    """A tree written by another encoder may spell an empty list: the node is the same."""
+    plain = Node(name=b"f", type="file")
+    body = objects._pack([{"n": b"f", "t": "file", "x": [], "c": [], "C": []}])
+    for trusted in (False, True):
+        assert objects.decode_tree(objects.seal(Kind.TREE, [], [], body), trusted=trusted).nodes == (plain,)
+    for name in ("xattrs", "content", "content_lists"):
+        with pytest.raises(ValueError, match=f"{name} must be a tuple"):
+            Node(name=b"f", type="file", **{name: []})
+
+
 def test_nodes_not_maps_or_with_fields_of_another_shape_are_refused():
     """Either decode, a node of the wrong shape is an ObjectFormatError, never a crash."""
     for item in (1, [b"a", "file"], b"node"):
