@@ -30,8 +30,6 @@ LOW_SPACE = 16 * 1024**3
 class Trash:
     def __init__(self, folder: str):
         self.folder = folder
-        #: Whether freed inodes slow new files where the trash is (ext4 without a journal).
-        self.slows = _ext4_without_journal(os.path.dirname(folder))
         self._count = 0
         #: When the last emptying ended (monotonic), until the next wait.
         self._emptied_at: float | None = None
@@ -56,7 +54,7 @@ class Trash:
 
     def settle(self):
         """Wait until what the last emptying freed no longer slows new files."""
-        if self._emptied_at is None or not self.slows:
+        if self._emptied_at is None or not _ext4_without_journal(self.folder):
             return
         left = RECENT_SECONDS - (time.monotonic() - self._emptied_at)
         if left > 0:
@@ -74,6 +72,8 @@ class Trash:
 
 
 def _ext4_without_journal(folder: str) -> bool:
-    st = os.stat(folder)
+    """Whether freed inodes slow new files in ``folder``'s file system (asked of its parent:
+    an emptied trash is gone)."""
+    st = os.stat(os.path.dirname(folder))
     device = os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"))
     return os.path.isdir(f"/proc/fs/ext4/{device}") and not glob.glob(f"/proc/fs/jbd2/{device}-*")
