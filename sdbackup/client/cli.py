@@ -72,6 +72,7 @@ from sdbackup.client.selection import PatternError, RestoreFilter, backup_select
 from sdbackup.client.session import ClientError, Session
 from sdbackup.client.treereader import Enter, Entry, TreeReader
 from sdbackup.limits import MAX_IDS
+from sdbackup.memory import tune_gc
 from sdbackup.objects import Kind, Node, ObjectFormatError, decode_chunk_list
 from sdbackup.paths import UnsafePath, display_path, parse_path
 from sdbackup.protocols.messages import CheckRequest, ForgetSnapshots, StatusRequest
@@ -857,6 +858,7 @@ def main(argv=None):
         except KeyboardInterrupt:
             print(file=sys.stderr)
             sys.exit(EXIT_ON_SIGNAL[signal.SIGINT])
+    tune_gc()  # (every module is imported by now: frozen out of the collector's work)
     status = []
     received = []
 
