@@ -11,6 +11,7 @@ step; ``bench.py`` runs, times and checks it. Steps are named by a key:
 rebuild.
 """
 
+import compileall
 import contextlib
 import hashlib
 import os
@@ -114,6 +115,13 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
+def compile_bytecode():
+    """sdbackup's modules compiled to bytecode, as ``pip install`` leaves them. Python never
+    writes bytecode under ``PYTHONDONTWRITEBYTECODE`` (some machines set it), and each command
+    of an editable install then compiles every module again: 0.13 s a command, measured."""
+    compileall.compile_dir(os.path.dirname(os.path.abspath(sdbackup.__file__)), quiet=1)
+
+
 def first_line(argv: list[str]) -> str:
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout
@@ -200,6 +208,7 @@ class Sdbackup(Tool):
 
     def start(self):
         super().start()
+        compile_bytecode()
         self.local = LocalCluster(self.work, servers=self.servers, replicas=self.replicas,
                                   heartbeat=1.0)
         self.local.start()
