@@ -228,7 +228,7 @@ class FileSystemWriter:
         notes: list[str] = []
         try:
             if folder.node is not None and not self.dry_run:
-                self._metadata(folder.fd, folder.node, notes, folder.display())
+                self._metadata(folder.fd, folder.node, notes, folder)
         finally:
             self.close_folder(folder)
         return notes
@@ -364,7 +364,7 @@ class FileSystemWriter:
         else:
             path_fd = os.open(name, _PATH_FLAGS, dir_fd=fd)
             try:
-                self._metadata(f"/proc/self/fd/{path_fd}", node, notes, folder.display(name))
+                self._metadata(f"/proc/self/fd/{path_fd}", node, notes, folder, name)
             finally:
                 os.close(path_fd)
         return notes
@@ -445,10 +445,11 @@ class FileSystemWriter:
     def _owner(self, node: Node) -> tuple[int, int]:
         return self.owners.uid(node), self.owners.gid(node)
 
-    def _metadata(self, target, node: Node, notes: list, where: str):
+    def _metadata(self, target, node: Node, notes: list, folder: Folder, name: bytes | None = None):
         """Owner, xattrs, mode, times of an open file or folder (``target`` its descriptor),
         or of a FIFO or device through ``/proc/self/fd/N`` of an ``O_PATH`` descriptor
-        (opening those for real could block or touch hardware)."""
+        (opening those for real could block or touch hardware). ``folder`` and ``name`` say
+        where it is, in a note (made only when there is one)."""
         mode = stat.S_IMODE(node.mode)
         if self.as_root:
             os.chown(target, *self._owner(node))
@@ -456,9 +457,10 @@ class FileSystemWriter:
             # The entry belongs to whoever restores: setuid or setgid would give their rights
             # to a program from the snapshot.
             mode &= ~_SET_ID
-            notes.append(f"{where}: setuid and setgid bits not restored (only root restores them)")
+            notes.append(f"{folder.display(name)}: setuid and setgid bits not restored (only root "
+                         f"restores them)")
         for key, value in node.xattrs:
-            _set_xattr(target, key, value, notes, where, follow=True)
+            _set_xattr(target, key, value, notes, folder, name, follow=True)
         os.chmod(target, mode)
         os.utime(target, ns=(node.atime_ns, node.mtime_ns))
 
@@ -469,7 +471,7 @@ class FileSystemWriter:
         if node.xattrs:
             path = f"/proc/self/fd/{folder.fd}/".encode() + name
             for key, value in node.xattrs:
-                _set_xattr(path, key, value, notes, folder.display(name), follow=False)
+                _set_xattr(path, key, value, notes, folder, name, follow=False)
         os.utime(name, ns=(node.atime_ns, node.mtime_ns), dir_fd=folder.fd, follow_symlinks=False)
 
 
@@ -515,17 +517,19 @@ class FileOut:
         A mismatch removes the temporary file and raises: nothing wrong ever
         lands under the real name.
         """
-        node, where = self.node, self.folder.display(self.node.name)
+        node = self.node
         notes: list[str] = []
         try:
             if self.offset != node.size:
-                raise RestoreError(f"{where}: restored {self.offset} bytes, the snapshot says "
+                raise RestoreError(f"{self.folder.display(node.name)}: restored {self.offset} "
+                                   f"bytes, the snapshot says "
                                    f"{node.size}; not written")
             if node.hash and self.hasher.digest() != node.hash:
-                raise RestoreError(f"{where}: restored bytes do not match the file's hash; not written")
+                raise RestoreError(f"{self.folder.display(node.name)}: restored bytes do not match "
+                                   f"the file's hash; not written")
             if self.written_to != node.size:
                 os.ftruncate(self.fd, node.size)  # the skipped zeros at the end
-            self.writer._metadata(self.fd, node, notes, where)
+            self.writer._metadata(self.fd, node, notes, self.folder, node.name)
             if self.temp is None:  # nameless: link it in by its descriptor
                 self.writer._place(self.folder, node.name, lambda n: os.link(
                     f"/proc/self/fd/{self.fd}", n, dst_dir_fd=self.folder.fd, follow_symlinks=True))
@@ -595,13 +599,17 @@ def _pwrite_all(fd: int, data: memoryview, offset: int):
         data, offset = data[written:], offset + written
 
 
-def _set_xattr(target, key: bytes, value: bytes, notes: list, where: str, follow: bool):
+def _set_xattr(target, key: bytes, value: bytes, notes: list, folder: Folder, name: bytes | None,
+               follow: bool):
+    """Set one extended attribute; one the file system or the kernel refuses becomes a note
+    (the entry's path is made only then: a restore sets thousands)."""
     try:
         os.setxattr(target, key, value, follow_symlinks=follow)
     except OSError as e:
         if e.errno not in _XATTR_REFUSED:
             raise
-        notes.append(f"{where}: extended attribute {escape(key)} not restored: {e.strerror}")
+        notes.append(f"{folder.display(name)}: extended attribute {escape(key)} not restored: "
+                     f"{e.strerror}")
 
 
 def raise_open_files_limit():

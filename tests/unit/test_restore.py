@@ -611,3 +611,13 @@ def test_ls_lines():
     assert fields[:4] == ["-rwsr-xr-x", "root", "42", "5"] and fields[-1] == "f"
     device = entry_line((b"null",), node(b"null", "chardev", rdev=os.makedev(1, 3)), long=True)
     assert "1,3" in device.split()
+
+
+def test_an_extended_attribute_the_kernel_refuses_is_a_note_naming_its_entry(writer, target):
+    folder = writer.make_folder(writer.root, node(b"d", "dir"))
+    refused = ((b"nosuch.name", b"v"),)  # a namespace Linux does not have
+    notes = writer.write_file(folder, file_node(b"f\n", b"x", xattrs=refused), [b"x"])
+    assert writer.finish_folder(folder) == []
+    assert (target / "d" / "f\n").read_bytes() == b"x"
+    assert len(notes) == 1
+    assert notes[0].startswith("d/f\\n: extended attribute nosuch.name not restored: ")
