@@ -6,7 +6,7 @@ chunks in its disk threads. glibc keeps the freed holes, and gives each thread a
 of its own (up to eight per core). ``limit_arenas`` caps the arenas (the servers);
 ``tune_malloc`` also maps large blocks of their own, and gives back a function that
 hands freed memory back to the system (the client). ``tune_gc`` makes the client's
-garbage collector look less often at the objects it keeps for a while (the client).
+garbage collector look less often at the objects it keeps for a while.
 """
 
 import ctypes
