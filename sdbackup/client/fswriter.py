@@ -522,8 +522,7 @@ class FileOut:
         try:
             if self.offset != node.size:
                 raise RestoreError(f"{self.folder.display(node.name)}: restored {self.offset} "
-                                   f"bytes, the snapshot says "
-                                   f"{node.size}; not written")
+                                   f"bytes, the snapshot says {node.size}; not written")
             if node.hash and self.hasher.digest() != node.hash:
                 raise RestoreError(f"{self.folder.display(node.name)}: restored bytes do not match "
                                    f"the file's hash; not written")

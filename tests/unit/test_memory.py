@@ -32,11 +32,16 @@ PROGRAM = textwrap.dedent("""
 """)
 
 
+def output(program: str, mode: str) -> str:
+    """What ``program`` prints, run in a Python of its own (allocator and collector settings
+    are the whole process's)."""
+    return subprocess.run([sys.executable, "-c", program, mode], capture_output=True, text=True,
+                          check=True, timeout=60).stdout
+
+
 def heaps(mode: str) -> int:
     """Heaps (arenas) glibc reports after eight threads allocated at once."""
-    out = subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True, text=True,
-                         check=True, timeout=60)
-    return int(out.stdout)
+    return int(output(PROGRAM, mode))
 
 
 def test_threads_share_two_arenas_once_limited():
@@ -70,9 +75,7 @@ GC_PROGRAM = textwrap.dedent("""
 def collector(mode: str) -> tuple[int, int]:
     """Collections while 200,000 objects were made and kept, and of 50,000 reference cycles
     dropped, how many were freed without an explicit ``gc.collect``."""
-    out = subprocess.run([sys.executable, "-c", GC_PROGRAM, mode], capture_output=True, text=True,
-                         check=True, timeout=60)
-    young, freed = out.stdout.split()
+    young, freed = output(GC_PROGRAM, mode).split()
     return int(young), int(freed)
 
 
