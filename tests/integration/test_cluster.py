@@ -2,11 +2,12 @@
 
 import io
 import os
+import random
 
 import pytest_twisted
 
 from sdbackup import hashing
-from sdbackup.chunking import read_chunks
+from sdbackup.chunking import cut, read_chunks
 from sdbackup.client.backup import Backup
 from sdbackup.client.repository import verify
 from sdbackup.client.restore import Restore
@@ -188,14 +189,16 @@ async def test_a_long_file_keeps_its_chunk_ids_in_chunk_lists(cluster, tmp_path,
 
     monkeypatch.setattr(objects, "INLINE_CONTENT", 3)
     monkeypatch.chdir(tmp_path)
-    data = os.urandom(10 * 1024 * 1024 + 7)  # about 10 chunks: lists of 3, 3, 3 and 1
+    # (random bytes of a fixed seed: some draws of os.urandom cut into as few as 6 chunks)
+    data = random.Random(0).randbytes(10 * 1024 * 1024 + 7)
+    assert len(cut(data, True)[0]) == 12  # lists of 3, 3, 3 and 3
     write("src/long", data)
     for i in range(6):
         write(f"src/short{i}", os.urandom(2 * 1024 * 1024))
     first = await backup(cluster, "src")
     lists = [(s, chunk_id) for s in cluster.servers for chunk_id in chunk_files(s)
              if s.store.get(chunk_id)[0] == "list"]
-    assert len(lists) >= 2 * 3  # at least three lists, two copies each
+    assert len(lists) >= 2 * 4  # the long file's four lists, two copies each
     result = await restore(cluster, tmp_path / "out")
     assert result.errors == []
     assert (tmp_path / "out/src/long").read_bytes() == data
