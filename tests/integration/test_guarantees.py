@@ -6,7 +6,6 @@ to their rates."""
 import os
 import threading
 
-import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
@@ -149,7 +148,7 @@ async def test_a_primary_sends_nothing_on_that_it_has_not_verified(cluster, wire
     pieces = [os.urandom(3000 + i) for i in range(3)]
     ids = [hashing.chunk_id(p) for p in pieces]
     refs = [ChunkRef(c, len(p), hashing.checksum(p)) for c, p in zip(ids, pieces, strict=True)]
-    refs[1] = attrs.evolve(refs[1], checksum=hashing.checksum(b"other bytes"))
+    refs[1] = refs[1]._replace(checksum=hashing.checksum(b"other bytes"))
     with pytest.raises(RemoteError) as caught:
         await wire_client.servers.request(first.address, StoreChunks(
             chunks=refs, forward_to=[second.address],

@@ -632,8 +632,15 @@ def test_a_frame_over_its_types_limit_is_a_decode_error(subtests):
 
 
 def test_an_over_large_message_cannot_be_sent():
+    hello = Hello(version=2, role="client")
+    object.__setattr__(hello, "role", "x" * 10_000)  # (as a sender's bug would make it)
     with pytest.raises(ValueError, match="exceeds its limit"):
-        encode(Hello(version=10**2000, role="client"))
+        encode(hello)
+    with pytest.raises(ValueError, match="cannot encode a message: Integer exceeds 64-bit"):
+        encode(Hello(version=2**64, role="client"))
+    object.__setattr__(hello, "role", "client\udcff")
+    with pytest.raises(ValueError, match="cannot encode a message: str is not valid UTF-8"):
+        encode(hello)
 
 
 LARGEST = {
@@ -889,6 +896,6 @@ def test_the_frame_limits_are_the_ones_the_readme_gives():
     assert decode(encode_frame(eight)) == eight
     one_chunk = StoreChunks(chunks=[ChunkRef(H1, 8 * mib, H1)], payload=b"x" * 8 * mib)
     assert decode(encode_frame(one_chunk)) == one_chunk
-    with pytest.raises(ValueError):
-        ChunkRef(H1, 8 * mib + 1, H1)
+    with pytest.raises(ValueError, match="size is not a whole number from 0 to 8388608"):
+        StoreChunks(chunks=[ChunkRef(H1, 8 * mib + 1, H1)], payload=b"x" * (8 * mib + 1))
     assert (limits.MAX_SNAPSHOTS_PER_PAGE, limits.SNAPSHOT_PAGE_BYTES) == (1000, mib)
