@@ -5,8 +5,9 @@ The header is the message's fields as compact JSON (through orjson: a
 backup's store and locate messages carry thousands of hex ids, and the
 standard library took a twentieth of the client's reactor thread encoding and
 decoding them); the payload, when a message carries chunk bytes, travels raw
-after it (no base64, no JSON around data). Decoding checks every field through the attrs validators, so a
-malformed frame is rejected before any service sees it.
+after it (no base64, no JSON around data). Decoding checks every field through
+the attrs validators, so a malformed frame is rejected before any service sees
+it.
 
 Nothing a peer sends is unbounded: every string, list and number has a limit
 from ``sdbackup.limits``, and every message type a largest frame
@@ -132,14 +133,19 @@ _chain = _texts(limits.MAX_REPLICAS, limits.MAX_ADDRESS_LENGTH, ascii=True)
 _servers = _texts(limits.MAX_SERVERS, limits.MAX_ADDRESS_LENGTH, ascii=True)
 
 
+def _check_list(values, cls, most: int | None):
+    """Refuse what is not a list of at most ``most`` (a converter's first check)."""
+    if not isinstance(values, list):
+        raise ValueError(f"expected a list of {cls.__name__}")
+    if most is not None and len(values) > most:
+        raise ValueError(f"{len(values)} {cls.__name__} records, more than {most}")
+
+
 def _records(cls, most: int | None = None):
     """A converter that turns wire lists/dicts into ``cls`` records (at most ``most``)."""
 
     def convert(values):
-        if not isinstance(values, list):
-            raise ValueError(f"expected a list of {cls.__name__}")
-        if most is not None and len(values) > most:
-            raise ValueError(f"{len(values)} {cls.__name__} records, more than {most}")
+        _check_list(values, cls, most)
         return [v if isinstance(v, cls) else cls.from_wire(v) for v in values]
 
     return convert
@@ -156,10 +162,7 @@ def _rows(cls, most: int | None = None):
     width, shape = len(cls._fields), f"[{', '.join(cls._fields)}]"
 
     def convert(values):
-        if not isinstance(values, list):
-            raise ValueError(f"expected a list of {cls.__name__}")
-        if most is not None and len(values) > most:
-            raise ValueError(f"{len(values)} {cls.__name__} records, more than {most}")
+        _check_list(values, cls, most)
         if not values:
             return []
         if not set(map(type, values)) <= {list, cls} or set(map(len, values)) != {width}:
@@ -1181,8 +1184,10 @@ def payload_offset(head: bytes) -> int:
     return HEAD_SIZE + _HEAD.unpack_from(head)[1]
 
 
-#: What orjson writes as it is: a list of only these needs no copy (rows become arrays).
-_AS_IS = {str, int, float, bool, type(None), ChunkRef, HeldChunk, ChunkNeed}
+#: The rows: orjson writes them as arrays (through ``_row_as_tuple``).
+_ROWS = (ChunkRef, HeldChunk, ChunkNeed)
+#: What orjson writes as it is: a list of only these needs no copy.
+_AS_IS = {str, int, float, bool, type(None), *_ROWS}
 
 
 def _to_wire(value: Any):
@@ -1265,6 +1270,14 @@ def _json(fields) -> bytes:
     """Compact UTF-8 JSON of a header's fields; ``ValueError`` for what JSON cannot carry (a
     string that is not valid Unicode, an integer past 64 bits)."""
     try:
-        return orjson.dumps(fields, default=tuple)  # (rows: orjson writes only plain tuples)
+        return orjson.dumps(fields, default=_row_as_tuple)
     except orjson.JSONEncodeError as e:
         raise ValueError(f"cannot encode a message: {e}") from None
+
+
+def _row_as_tuple(value) -> tuple:
+    """A row as the plain tuple orjson writes (it writes no tuple subclass); nothing else:
+    bytes or a set in a header is a sender's bug, refused, not written as an array."""
+    if type(value) in _ROWS:
+        return tuple(value)
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")

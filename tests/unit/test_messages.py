@@ -641,6 +641,10 @@ def test_an_over_large_message_cannot_be_sent():
     object.__setattr__(hello, "role", "client\udcff")
     with pytest.raises(ValueError, match="cannot encode a message: str is not valid UTF-8"):
         encode(hello)
+    for wrong in (b"client", {"client"}):  # not written as arrays, as a row is
+        object.__setattr__(hello, "role", wrong)
+        with pytest.raises(ValueError, match="cannot encode a message: Type is not JSON"):
+            encode(hello)
 
 
 LARGEST = {
