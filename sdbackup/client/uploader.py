@@ -66,6 +66,11 @@ class Signal:
         self._waiting: list[defer.Deferred] = []
 
     def wait(self) -> defer.Deferred:
+        """Fires on the next change, or now if a failure is kept: a request that fails before
+        it is sent (a message that cannot be encoded, a closed link) fails the signal inside
+        ``flush``, before its caller waits, and nothing would fire it again."""
+        if self.failure is not None:
+            return defer.succeed(None)
         d = defer.Deferred()
         self._waiting.append(d)
         return d

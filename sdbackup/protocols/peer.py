@@ -355,8 +355,12 @@ class MessageProtocol(FrameReceiver):
             return
         try:
             self.send(answer)
-        except Exception:
-            self._reply_error(Failure(), msg)
+        except Exception:  # (nothing was written: the requester still waits for an answer)
+            failure = Failure()
+            self._log_failure(failure, msg)
+            self._send_error(msg.request_id, "internal",
+                             f"the {self.role} could not send its {type(answer).__name__}: "
+                             f"{failure.type.__name__}: {failure.getErrorMessage()}")
 
     def _reply_error(self, failure: Failure, msg: Message):
         code = getattr(failure.value, "code", None)
@@ -374,8 +378,22 @@ class MessageProtocol(FrameReceiver):
             code, reason = "internal", f"{failure.type.__name__}: {failure.getErrorMessage()}"
         if not self._closed:
             culprit = getattr(failure.value, "culprit", "")
-            self.send(ErrorReply(request_id=msg.request_id, code=code, reason=reason,
-                                 culprit=culprit if isinstance(culprit, str) else ""))
+            self._send_error(msg.request_id, code, reason,
+                             culprit if isinstance(culprit, str) else "")
+
+    def _send_error(self, request_id: int, code: str, reason: str, culprit: str = ""):
+        """Answer a request with an error. One that cannot go as it is (a handler's code or
+        culprit no ErrorReply can carry) goes as "internal", saying why: unanswered, the
+        requester would wait for good."""
+        try:
+            self.send(ErrorReply(request_id=request_id, code=code, reason=reason, culprit=culprit))
+        except Exception:
+            failure = Failure()
+            self.log.failure("cannot send the {code!r} error to {peer}", failure, code=_clip(code),
+                             peer=self.describe_peer())
+            self.send(ErrorReply(request_id=request_id, code="internal", reason=(
+                f"the {self.role} could not send its error ({failure.getErrorMessage()}): "
+                f"{reason}")))
 
     def _log_failure(self, failure: Failure, msg: Message):
         if isinstance(getattr(failure.value, "code", None), str):
@@ -408,7 +426,14 @@ class MessageProtocol(FrameReceiver):
 
         d = defer.Deferred(abandon)
         self._pending[request_id] = d
-        self.send(attrs.evolve(msg, request_id=request_id))
+        try:
+            self.send(attrs.evolve(msg, request_id=request_id))
+        except Exception:
+            # A message that cannot be encoded (an integer past 64 bits, a string that is not
+            # Unicode) fails its request like any other failure, as a Deferred. Nothing was
+            # written: no answer will come, and the connection serves on.
+            del self._pending[request_id]
+            return defer.fail()
         if timeout is not None:
             if clock is None:
                 from twisted.internet import reactor as clock

@@ -6,6 +6,7 @@ import socket
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer, reactor
 
 from sdbackup.client.backup import Backup
 from sdbackup.client.repository import Repository
@@ -118,3 +119,24 @@ async def test_a_tag_too_long_to_list_is_refused_before_anything_is_stored(clust
         assert await Repository(session).snapshots() == []
     finally:
         await session.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_placement_that_fails_at_once_fails_the_backup_instead_of_hanging(cluster, tmp_path):
+    # A request fails before anything is sent when its message cannot be encoded, or when its
+    # link is closed already. The walk's last batch then failed inside its flush, before the
+    # walk waited for it: the backup waited for good, logging nothing.
+    write(tmp_path / "src" / "a.txt", b"some data")
+    session = await cluster.session()
+
+    def drop_the_manager_link(change, path):  # after the parent lookup, before the placement
+        session.manager.transport.abortConnection()
+
+    try:
+        run = defer.ensureDeferred(
+            Backup(session, [str(tmp_path / "src")], listed=drop_the_manager_link).run())
+        with pytest.raises(ClientError, match=r"lost the manager at .*connection already closed"):
+            await run.addTimeout(20, reactor)
+    finally:
+        await session.close()
+    assert stored_objects(cluster) == {}

@@ -2,8 +2,12 @@
 
 from struct import pack, unpack
 
-from twisted.internet import defer
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -23,10 +27,12 @@ from sdbackup.protocols.messages import (
     SnapshotList,
     SnapshotSummary,
     StatusRequest,
+    StoreChunk,
+    Ticket,
     decode,
     encode_frame,
 )
-from sdbackup.protocols.peer import HANDSHAKE_FRAME_SIZE, MessageProtocol, RemoteError
+from sdbackup.protocols.peer import HANDSHAKE_FRAME_SIZE, MessageProtocol, PeerPool, RemoteError
 
 H1 = hashing.chunk_id(b"one")
 H2 = hashing.chunk_id(b"two")
@@ -282,6 +288,39 @@ def test_request_after_the_connection_closed_fails_at_once():
     assert transport.value() == b""
 
 
+def unencodable_store(field: str, value) -> StoreChunk:
+    """A StoreChunk whose ticket holds ``value``, which no frame can carry (as a sender's bug
+    would make it: the ticket's own checks are passed, so only the encoding fails)."""
+    ticket = Ticket(chunk_ids=[H1], chain=["tcp:localhost:1"], expires=1, key_id="k1", mac=H1)
+    object.__setattr__(ticket, field, value)
+    return StoreChunk(chunk_id=H1, checksum=H1, ticket=ticket)
+
+
+UNENCODABLE = {
+    "an integer past 64 bits": ("expires", 2**64, "Integer exceeds 64-bit range"),
+    "a string that is not Unicode": ("key_id", "k\udcff", "str is not valid UTF-8"),
+}
+
+
+@pytest.mark.parametrize(("field", "value", "why"), UNENCODABLE.values(), ids=UNENCODABLE.keys())
+def test_a_request_that_cannot_be_encoded_fails_and_the_connection_serves_on(field, value, why):
+    # A client backup whose PlacementRequest could not be encoded hung: the ValueError was
+    # raised out of ``request`` and its Deferred stayed pending for good.
+    handler = Handler()
+    client, server, pump = iosim.connectedServerAndClient(
+        lambda: MessageProtocol(handler, "server"), lambda: MessageProtocol(None, "client"))
+    d = client.request(unencodable_store(field, value))
+    error = failure(d)
+    assert error.check(ValueError)
+    assert f"cannot encode a message: {why}" in str(error.value)
+    assert client.in_flight == 0
+    answered = client.request(FetchChunk(chunk_id=H1))
+    pump.flush()
+    assert success(answered).payload == b"bytes of " + H1.encode()
+    assert [type(m) for m in handler.received] == [FetchChunk]  # nothing of the other was sent
+    assert not client.transport.disconnecting and not server.transport.disconnecting
+
+
 # --- handling requests ----------------------------------------------------------
 
 
@@ -311,6 +350,58 @@ def test_unexpected_exception_becomes_internal_and_is_logged(logged_errors):
     assert "ZeroDivisionError" in reply.reason
     assert len(logged_errors.flush(ZeroDivisionError)) == 1
     assert not transport.disconnecting
+
+
+class BrokenAnswers:
+    """Handlers whose answers no frame can carry (a service's bug)."""
+
+    def handle_FetchChunk(self, msg, connection):
+        answer = ChunkData(request_id=msg.request_id, chunk_id=msg.chunk_id,
+                           checksum=msg.chunk_id, payload=b"data")
+        if msg.chunk_id == H2:
+            object.__setattr__(answer, "checksum", "not unicode \udcff")
+        return answer
+
+    def handle_ListSnapshots(self, msg, connection):
+        raise BadlyCoded("no snapshots here")
+
+
+class BadlyCoded(Exception):
+    """A refusal whose code no ErrorReply can carry (a service's bug)."""
+
+    code = "no\nsuch code"
+
+
+def test_a_reply_that_cannot_be_encoded_fails_the_request_instead_of_hanging(logged_errors):
+    client, _, pump = iosim.connectedServerAndClient(
+        lambda: MessageProtocol(BrokenAnswers(), "server"), lambda: MessageProtocol(None, "client"))
+    broken = client.request(FetchChunk(chunk_id=H2))
+    pump.flush()
+    error = failure(broken).value
+    assert isinstance(error, RemoteError)
+    assert error.code == "internal"
+    assert "the server could not send its ChunkData" in error.reason
+    assert "cannot encode a message: str is not valid UTF-8" in error.reason
+    assert len(logged_errors.flush(ValueError)) == 1  # a bug of the answering end: logged there
+    answered = client.request(FetchChunk(chunk_id=H1))
+    pump.flush()
+    assert success(answered).payload == b"data"
+
+
+def test_a_refusal_no_error_reply_can_carry_fails_the_request_as_internal(logged_errors):
+    client, _, pump = iosim.connectedServerAndClient(
+        lambda: MessageProtocol(BrokenAnswers(), "server"), lambda: MessageProtocol(None, "client"))
+    refused = client.request(ListSnapshots())
+    pump.flush()
+    error = failure(refused).value
+    assert isinstance(error, RemoteError)
+    assert error.code == "internal"
+    assert "the server could not send its error (code holds" in error.reason
+    assert error.reason.endswith("): no snapshots here")
+    assert len(logged_errors.flush(ValueError)) == 1
+    answered = client.request(FetchChunk(chunk_id=H1))
+    pump.flush()
+    assert success(answered).payload == b"data"
 
 
 def test_failing_notification_is_logged_without_a_reply(logged_errors):
@@ -418,6 +509,30 @@ def test_each_role_announces_itself():
     for role in ("client", "server", "manager"):
         _, transport = connected(role=role)
         assert sent(transport) == [Hello(version=PROTOCOL_VERSION, role=role)]
+
+
+# --- a pool of connections over loopback TCP -------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pool_request_that_cannot_be_encoded_fails_and_the_link_serves_on():
+    handler = Handler()
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+        Factory.forProtocol(lambda: MessageProtocol(handler, "server")))
+    address = f"tcp:127.0.0.1:{port.getHost().port}"
+    pool = PeerPool(reactor, None, "client", request_timeout=10)
+    try:
+        link = await pool.connection(address)
+        with pytest.raises(ValueError, match="cannot encode a message: Integer exceeds 64-bit"):
+            await pool.request(address, unencodable_store("expires", 2**64))
+        assert link.in_flight == 0
+        reply = await pool.request(address, FetchChunk(chunk_id=H1))
+        assert reply.payload == b"bytes of " + H1.encode()
+        assert await pool.connection(address) is link  # the same connection, still usable
+        assert [type(m) for m in handler.received] == [FetchChunk]
+    finally:
+        await pool.close()
+        await port.stopListening()
 
 
 # --- timeouts --------------------------------------------------------------------

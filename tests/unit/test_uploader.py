@@ -9,6 +9,7 @@ import os
 import pytest
 import pytest_twisted
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from sdbackup import hashing, objects
 from sdbackup.client.uploader import (
@@ -39,6 +40,18 @@ def test_packs_are_bounded_in_bytes_and_count_and_a_large_blob_goes_alone():
     assert sizes[:4] == [[400 * 1024] * 2, [400 * 1024] * 2, [400 * 1024], [3 * 1024 * 1024]]
     assert [len(pack) for pack in sizes[4:]] == [PACK_CHUNKS, 1]
     assert all(sum(pack) <= PACK_BYTES or len(pack) == 1 for pack in sizes)
+
+
+def test_a_failed_signal_does_not_put_its_waiters_to_sleep():
+    # A placement that fails at once (a message that cannot be encoded, a closed link) fails
+    # the signal inside ``flush``, before the walk waits on it: nothing would wake it again.
+    signal = Signal()
+    waiting = signal.wait()
+    signal.fail(Failure(ValueError("cannot encode a message: Integer exceeds 64-bit range")))
+    assert waiting.called
+    assert signal.wait().called
+    with pytest.raises(ValueError, match="cannot encode a message"):
+        signal.check()
 
 
 def test_recent_ids_forget_the_older_half_only():
