@@ -433,10 +433,16 @@ class Cluster:
         return "\n".join(f"=== {p.name}\n{p.output()}" for p in self.processes())
 
     def data_bytes(self) -> int:
-        """Bytes of every file in the servers' data folders (chunks, objects and anything else)."""
-        return sum(os.lstat(Path(folder) / name).st_size
-                   for server in self.servers for folder, _, names in os.walk(server.data)
-                   for name in names)
+        """Bytes of every file in the servers' data folders (chunks, objects and anything else).
+        A file gone between the listing and its ``lstat`` (a running server's temporary file,
+        renamed into place) counts nothing: its new name is counted by the next call."""
+        total = 0
+        for server in self.servers:
+            for folder, _, names in os.walk(server.data):
+                for name in names:
+                    with contextlib.suppress(FileNotFoundError):
+                        total += os.lstat(Path(folder) / name).st_size
+        return total
 
 
 @attrs.define
