@@ -297,9 +297,12 @@ class Uploader:
             size = len(blob.data)
             blob.data = view[offset : offset + size]
             offset += size
+        # Built outside the ``try``: a pack this client cannot describe is its own bug, not a
+        # server's failure to be placed around.
+        store = StoreChunks(chunks=refs, forward_to=servers[1:], kind=kind, ticket=ticket,
+                            payload=payload)
         try:
-            reply = await self.session.servers.request(primary, StoreChunks(
-                chunks=refs, forward_to=servers[1:], kind=kind, ticket=ticket, payload=payload))
+            reply = await self.session.servers.request(primary, store)
         except RemoteError as e:
             if e.code == TICKET_EXPIRED:
                 failed, why = None, e.reason

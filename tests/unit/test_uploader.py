@@ -232,3 +232,22 @@ async def test_held_check_tells_which_chunks_still_have_a_copy(cluster):
         assert fresh.is_known(stored[1][0]) and not fresh.is_known(lost)
     finally:
         await session.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pack_the_client_cannot_describe_fails_at_once_without_blaming_a_server(cluster):
+    # The client's own bug (here a checksum that is not one) used to be caught as "server ...
+    # is unreachable": every server in turn was marked failed and the pack placed again, and
+    # the backup ended four attempts later, blaming the cluster.
+    session = await cluster.session()
+    warnings = []
+    try:
+        uploader = Uploader(session, Signal(), warnings.append)
+        tree_id, tree, _ = tree_blob([Node(name=b"f", type="file")])
+        with pytest.raises(ValueError, match="checksum") as raised:
+            await uploader.store_now(Kind.TREE, tree_id, tree, "not a checksum")
+    finally:
+        await session.close()
+    assert "unreachable" not in str(raised.value) and "attempts" not in str(raised.value)
+    assert uploader._failed_servers == set()
+    assert not any(s.store.has(tree_id.hex()) for s in cluster.servers)
