@@ -351,7 +351,12 @@ class MessageProtocol(FrameReceiver):
         return result
 
     def _reply(self, answer: Message | None, msg: Message):
-        if answer is None or self._closed:
+        if self._closed:
+            return
+        if answer is None:  # a handler's bug: unanswered, the requester would wait for good
+            name = type(msg).__name__
+            self._log_failure(Failure(AssertionError(f"handle_{name} returned no answer")), msg)
+            self._send_error(msg.request_id, "internal", f"the {self.role} had no answer to {name}")
             return
         try:
             self.send(answer)

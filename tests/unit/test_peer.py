@@ -20,6 +20,7 @@ from sdbackup.protocols.messages import (
     CommitSnapshot,
     ErrorReply,
     FetchChunk,
+    HasChunks,
     Heartbeat,
     Hello,
     ListSnapshots,
@@ -365,6 +366,9 @@ class BrokenAnswers:
     def handle_ListSnapshots(self, msg, connection):
         raise BadlyCoded("no snapshots here")
 
+    def handle_HasChunks(self, msg, connection):
+        return None  # forgot its answer
+
 
 class BadlyCoded(Exception):
     """A refusal whose code no ErrorReply can carry (a service's bug)."""
@@ -399,6 +403,21 @@ def test_a_refusal_no_error_reply_can_carry_fails_the_request_as_internal(logged
     assert "the server could not send its error (code holds" in error.reason
     assert error.reason.endswith("): no snapshots here")
     assert len(logged_errors.flush(ValueError)) == 1
+    answered = client.request(FetchChunk(chunk_id=H1))
+    pump.flush()
+    assert success(answered).payload == b"data"
+
+
+def test_a_request_its_handler_leaves_unanswered_fails_as_internal_at_once(logged_errors):
+    # Unanswered, the requester waited for its timeout (or for good, without one).
+    client, _, pump = iosim.connectedServerAndClient(
+        lambda: MessageProtocol(BrokenAnswers(), "server"), lambda: MessageProtocol(None, "client"))
+    unanswered = client.request(HasChunks(chunk_ids=[H1]))
+    pump.flush()
+    error = failure(unanswered).value
+    assert isinstance(error, RemoteError)
+    assert (error.code, error.reason) == ("internal", "the server had no answer to HasChunks")
+    assert len(logged_errors.flush(AssertionError)) == 1
     answered = client.request(FetchChunk(chunk_id=H1))
     pump.flush()
     assert success(answered).payload == b"data"
