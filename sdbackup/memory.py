@@ -11,6 +11,7 @@ garbage collector look less often at the objects it keeps for a while.
 
 import ctypes
 import gc
+import time
 
 _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
 #: Arenas glibc may make: threads share them.
@@ -19,6 +20,10 @@ ARENAS = 2
 MMAP_THRESHOLD = 1024 * 1024
 #: Freed heap memory kept by the allocator past which a confirmed batch hands it back.
 TRIM_FREE = 32 * 1024 * 1024
+#: Seconds between two looks at the heap at least. ``mallinfo2`` walks every free block: on a
+#: backup's fragmented heap it took 2.8 ms a call, 398 calls (1.1 s of the reactor's time) in a
+#: first backup of 100,000 small files that never once freed enough to trim.
+TRIM_EVERY = 1.0
 #: Objects made (net of those freed) between two collections of the youngest generation.
 GC_YOUNG = 20_000
 
@@ -40,7 +45,7 @@ def limit_arenas() -> bool:
         return False
 
 
-def tune_malloc():
+def tune_malloc(clock=time.monotonic):
     """Keep the process's memory near what it uses; a function that hands freed memory back
     (None where the allocator is not glibc's).
 
@@ -52,6 +57,9 @@ def tune_malloc():
     than ``TRIM_FREE`` is free bring it to about 104 MiB. A lower threshold (256 KiB) and a
     trim after every batch reach about 95 MiB, but a large file's buffers are then mapped
     and faulted in again for every read: the 1 GiB backup took 20 to 30% longer.
+
+    The function looks at the heap at most once every ``TRIM_EVERY`` seconds of ``clock``,
+    however often it is called.
     """
     try:
         libc = ctypes.CDLL(None)
@@ -62,7 +70,13 @@ def tune_malloc():
         return None  # not glibc (or an old one): nothing to tune
     limit_arenas()
 
+    looked = [float("-inf")]
+
     def trim():
+        now = clock()
+        if now - looked[0] < TRIM_EVERY:
+            return
+        looked[0] = now
         if mallinfo2().fordblks > TRIM_FREE:
             malloc_trim(0)
 
