@@ -54,8 +54,8 @@ from sdbackup.protocols.messages import SnapshotSummary
 #: 1 was the unversioned catalog with file rows; 2 the first index; 3 added chunks.added;
 #: 4 added forgotten; 5 added chunks.touched, forgotten.tree and prunes (prune); 6 added the
 #: servers' disk_id, draining and retired; 7 added snapshots.repo; 8 dropped the index of
-#: locations by server.
-SCHEMA_VERSION = 8
+#: locations by server; 9 added the index of chunks by when they were added.
+SCHEMA_VERSION = 9
 
 SCHEMA = """
 CREATE TABLE servers (
@@ -78,6 +78,9 @@ CREATE TABLE chunks (
     -- Locate), or the catalog first learned of it: a prune spares it for its grace period.
     touched REAL NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+-- Repair judges the chunks added since its last pass without a scan of them all (added
+-- grows with time: its entries go at the end).
+CREATE INDEX chunks_by_added ON chunks (added);
 -- No index by server: only an inventory's end and the server commands ask by server (a
 -- scan), and such an index doubled the pages each copy noticed rewrites.
 CREATE TABLE locations (
@@ -139,6 +142,9 @@ DELETE FROM snapshots WHERE paths = '[]';
 """,
     7: """
 DROP INDEX IF EXISTS locations_by_server;
+""",
+    8: """
+CREATE INDEX IF NOT EXISTS chunks_by_added ON chunks (added);
 """,
 }
 
@@ -405,22 +411,33 @@ class Catalog:
         return total, under, missing
 
     def under_replicated(self, alive: set[str], copies: int, limit: int,
-                         added_before: float = float("inf"), draining: set[str] = frozenset()
-                         ) -> list[tuple[str, int, list[str]]]:
-        """Up to ``limit`` chunks added before ``added_before`` with at least one but fewer
-        than ``copies`` live copies: ``(chunk_id, size, live holders)``. Copies on the
-        ``draining`` servers are holders that do not count. Every chunk held counts: a chunk
-        stops counting only when a prune drops its records."""
+                         added_before: float = float("inf"), draining: set[str] = frozenset(),
+                         added_since: float | None = None) -> list[tuple[str, int, list[str]]]:
+        """Up to ``limit`` chunks added before ``added_before`` (and, with ``added_since``, not
+        before that) with at least one but fewer than ``copies`` live copies: ``(chunk_id,
+        size, live holders)``. Copies on the ``draining`` servers are holders that do not
+        count. Every chunk held counts: a chunk stops counting only when a prune drops its
+        records.
+
+        With ``added_since``, only the chunks added in that window are read (through the
+        index by ``added``); without, every chunk is, in id order as the tables keep them."""
         if not alive:
             return []
         live = ",".join("?" * len(alive))
         holding = ",".join("?" * (len(alive) + len(draining)))
+        # A window goes through the index by ``added`` (SQLite would rather scan every copy);
+        # a scan of every chunk does not (``+c.added``), or it would look each one up again.
+        # Grouped in the order the rows come, so that groups are made as they come.
+        chunks, window, order, bounds = (
+            ("chunks c INDEXED BY chunks_by_added", "c.added >= ? AND c.added < ?",
+             "c.added, c.chunk_id", (added_since, added_before)) if added_since is not None
+            else ("chunks c", "+c.added < ?", "c.chunk_id", (added_before,)))
         rows = self.db.execute(
-            "SELECT c.chunk_id, c.size, group_concat(l.server, ' ') FROM chunks c"
+            f"SELECT c.chunk_id, c.size, group_concat(l.server, ' ') FROM {chunks}"
             f" JOIN locations l ON l.chunk_id = c.chunk_id AND l.server IN ({holding})"
-            f" WHERE c.added < ? GROUP BY c.chunk_id HAVING SUM(l.server IN ({live})) < ?"
+            f" WHERE {window} GROUP BY {order} HAVING SUM(l.server IN ({live})) < ?"
             " LIMIT ?",
-            (*sorted(alive), *sorted(draining), added_before, *sorted(alive), copies, limit),
+            (*sorted(alive), *sorted(draining), *bounds, *sorted(alive), copies, limit),
         ).fetchall()
         return [(chunk_id, size, sorted(servers.split(" "))) for chunk_id, size, servers in rows]
 

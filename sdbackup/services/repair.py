@@ -7,7 +7,13 @@ verified copy, as the kind it is, along the chain of a ticket the manager
 signs, as a client's store goes). Passes start when
 something may have left a chunk short (a server died or came back, a copy was
 found corrupt, chunks were added, a check ended), and the periodic tick runs
-one only then, so an idle cluster is not scanned again and again. Copies are
+one only then, so an idle cluster is not scanned again and again. When only
+chunks were added since the last pass, a pass judges those alone (the
+catalog's index by ``added``): during a first backup of 1,000,000 files, a
+pass every tick over every chunk took 70% of the manager's CPU by the
+350,000th. Anything else that can leave any chunk short, a copy that could
+not be made, and ``FULL_PASS_EVERY`` seconds, make the next pass judge every
+chunk again. Copies are
 paced to ``rate`` bytes a second, a few at once, so repairs never starve
 client traffic. A starting manager (safe mode) repairs nothing: a server not
 yet reported is not a lost one.
@@ -30,6 +36,9 @@ REPAIR_TIMEOUT = 120.0
 #: Seconds a newly stored chunk is left alone: the notices of its other copies, sent by
 #: the rest of its chain within 1 s (NOTIFY_DELAY) of storing, may still be on their way.
 SETTLE = 2.0
+#: Seconds after which a pass judges every chunk again, even if only new ones were added
+#: (should the wall clock, which ``added`` is in, have moved back, say).
+FULL_PASS_EVERY = 600.0
 #: Free space is compared in steps of this many bytes when placing copies.
 PLACEMENT_GRANULARITY = 1024**3
 
@@ -52,11 +61,18 @@ class Repairer:
         self._paced = Pace()
         #: Until then some chunks are too new to judge: passes are needed again.
         self._settling_until = 0.0
+        #: Every chunk added before this was judged, and nothing else may have left one
+        #: short since (None: the next pass judges them all).
+        self._judged: float | None = None
+        self._last_full = float("-inf")
+        self._news = 0  # calls of ``soon``: one during a pass leaves every chunk to judge
 
     def soon(self):
         """Something may have left chunks short: start a pass unless one is under way (it
         goes on until nothing is left to do)."""
         self.needed = True
+        self._judged = None  # any chunk may be short now
+        self._news += 1
         if self.running is not None:
             self._again = True  # the pass under way may have looked already
         return self.tick()
@@ -77,6 +93,7 @@ class Repairer:
 
     def _failed(self, failure):
         self.needed = True
+        self._judged = None
         self.log.failure("repair pass failed", failure)
 
     def _done(self, result):
@@ -90,18 +107,25 @@ class Repairer:
         manager = self.manager
         repaired = 0
         now = manager.clock.seconds()
+        cutoff = now - SETTLE
         if now <= self._settling_until:
             # The newest chunks are judged by a later pass (one exactly SETTLE old too: the
             # catalog gives only chunks added before now - SETTLE).
             self.needed = True
+        since = self._judged
+        if since is None or since > cutoff or now - self._last_full >= FULL_PASS_EVERY:
+            since, self._last_full = None, now  # every chunk
+        self._judged = None  # until this pass has judged them all
+        news, judged = self._news, False
         while manager.live:
             # Copies on draining servers do not count: their chunks are copied to the others.
             draining = manager.draining & set(manager.live)
             counting = set(manager.live) - draining
             wanted = min(manager.replicas, len(counting))
             work = await manager.db(manager.catalog.under_replicated, counting, wanted,
-                                    REPAIR_BATCH, now - SETTLE, draining)
+                                    REPAIR_BATCH, cutoff, draining, since)
             if not work:
+                judged = True
                 break
             # A few workers share the batch (a semaphore would nest a callback per chunk).
             pending = iter(work)
@@ -117,6 +141,8 @@ class Repairer:
                 self.needed = True  # some could not be copied now: the next tick tries again
             if not done:
                 break
+        if judged and self._news == news:
+            self._judged = cutoff  # the next pass judges the chunks added since
         if repaired:
             self.log.info("repair: copied {count} chunks", count=repaired)
 

@@ -36,6 +36,9 @@ GiB = 1024**3
 #: does not answer a repair order is given up after 120 s.
 SETTLE = 2.0
 REPAIR_TIMEOUT = 120.0
+#: And a pass after chunks were added judges those alone, but every chunk again after any other
+#: news, or ten minutes after the last pass that did.
+FULL_PASS_EVERY = 600.0
 
 
 @attrs.define
@@ -344,6 +347,41 @@ async def test_a_failed_copy_keeps_its_holder_and_is_tried_again_by_the_next_tic
     assert rig.repair.copied_bytes == len(data)
     assert len(failures_logged(repair_log)) == 3
     assert rig.repair.tick() is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pass_after_new_chunks_judges_those_alone_until_other_news_or_ten_minutes(start):
+    """A first backup adds chunks all along, and a pass over every chunk at each tick cost
+    the manager more and more of its CPU (70% by 350,000 chunks). A pass after new chunks
+    judges them alone; after other news (here ``soon``), or ten minutes after the last pass
+    over every chunk, a pass judges every chunk again. The catalog here loses a copy of
+    ``old`` silently, as no part of the cluster does, to tell which passes look at it."""
+    rig = await start(servers=3, replicas=2)
+    a, b, _ = rig.servers()
+    [old] = await store(rig, [a, b], pieces(1, 1000))
+    rig.clock.advance(SETTLE + 1)
+    rig.repair.soon()
+    await ended(rig)  # every chunk judged, now
+    await rig.manager.db(rig.manager.catalog.remove_locations, b.server.address, [old])
+
+    async def after_new_chunk() -> tuple[int, int]:
+        """The copies of ``old`` and of a new chunk after the pass its news starts."""
+        [new] = await store(rig, [a], pieces(1, 2000))
+        rig.clock.advance(SETTLE + 1)
+        await run_pass(rig)
+        copies = await recorded_holders(rig, [old, new])
+        return len(copies[old]), len(copies[new])
+
+    assert await after_new_chunk() == (1, 2)  # the new chunk judged, not the old one
+    rig.clock.advance(FULL_PASS_EVERY - 3 * (SETTLE + 1))
+    assert await after_new_chunk() == (1, 2)  # not ten minutes yet
+    assert await after_new_chunk() == (2, 2)  # ten minutes: every chunk
+
+    await rig.manager.db(rig.manager.catalog.remove_locations, b.server.address, [old])
+    assert await after_new_chunk() == (1, 2)
+    rig.repair.soon()
+    await ended(rig)
+    assert len((await recorded_holders(rig, [old]))[old]) == 2
 
 
 @pytest_twisted.ensureDeferred
