@@ -2,10 +2,12 @@
 
 import attrs
 import pytest
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogPublisher
 
-from sdbackup.services.history import EVENTS_KEPT, EventLog, Ring, Sample
+from sdbackup.services.catalog import Catalog
+from sdbackup.services.history import EVENTS_KEPT, ClusterWatch, EventLog, Ring, Sample, ticks_to_rest
 
 
 @attrs.frozen
@@ -79,3 +81,51 @@ def test_event_log_is_bounded():
     kept = events.events.items()
     assert len(kept) == EVENTS_KEPT
     assert kept[-1].text == f"repair copied {EVENTS_KEPT + 9} chunks"
+
+
+def test_a_sample_costs_a_small_share_of_the_catalog_thread_at_most():
+    """A million chunks take seconds to sample: the slower a sample, the more ticks pass
+    before the next, so that backups' requests seldom wait behind one."""
+    assert ticks_to_rest(0.005, 30.0) == 0  # a small catalog: a sample every tick
+    assert ticks_to_rest(1.5, 30.0) == 0  # 5% of 30 s
+    assert ticks_to_rest(1.6, 30.0) == 1
+    assert ticks_to_rest(4.3, 30.0) == 2  # measured at a million chunks: one every 90 s
+    assert ticks_to_rest(4.3, 30.0, share=0.5) == 0
+
+
+class Catalogued:
+    """What ``ClusterWatch`` reads of a manager, with a real catalog whose reads take
+    ``cost`` seconds on the watch's timer."""
+
+    def __init__(self, catalog):
+        self.catalog, self.clock, self.live, self.replicas = catalog, Clock(), {}, 2
+        self.repair = attrs.make_class("Repair", {"copied_bytes": attrs.field(default=0)})()
+        self.cost, self.now = 0.0, 0.0
+
+    def db(self, function, *args):
+        self.now += self.cost
+        return defer.succeed(function(*args))
+
+    def timer(self):
+        return self.now
+
+
+def test_the_watch_samples_less_often_while_its_samples_are_slow(tmp_path):
+    catalog = Catalog(str(tmp_path / "catalog.db"))
+    catalog.add_locations("tcp:127.0.0.1:5001", [("ab" * 32, 10)], added=1.0)
+    manager = Catalogued(catalog)
+    watch = ClusterWatch(manager, interval=30.0, timer=manager.timer)
+    watch.start()
+    manager.clock.pump([30.0] * 3)  # quick samples: one a tick
+    assert [s.time for s in watch.history.items()] == [0.0, 30.0, 60.0, 90.0]
+    assert watch.history.latest.chunks == 1
+
+    manager.cost = 4.0  # 4 s a sample: one every 3 ticks
+    manager.clock.pump([30.0] * 7)
+    assert [s.time for s in watch.history.items()][4:] == [120.0, 210.0, 300.0]
+
+    manager.cost = 0.0  # the catalog quick again: after the rest, every tick again
+    manager.clock.pump([30.0] * 4)
+    assert [s.time for s in watch.history.items()][7:] == [390.0, 420.0]
+    watch.stop()
+    catalog.close()
