@@ -25,8 +25,8 @@ from sdbackup.objects import Kind
 
 #: Ids located at once, such rounds under way, and trees (and their nodes, which take
 #: about 200 bytes each as a tree's bytes, 700 once decoded) read ahead of the walk at most:
-#: about 12 MiB of trees. A window that fills is costly: the trees let go, and those read
-#: below them, are read again. At 2,048 trees and 40,000 nodes, an unchanged backup of the
+#: about 12 MiB of trees. A window that fills is costly: a tree let go is read again, and
+#: reads under way below it are wasted. At 2,048 trees and 40,000 nodes, an unchanged backup of the
 #: 50k tree (2,736 trees, 53,000 nodes) read 3,500-3,800 trees, and took 8.8 s rather than
 #: 7.6 s; a window of 80,000 nodes cost 10 MiB more of peak memory than this one on 200
 #: folders of 1,000 files, where neither lets go.
