@@ -93,7 +93,6 @@ class Repairer:
 
     def _failed(self, failure):
         self.needed = True
-        self._judged = None
         self.log.failure("repair pass failed", failure)
 
     def _done(self, result):
@@ -115,7 +114,7 @@ class Repairer:
         since = self._judged
         if since is None or since > cutoff or now - self._last_full >= FULL_PASS_EVERY:
             since, self._last_full = None, now  # every chunk
-        self._judged = None  # until this pass has judged them all
+        self._judged = None  # until this pass has judged them all (a failed one has not)
         news, judged = self._news, False
         while manager.live:
             # Copies on draining servers do not count: their chunks are copied to the others.
