@@ -70,13 +70,14 @@ def tune_malloc(clock=time.monotonic):
         return None  # not glibc (or an old one): nothing to tune
     limit_arenas()
 
-    looked = [float("-inf")]
+    looked = float("-inf")
 
     def trim():
+        nonlocal looked
         now = clock()
-        if now - looked[0] < TRIM_EVERY:
+        if now - looked < TRIM_EVERY:
             return
-        looked[0] = now
+        looked = now
         if mallinfo2().fordblks > TRIM_FREE:
             malloc_trim(0)
 
